@@ -1,0 +1,3 @@
+from linecam.cli import main
+
+main()

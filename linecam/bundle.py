@@ -1,0 +1,211 @@
+"""Model bundle v1: a folder with ``manifest.json`` and the model files it names.
+
+The manifest is self-describing (shapes, preprocessing, thresholds, provenance,
+per-file sha256) so that the edge needs nothing but the folder. Loading verifies
+the schema version and every file's hash, and fails with one line that says what
+to do, never with a model that failed its checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from linecam import __version__
+from linecam.errors import BundleError
+from linecam.preprocess import PreprocessSpec
+
+#: The manifest schema this linecam writes and the newest it can read.
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+Backend = Literal["onnxruntime", "tensorrt"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TensorSpec(_Strict):
+    name: str
+    #: Fixed ints, or a string for a dynamic axis (e.g. "batch").
+    shape: list[int | str]
+    dtype: str = "float32"
+    layout: str | None = None
+
+
+class OutputsSpec(_Strict):
+    #: Per-pixel anomaly score at model resolution, shape [1, 1, h, w].
+    anomaly_map: TensorSpec
+    #: Image-level anomaly score, shape [1].
+    image_score: TensorSpec
+
+
+class Thresholds(_Strict):
+    """Thresholds on the model's *raw* outputs; a score >= threshold is NG."""
+
+    image: float
+    pixel: float
+    method: str = "manual"
+    #: Number of good images the estimate rests on (0 when set by hand).
+    n_good: int = 0
+    n_bad: int = 0
+    target_frr: float | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class FileEntry(_Strict):
+    path: str
+    sha256: str
+    size: int
+    backend: Backend = "onnxruntime"
+    precision: Precision = "fp32"
+
+
+class Provenance(_Strict):
+    created_at: str
+    linecam_version: str
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+    #: Hash of what the model was made from (training images, teacher weights...).
+    source_sha256: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["region_expert"] = "region_expert"
+    name: str
+    input: TensorSpec
+    preprocess: PreprocessSpec
+    outputs: OutputsSpec
+    thresholds: Thresholds
+    #: Keyed by role, e.g. "onnx_fp32", "onnx_int8", "trt_fp16".
+    files: dict[str, FileEntry]
+    provenance: Provenance
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(root: str | Path, relpath: str, backend: Backend = "onnxruntime",
+               precision: Precision = "fp32") -> FileEntry:
+    """Describe (and hash) a file already written inside the bundle folder."""
+    p = Path(root) / relpath
+    return FileEntry(path=relpath, sha256=sha256_file(p), size=p.stat().st_size,
+                     backend=backend, precision=precision)
+
+
+def new_provenance(**kwargs: Any) -> Provenance:
+    return Provenance(created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      linecam_version=__version__, **kwargs)
+
+
+def write_manifest(root: str | Path, manifest: Manifest) -> Path:
+    """Write atomically: a half-written manifest must never look like a bundle."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    target = root / MANIFEST
+    os.replace(tmp, target)
+    return target
+
+
+class Bundle:
+    """A loaded, verified bundle."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    def path(self, role: str) -> Path:
+        try:
+            return self.root / self.manifest.files[role].path
+        except KeyError:
+            have = ", ".join(sorted(self.manifest.files)) or "none"
+            raise BundleError(
+                f"bundle {self.root} has no '{role}' file (it has: {have}); "
+                f"export one with export-engine or choose another backend"
+            ) from None
+
+    def pick(self, backend: Backend, precision: Precision | None = None) -> str:
+        """Role of the first file for ``backend`` (and ``precision`` if given)."""
+        order = ["fp32", "fp16", "int8"] if precision is None else [precision]
+        for prec in order:
+            for role, entry in self.manifest.files.items():
+                if entry.backend == backend and entry.precision == prec:
+                    return role
+        want = backend + (f"/{precision}" if precision else "")
+        have = ", ".join(f"{e.backend}/{e.precision}" for e in self.manifest.files.values()) or "none"
+        raise BundleError(f"bundle {self.root} has no {want} model (it has: {have}); "
+                          f"export one with export-engine or choose another backend/precision")
+
+    @property
+    def model_sha256(self) -> str:
+        """Hash identifying this model (the manifest's hash), published in every verdict."""
+        return sha256_file(self.root / MANIFEST)
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"field '{loc}': {first['msg']}{more}"
+
+
+def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
+    """Load ``root/manifest.json``, check the schema version and every file's sha256."""
+    root = Path(root)
+    fix = "re-export the bundle with export-engine, or copy the whole bundle folder again"
+    if not root.is_dir():
+        raise BundleError(f"bundle folder {root} does not exist: build one with "
+                          f"'export-engine fit --images <folder of good images> --out {root}'")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{mpath} is missing: {root} is not a linecam bundle or was copied "
+                          f"incompletely; {fix}")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}): the bundle is corrupt; {fix}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{mpath} is not a JSON object: the bundle is corrupt; {fix}")
+    version = raw.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{mpath} has no integer 'schema_version': not a linecam bundle; {fix}")
+    if version > SCHEMA_VERSION:
+        raise BundleError(f"{mpath} uses manifest schema v{version}, newer than this linecam "
+                          f"{__version__} reads (v{SCHEMA_VERSION}): upgrade linecam on this device")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        raise BundleError(f"{mpath}: {_describe(e)}; {fix}") from None
+    if verify:
+        for role, entry in manifest.files.items():
+            p = (root / entry.path).resolve()
+            if root.resolve() not in p.parents:
+                raise BundleError(f"{mpath}: file '{role}' points outside the bundle ({entry.path}); {fix}")
+            if not p.is_file():
+                raise BundleError(f"bundle file {root / entry.path} (role '{role}') is missing; {fix}")
+            if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+                raise BundleError(f"bundle file {root / entry.path} (role '{role}') fails its sha256 "
+                                  f"check: corrupt or half-copied; {fix}")
+    return Bundle(root, manifest)

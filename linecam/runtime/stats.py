@@ -1,0 +1,147 @@
+"""Latency percentiles over a recent window, and thread-safe counters.
+
+:class:`LatencyStats` keeps the last ``capacity`` samples of each stage in a
+preallocated ring buffer: ``add`` on the hot path is a lock, an index and a store.
+Percentiles use numpy's default (linear) method, so they match ``numpy.percentile``
+on the same window. :func:`percentile_summary` does the same for a whole run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+DEFAULT_PERCENTILES = (50, 90, 99)
+
+
+def _key(p: float) -> str:
+    return f"p{p:g}"
+
+
+class _Ring:
+    __slots__ = ("buf", "pos", "total")
+
+    def __init__(self, capacity: int) -> None:
+        self.buf = np.empty(capacity, dtype=np.float64)
+        self.pos = 0  # next write index
+        self.total = 0  # samples ever added
+
+    def window(self) -> np.ndarray:
+        n = min(self.total, self.buf.shape[0])
+        return self.buf[:n]  # order does not matter for percentiles / max
+
+
+class LatencyStats:
+    """Recent-window latency statistics per named stage (milliseconds)."""
+
+    def __init__(self, capacity: int = 2048, stages: Iterable[str] = ()) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = int(capacity)
+        self._lock = threading.Lock()
+        self._rings: dict[str, _Ring] = {s: _Ring(self.capacity) for s in stages}
+
+    def add(self, stage: str, ms: float) -> None:
+        with self._lock:
+            ring = self._rings.get(stage)
+            if ring is None:  # first sample of a new stage: the one allocation
+                ring = self._rings[stage] = _Ring(self.capacity)
+            ring.buf[ring.pos] = ms
+            ring.pos = (ring.pos + 1) % self.capacity
+            ring.total += 1
+
+    def count(self, stage: str) -> int:
+        """Samples ever added to ``stage`` (not just those in the window)."""
+        with self._lock:
+            ring = self._rings.get(stage)
+            return 0 if ring is None else ring.total
+
+    def _window_copy(self, stage: str) -> np.ndarray | None:
+        with self._lock:
+            ring = self._rings.get(stage)
+            if ring is None or ring.total == 0:
+                return None
+            return ring.window().copy()  # compute outside the lock
+
+    def percentiles(self, stage: str, ps: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, float | None]:
+        """``{"p50": ..., "p90": ..., ...}`` over the recent window; values None if no samples."""
+        data = self._window_copy(stage)
+        if data is None:
+            return {_key(p): None for p in ps}
+        values = np.percentile(data, ps)
+        return {_key(p): float(v) for p, v in zip(ps, values)}
+
+    def summary(self, ps: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, dict[str, float | int]]:
+        """``{stage: {"p50", "p90", "p99", "max", "n", "total"}}`` for stages with samples.
+
+        ``n`` is the number of samples in the window, ``total`` all ever added.
+        """
+        with self._lock:
+            windows = {
+                s: (r.window().copy(), r.total) for s, r in self._rings.items() if r.total > 0
+            }
+        out: dict[str, dict[str, float | int]] = {}
+        for stage, (data, total) in windows.items():
+            values = np.percentile(data, ps)
+            entry: dict[str, float | int] = {_key(p): float(v) for p, v in zip(ps, values)}
+            entry["max"] = float(data.max())
+            entry["n"] = int(data.shape[0])
+            entry["total"] = int(total)
+            out[stage] = entry
+        return out
+
+    def reset(self) -> None:
+        with self._lock:
+            for ring in self._rings.values():
+                ring.pos = 0
+                ring.total = 0
+
+
+class Counters:
+    """Named integer counters (frames, verdicts, drops...), safe across threads."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, int] = {n: 0 for n in names}
+
+    def inc(self, name: str, n: int = 1) -> int:
+        with self._lock:
+            v = self._values.get(name, 0) + n
+            self._values[name] = v
+            return v
+
+    def set(self, name: str, value: int) -> None:
+        with self._lock:
+            self._values[name] = int(value)
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._values.get(name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+def percentile_summary(
+    samples: Sequence[float] | np.ndarray, ps: Sequence[float] = DEFAULT_PERCENTILES
+) -> dict[str, float | int | None]:
+    """Whole-run summary: ``{"n", "mean", "min", "p50", "p90", "p99", "max"}``.
+
+    With no samples, ``n`` is 0 and every other value is None (JSON ``null``).
+    """
+    data = np.asarray(samples, dtype=np.float64).ravel()
+    keys = ["mean", "min", *(_key(p) for p in ps), "max"]
+    if data.size == 0:
+        return {"n": 0, **{k: None for k in keys}}
+    values = np.percentile(data, ps)
+    out: dict[str, float | int | None] = {
+        "n": int(data.size),
+        "mean": float(data.mean()),
+        "min": float(data.min()),
+    }
+    out.update({_key(p): float(v) for p, v in zip(ps, values)})
+    out["max"] = float(data.max())
+    return out
