@@ -1,0 +1,187 @@
+"""The daemon's YAML config, validated with pydantic.
+
+One file per camera (``/etc/linecam/<instance>.yaml`` under systemd). Unknown keys
+are errors: a typo in a hand-edited config must not silently fall back to a default.
+Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from linecam.errors import ConfigError
+from linecam.runtime.publisher import MqttSettings
+
+_ID = r"^[A-Za-z0-9_.-]+$"  # safe inside an MQTT topic level and a file name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class GenICamCamera(_Strict):
+    kind: Literal["genicam"]
+    #: Path to a GenTL producer (.cti), or "viky" for the virtual camera in the genicam wheel.
+    cti: str
+    serial: str | None = None
+    device_id: str | None = None
+    index: int | None = Field(default=None, ge=0)
+    num_buffers: int = Field(default=8, ge=1, le=256)
+    buffer_handling: Literal["NewestOnly", "OldestFirst", "OldestFirstOverwrite"] = "NewestOnly"
+    pixel_format: str | None = None
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+    #: Extra GenICam nodes to set at start, e.g. {ExposureTime: 500, AcquisitionFrameRate: 30}.
+    features: dict[str, Any] = Field(default_factory=dict)
+    fetch_timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+
+class ReplayCamera(_Strict):
+    kind: Literal["replay"]
+    #: A folder of images or a video file.
+    path: Path
+    fps: float | None = Field(default=None, gt=0)
+    loop: bool = False
+
+
+class SyntheticCamera(_Strict):
+    kind: Literal["synthetic"]
+    width: int = Field(default=320, ge=64, le=4096)
+    height: int = Field(default=320, ge=64, le=4096)
+    fps: float | None = Field(default=20.0, gt=0)
+    defect_rate: float = Field(default=0.2, ge=0, le=1)
+    seed: int = 0
+    #: Stop after this many frames (None: run until stopped).
+    frames: int | None = Field(default=None, gt=0)
+
+
+CameraConfig = Annotated[Union[GenICamCamera, ReplayCamera, SyntheticCamera], Field(discriminator="kind")]
+
+
+class ModelConfig(_Strict):
+    bundle: Path
+    backend: Literal["onnxruntime"] = "onnxruntime"
+    precision: Literal["fp32", "fp16", "int8"] | None = None
+    #: ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core).
+    intra_op_threads: int = Field(default=0, ge=0)
+
+
+class ThresholdsConfig(_Strict):
+    """Overrides of the bundle's fitted thresholds (raw model units)."""
+
+    image: float | None = None
+    pixel: float | None = None
+    #: Regions smaller than this many original-image pixels are not reported.
+    min_region_area_px: int = Field(default=16, ge=0)
+
+
+class RuntimeConfig(_Strict):
+    #: Frames waiting for inference. Acquisition never blocks: when full, a frame is dropped
+    #: (policy below) and gets a SKIPPED verdict, so every frame still gets exactly one verdict.
+    queue_size: int = Field(default=8, ge=1, le=1024)
+    drop_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    workers: int = Field(default=1, ge=1, le=16)
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    #: NG frames waiting for their annotated snapshot; when full the defect event is sent without one.
+    snapshot_queue_size: int = Field(default=16, ge=1)
+
+
+class OutputConfig(_Strict):
+    #: Annotated JPEGs of NG frames. Default: $LINECAM_STATE_DIR/snapshots (systemd's StateDirectory)
+    #: or ./linecam-state/snapshots.
+    snapshots_dir: Path | None = None
+    snapshots_max_files: int = Field(default=500, ge=1)
+    snapshots_max_mb: float = Field(default=200.0, gt=0)
+    jpeg_quality: int = Field(default=85, ge=10, le=100)
+    snapshots: bool = True
+
+
+class LinecamConfig(_Strict):
+    line: Annotated[str, Field(pattern=_ID)] = "line1"
+    camera_id: Annotated[str, Field(pattern=_ID)] = "cam0"
+    camera: CameraConfig
+    model: ModelConfig
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("camera", mode="before")
+    @classmethod
+    def _camera_kind_first(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "kind" not in v:
+            raise ValueError("missing 'kind' (one of: genicam, replay, synthetic)")
+        return v
+
+    def snapshots_dir(self) -> Path:
+        if self.output.snapshots_dir is not None:
+            return self.output.snapshots_dir
+        state = os.environ.get("LINECAM_STATE_DIR")
+        base = Path(state) if state else Path("linecam-state")
+        return base / "snapshots"
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see the README's config reference)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = err.error_count() - 1
+    tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{path}: key '{loc or '(top level)'}': {msg}{tail}"
+
+
+def _resolve_paths(cfg: LinecamConfig, base: Path) -> LinecamConfig:
+    def fix(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    cfg.model.bundle = fix(cfg.model.bundle)  # type: ignore[assignment]
+    cfg.output.snapshots_dir = fix(cfg.output.snapshots_dir)
+    if isinstance(cfg.camera, ReplayCamera):
+        cfg.camera.path = fix(cfg.camera.path)  # type: ignore[assignment]
+    if isinstance(cfg.camera, GenICamCamera) and cfg.camera.cti != "viky":
+        cfg.camera.cti = str(fix(Path(cfg.camera.cti)))
+    for name in ("password_file", "ca_file", "cert_file", "key_file"):
+        if getattr(cfg.mqtt, name, None) is not None:
+            setattr(cfg.mqtt, name, fix(getattr(cfg.mqtt, name)))
+    return cfg
+
+
+def parse_config(data: Any, source: Path, base: Path | None = None) -> LinecamConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (camera:, model:, mqtt: ...)")
+    try:
+        cfg = LinecamConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+    return _resolve_paths(cfg, base if base is not None else source.parent)
+
+
+def load_config(path: str | Path) -> LinecamConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: pass --config with the path to your YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
+    return parse_config(data, path)
