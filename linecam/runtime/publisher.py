@@ -1,0 +1,383 @@
+"""MQTT publishing for the daemon: paho-mqtt 2.x on its own network thread.
+
+The broker may be down at start and may go away at any time: the publisher never
+raises because of that. paho reconnects by itself (1 s .. 30 s back-off) and keeps
+QoS 1 messages in memory meanwhile (up to ``max_queued``); QoS 0 ones (metrics) are
+dropped while disconnected. A crash loses that in-memory queue; the durable spool
+(a later issue) slots in behind :meth:`MqttPublisher._send`.
+
+Status is retained, with a Last Will ``online: false`` so subscribers learn about a
+crash or a cut cable. Because the broker publishes that Will on every unclean
+drop, the latest status is re-sent on every (re)connect.
+
+A broker that *refuses* us (bad credentials, not authorised) is not "down": that is
+remembered in :attr:`MqttPublisher.fatal_error`, retrying stops, and the daemon exits
+with that one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from linecam import messages
+from linecam.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: CONNACK reason codes that retrying cannot fix (MQTT 5 numbering; paho maps 3.1.1's onto it).
+_FATAL_CONNACK = {
+    132: "the broker does not support this MQTT version: set mqtt.protocol to '3.1.1'",
+    133: "the client id was rejected: set another mqtt.client_id",
+    134: "check mqtt.username and the password (mqtt.password_file / mqtt.password_env)",
+    135: "check mqtt.username, the password and the broker's ACLs",
+    138: "this client is banned by the broker",
+    140: "check the broker's authentication method",
+}
+
+#: Minimum seconds between two repeated warnings of one kind (the broker can be down for hours).
+_WARN_EVERY_S = 10.0
+
+
+def _not_paho_noise(record: logging.LogRecord) -> bool:
+    # paho 2.2 logs this at ERROR when its network loop runs once more after a (clean or
+    # lost) disconnect; its own reconnect logic handles that case, so it is noise.
+    return not record.getMessage().startswith("Client is not connected")
+
+
+def paho_logger(name: str) -> logging.Logger:
+    """The logger to hand to paho's ``enable_logger`` (its known-benign noise filtered out)."""
+    log = logging.getLogger(name)
+    log.addFilter(_not_paho_noise)  # idempotent: the same function is added once
+    return log
+
+
+class MqttSettings(BaseModel):
+    """The ``mqtt:`` config section. Holds no secret itself: the password is read from
+    ``password_file`` or the ``password_env`` variable when the client is built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive: int = Field(default=30, ge=5, le=65535)
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Default ``linecam/<line>/<camera>``.
+    topic_prefix: str | None = None
+    #: QoS 1 messages paho keeps in memory while the broker is away (0 = unbounded).
+    max_queued: int = Field(default=10000, ge=0)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _yaml_number(cls, v: Any) -> Any:
+        # YAML reads `protocol: 5` as an int.
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttSettings:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set only one of password_file and password_env")
+        if (self.password_file is not None or self.password_env is not None) and not self.username:
+            raise ValueError("a password needs a username")
+        if not self.tls and any(p is not None for p in (self.ca_file, self.cert_file, self.key_file)):
+            raise ValueError("ca_file / cert_file / key_file need tls: true")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+    def read_password(self) -> str | None:
+        """The password from its file (first line) or environment variable, else None."""
+        if self.password_file is not None:
+            try:
+                text = self.password_file.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"cannot read mqtt.password_file {self.password_file}: {e.strerror}") from None
+            return text.splitlines()[0] if text else ""
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env names ${self.password_env}, which is not set: export it")
+            return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStats:
+    """Counts since start. ``published`` = accepted (sent or queued), ``acked`` = confirmed
+    by the broker (QoS 1 PUBACK; QoS 0 when written), ``failed`` = never going out."""
+
+    published: int
+    acked: int
+    failed: int
+    rejected: int
+
+    @property
+    def pending(self) -> int:
+        return self.published - self.acked
+
+
+class MqttPublisher:
+    """Thread-safe publisher for one camera's topics (see module docstring)."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        line: str,
+        camera: str,
+        version: str,
+        model: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.line, self.camera = line, camera
+        self.version, self.model = version, (dict(model) if model is not None else None)
+        self.topics = messages.topics(settings.topic_prefix or messages.default_prefix(line, camera))
+        self.address = f"{settings.host}:{settings.port}"
+
+        # Lock order: _status_lock may be held while calling paho; _cond never is (paho calls
+        # on_publish, which takes _cond, while holding its own message lock).
+        self._cond = threading.Condition()  # counters, warnings; notified on every ack
+        self._published = self._acked = self._failed = self._rejected = 0
+        self._fatal_error: str | None = None
+        # Serialises status publishing, so the status sent on (re)connect can never overtake a
+        # newer one the application publishes at the same moment.
+        self._status_lock = threading.Lock()
+        self._last_status: dict[str, Any] | None = None
+        self._status_queued = False  # the latest status sits in paho's queue: it goes out on connect
+        self._closing = False
+        self._started = False
+        self._stopped = False
+        self._last_warn: dict[str, float] = {}
+        self._connected = threading.Event()
+        self._client = self._make_client()
+
+    # -- construction ------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client_id = s.client_id or f"linecam-{self.line}-{self.camera}-{uuid.uuid4().hex[:8]}"
+        protocol = mqtt.MQTTv5 if s.protocol == "5" else mqtt.MQTTv311
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        c.enable_logger(paho_logger(f"{__name__}.paho"))
+        c.max_queued_messages_set(s.max_queued)
+        c.reconnect_delay_set(1, 30)
+        will = messages.last_will(self.line, self.camera, version=self.version, model=self.model)
+        c.will_set(self.topics.status, messages.to_json(will), qos=1, retain=True)
+        if s.username:
+            c.username_pw_set(s.username, s.read_password())
+        if s.tls:
+            for key in ("ca_file", "cert_file", "key_file"):
+                p = getattr(s, key)
+                if p is not None and not p.is_file():
+                    raise ConfigError(f"mqtt.{key} {p} does not exist: fix the path")
+            try:
+                c.tls_set(
+                    ca_certs=str(s.ca_file) if s.ca_file else None,
+                    certfile=str(s.cert_file) if s.cert_file else None,
+                    keyfile=str(s.key_file) if s.key_file else None,
+                )
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise ConfigError(f"cannot load the MQTT TLS files: {e}") from None
+        c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        return c
+
+    # -- public API --------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def fatal_error(self) -> str | None:
+        """One line when the broker refused us for good (auth); the daemon should exit."""
+        return self._fatal_error
+
+    def stats(self) -> PublisherStats:
+        with self._cond:
+            return PublisherStats(self._published, self._acked, self._failed, self._rejected)
+
+    def start(self) -> None:
+        """Connect in the background; returns at once (the broker may be down)."""
+        if self._started:
+            return
+        self._started = True
+        s = self.settings
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
+        self._client.loop_start()
+        logger.info("MQTT publisher for %s starting (broker %s, MQTT %s)", self.topics.prefix, self.address, s.protocol)
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until connected; False on timeout or once :attr:`fatal_error` is set."""
+        deadline = time.monotonic() + timeout
+        while not self._connected.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._fatal_error is not None:
+                return False
+            self._connected.wait(min(remaining, 0.05))
+        return True
+
+    def publish(self, topic: str, msg: Mapping[str, Any], qos: int = 1, retain: bool = False) -> None:
+        """Send ``msg`` as JSON. Never raises for a broker problem; failures are counted."""
+        try:
+            payload = messages.to_json(msg)
+        except (TypeError, ValueError) as e:  # a NaN or a stray object: a bug upstream, not a reason to die
+            with self._cond:
+                self._failed += 1
+            logger.error("message for %s not sent, it is not valid JSON: %s", topic, e)
+            return
+        self._send(topic, payload, qos, retain)
+
+    def publish_status(self, msg: Mapping[str, Any] | None = None, /, **fields: Any) -> None:
+        """Publish a retained status: a ready message, or the fields of :func:`messages.status`
+        (line, camera, version and model filled in; ``online`` defaults to True)."""
+        if msg is None:
+            fields.setdefault("online", True)
+            fields.setdefault("version", self.version)
+            fields.setdefault("model", self.model)
+            msg = messages.status(line=self.line, camera=self.camera, **fields)
+        status = dict(msg)
+        with self._status_lock:
+            self._last_status = status
+            rc = self._publish_status_raw(status)
+            self._status_queued = rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+
+    def _publish_status_raw(self, status: Mapping[str, Any]) -> MQTTErrorCode | None:
+        try:
+            payload = messages.to_json(status)
+        except (TypeError, ValueError) as e:
+            logger.error("status not sent, it is not valid JSON: %s", e)
+            return None
+        return self._send(self.topics.status, payload, 1, True)
+
+    def stop(self, drain_timeout: float = 5.0) -> None:
+        """Publish ``online: false`` (retained), wait up to ``drain_timeout`` s for unacked
+        messages, then disconnect cleanly (so the broker does not send the Will)."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        with self._status_lock:
+            last = self._last_status
+        fields = dict(fps=None, frames=None, ng=None, dropped=None)
+        if last is not None:
+            fields = {k: last.get(k) for k in fields}
+        self._closing = True
+        if self._fatal_error is None:
+            self.publish_status(
+                online=False, state="stopped", camera_state="unknown", detail="stopped", **fields
+            )
+            deadline = time.monotonic() + drain_timeout
+            with self._cond:
+                while self._published > self._acked and time.monotonic() < deadline:
+                    self._cond.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
+                pending = self._published - self._acked
+            if pending:
+                logger.warning(
+                    "%d MQTT message(s) not confirmed by broker %s after %.1f s; they are lost",
+                    pending, self.address, drain_timeout,
+                )
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+        logger.info("MQTT publisher stopped: %s", self.stats())
+
+    # -- internals -----------------------------------------------------------------------
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> MQTTErrorCode | None:
+        """The one place a message leaves us (the seam for the durable spool)."""
+        # Count before handing over: paho may confirm (on_publish) before publish() returns.
+        with self._cond:
+            self._published += 1
+        try:
+            rc = self._client.publish(topic, payload, qos=qos, retain=retain).rc
+        except ValueError as e:  # bad topic / payload too large
+            rc, why = None, str(e)
+        else:
+            # NO_CONN for QoS >= 1 means "queued until we reconnect"; for QoS 0 it means lost.
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
+                return rc
+            why = mqtt.error_string(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                why = f"outgoing queue full (mqtt.max_queued={self.settings.max_queued})"
+        with self._cond:
+            self._published -= 1
+            self._failed += 1
+        self._warn(f"drop:{qos}", "MQTT message(s) to %s dropped: %s (%d dropped so far)", topic, why, self._failed)
+        return rc
+
+    def _warn(self, kind: str, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if now - self._last_warn.get(kind, -1e18) < _WARN_EVERY_S:
+                return
+            self._last_warn[kind] = now
+        logger.warning(fmt, *args)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            hint = _FATAL_CONNACK.get(reason_code.value)
+            if hint is not None:
+                self._fatal_error = f"MQTT broker {self.address} refused the connection ({reason_code}): {hint}"
+                logger.error(self._fatal_error)
+                client.disconnect()  # stop paho's reconnect loop: retrying cannot help
+            else:
+                self._warn("refused", "broker %s refused the connection (%s), retrying", self.address, reason_code)
+            return
+        logger.info("connected to broker %s", self.address)
+        with self._cond:
+            self._last_warn.pop("unreachable", None)
+        with self._status_lock:
+            # A status queued while we were away goes out right after this callback; otherwise
+            # re-send the latest one: the Will may have replaced it while we were away.
+            if not self._status_queued:
+                last = self._last_status
+                self._publish_status_raw(
+                    messages.restamp(last) if last is not None else messages.status(
+                        line=self.line, camera=self.camera, online=True, state="starting",
+                        camera_state="unknown", version=self.version, model=self.model,
+                    )
+                )
+            self._status_queued = False
+        self._connected.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._warn("unreachable", "broker %s unreachable, retrying", self.address)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and not self._closing:
+            logger.warning("lost connection to broker %s (%s), retrying", self.address, reason_code)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        rejected = bool(getattr(reason_code, "is_failure", False))
+        with self._cond:
+            self._acked += 1
+            if rejected:
+                self._rejected += 1
+            self._cond.notify_all()
+        if rejected:
+            self._warn("rejected", "broker %s rejected a message (%s): check its ACLs", self.address, reason_code)
+
+    def __repr__(self) -> str:
+        return (
+            f"MqttPublisher({self.topics.prefix!r} -> {self.address}, connected={self.connected}, "
+            f"fatal_error={self._fatal_error!r})"
+        )
