@@ -1,0 +1,107 @@
+"""``linecam``: the edge-side command line (run, check, events, demo)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from linecam import __version__
+from linecam.errors import LinecamError
+
+
+def setup_logging(level: str = "INFO") -> None:
+    # journald adds its own timestamps; a terminal wants them.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
+    for noisy in ("PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Group(click.Group):
+    """Turns any LinecamError into ``error: <one line>`` and its exit code."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except LinecamError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="linecam")
+def cli() -> None:
+    """linecam: region expert on every frame, verdicts over MQTT."""
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="YAML config for one camera (see README).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default=None,
+              help="Overrides the config's log_level.")
+def run(config_path: Path, log_level: str | None) -> None:
+    """Run the line daemon for one camera until SIGTERM / Ctrl-C (or the source ends)."""
+    from linecam.config import load_config
+
+    cfg = load_config(config_path)
+    setup_logging(log_level or cfg.log_level)
+    from linecam.runtime.service import run_service
+
+    summary = run_service(cfg)
+    c = summary.counters
+    click.echo(f"frames {c.get('frames', 0)}  OK {c.get('ok', 0)}  NG {c.get('ng', 0)}  "
+               f"skipped {c.get('skipped', 0)}  in {summary.seconds:.1f} s", err=True)
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def check(config_path: Path) -> None:
+    """Validate a config and its bundle (hashes, versions) without starting anything."""
+    from linecam.bundle import load_bundle
+    from linecam.config import load_config
+
+    cfg = load_config(config_path)
+    bundle = load_bundle(cfg.model.bundle)
+    m = bundle.manifest
+    click.echo(f"config ok: line {cfg.line}, camera {cfg.camera_id} ({cfg.camera.kind})")
+    click.echo(f"bundle ok: {m.name}, input {m.input.shape}, files "
+               f"{', '.join(f'{k} ({v.backend}/{v.precision})' for k, v in m.files.items())}, "
+               f"image threshold {m.thresholds.image:.4g} ({m.thresholds.method}, n_good={m.thresholds.n_good})")
+
+
+@cli.command()
+@click.option("--camera", type=click.Choice(["synthetic", "viky"]), default="synthetic",
+              help="synthetic: a simulated line with known defects; viky: the GenICam virtual camera via harvesters.")
+@click.option("--frames", type=int, default=120, show_default=True, help="Frames to inspect.")
+@click.option("--fps", type=float, default=15.0, show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".cache/demo"), show_default=True,
+              help="Where the demo bundle (cached), config, broker and snapshots live.")
+@click.option("--json", "as_json", is_flag=True, help="Print received events as JSON lines.")
+def demo(camera: str, frames: int, fps: float, workdir: Path, as_json: bool) -> None:
+    """Simulated line end to end: private mosquitto, demo expert, daemon, live subscriber."""
+    setup_logging("WARNING")
+    from linecam.demo import run_demo
+
+    run_demo(camera=camera, frames=frames, fps=fps, workdir=workdir, as_json=as_json)
+
+
+def _add_optional_commands() -> None:
+    from linecam.events import events_command
+
+    cli.add_command(events_command)
+
+
+_add_optional_commands()
+
+
+def main() -> None:
+    cli(prog_name="linecam")
+
+
+if __name__ == "__main__":
+    main()
