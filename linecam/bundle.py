@@ -27,7 +27,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 Backend = Literal["onnxruntime", "tensorrt"]
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "int4"]
 
 
 class _Strict(BaseModel):
@@ -120,6 +120,8 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     data = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest.", suffix=".tmp")
+    # mkstemp creates 0600; a bundle must be readable by the service's (dynamic) user.
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as f:
         f.write(data)
         f.flush()

@@ -16,6 +16,7 @@ Topics live under a prefix, by default ``linecam/<line>/<camera>``:
     defect    QoS 1, not retained, one per NG frame (regions + snapshot path)
     status    QoS 1, RETAINED; the Last Will is a status with ``online: false``
     metrics   QoS 0, periodic
+    description  QoS 1, not retained, one per defect (the VLM's text, joined on defect_event_id)
 
 The JSON Schemas in :mod:`linecam.schemas` are the contract; the builders here are
 the only place that produces these dicts. They coerce numbers to plain ``int`` /
@@ -55,7 +56,7 @@ class Topics:
     defect: str
     status: str
     metrics: str
-    #: Reserved for the VLM description messages of a later schema.
+    #: VLM descriptions of defects (see :func:`description`).
     description: str
 
 
@@ -209,6 +210,51 @@ def defect(
         snapshot=snapshot,
         frame_ts_ns=int(frame_ts_ns),
         frame_clock=frame_clock,
+        model=_model(model),
+    )
+    return msg
+
+
+DescriptionStatus = Literal["ok", "skipped", "error"]
+
+
+def description(
+    *,
+    line: str,
+    camera: str,
+    frame_id: int,
+    defect_event_id: str,
+    verdict_event_id: str | None,
+    status: DescriptionStatus,
+    text: str | None,
+    reason: str | None = None,
+    n_tokens: int = 0,
+    stop_reason: str | None = None,
+    n_regions: int = 0,
+    prompt: str | None = None,
+    latency_ms: Mapping[str, float] | None = None,
+    model: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The VLM's description of one defect: exactly one per defect message.
+
+    ``defect_event_id`` is the ``event_id`` of the defect it describes (subscribers join
+    on it). ``status`` is ``"ok"`` with ``text``, or ``"skipped"`` / ``"error"`` with
+    ``text`` None and ``reason`` saying why (e.g. ``"backlog_full"``). ``latency_ms`` keys:
+    queue (defect -> VLM start), vision, prefill, ttft, decode, total (defect -> publish).
+    """
+    msg = _header("description", line, camera)
+    msg.update(
+        frame_id=int(frame_id),
+        defect_event_id=defect_event_id,
+        verdict_event_id=verdict_event_id,
+        status=status,
+        text=text,
+        reason=reason,
+        n_tokens=int(n_tokens),
+        stop_reason=stop_reason,
+        n_regions=int(n_regions),
+        prompt=prompt,
+        latency_ms={k: float(v) for k, v in (latency_ms or {}).items()},
         model=_model(model),
     )
     return msg

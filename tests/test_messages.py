@@ -30,6 +30,15 @@ def make_verdict(**over):
     return messages.verdict(**kw)
 
 
+def make_description(**over):
+    kw = dict(line="L1", camera="cam0", frame_id=7, defect_event_id=str(uuid.uuid4()),
+              verdict_event_id=str(uuid.uuid4()), status="ok", text="a scratch near the left edge", n_tokens=9,
+              stop_reason="stop_token", n_regions=1, prompt="Describe the defect.",
+              latency_ms={"queue": 1.0, "ttft": 120.0, "total": 900.0}, model=MODEL)
+    kw.update(over)
+    return messages.description(**kw)
+
+
 def make_defect(**over):
     kw = dict(line="L1", camera="cam0", frame_id=7, verdict_event_id=str(uuid.uuid4()), score=1.5,
               image_size=(640, 480),
@@ -56,7 +65,8 @@ def make_metrics(**over):
     return messages.metrics(**kw)
 
 
-BUILDERS = {"verdict": make_verdict, "defect": make_defect, "status": make_status, "metrics": make_metrics}
+BUILDERS = {"verdict": make_verdict, "defect": make_defect, "status": make_status, "metrics": make_metrics,
+            "description": make_description}
 
 
 # -- valid messages ----------------------------------------------------------------------------

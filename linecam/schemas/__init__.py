@@ -19,7 +19,7 @@ import jsonschema
 from jsonschema import Draft202012Validator
 
 #: Message types with a schema (``msg["type"]`` picks one).
-SCHEMA_NAMES: tuple[str, ...] = ("verdict", "defect", "status", "metrics")
+SCHEMA_NAMES: tuple[str, ...] = ("verdict", "defect", "status", "metrics", "description")
 
 
 def load_schema(name: str) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""VLM bundle: a folder with ``manifest.json`` (kind ``"vlm"``), three ONNX graphs and a tokenizer.
+
+Same conventions as the region-expert bundle (:mod:`linecam.bundle`): self-describing
+manifest, per-file sha256 checked on load, one-line errors that say what to do. The
+file entries, hashing, provenance and atomic write are :mod:`linecam.bundle`'s own.
+
+File roles: ``vision_<prec>``, ``embedding_<prec>``, ``decoder_<prec>`` (prec one of
+fp32 / fp16 / int8 / int4), ``tokenizer`` (``tokenizer.json``), plus optional extras
+(``chat_template``, ``region_projector_<prec>``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from linecam import __version__
+from linecam.bundle import MANIFEST, FileEntry, Provenance, file_entry, sha256_file
+from linecam.errors import BundleError
+
+#: The VLM manifest schema this linecam writes and the newest it reads (independent of
+#: the region-expert manifest's version).
+VLM_SCHEMA_VERSION = 1
+
+Family = Literal["qwen2_5_vl", "idefics3"]
+VlmPrecision = Literal["fp32", "fp16", "int8", "int4"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class VlmFileEntry(FileEntry):
+    """A :class:`linecam.bundle.FileEntry` that also allows ``int4`` (weight-only MatMulNBits)."""
+
+    precision: VlmPrecision = "fp32"  # type: ignore[assignment]
+
+
+def vlm_file_entry(root: str | Path, relpath: str, precision: VlmPrecision = "fp32") -> VlmFileEntry:
+    """Hash a file already written in the bundle (via :func:`linecam.bundle.file_entry`)."""
+    base = file_entry(root, relpath)
+    return VlmFileEntry(**{**base.model_dump(), "precision": precision})
+
+
+class TextSpec(_Strict):
+    """The decoder's cache layout and the token ids the runtime needs."""
+
+    hidden_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    #: "mrope": position_ids [3, B, S] (Qwen-VL); "rope": [B, S].
+    positions: Literal["mrope", "rope"]
+    image_token_id: int
+    eos_token_ids: list[int]
+    pad_token_id: int | None = None
+
+
+class QwenVisionSpec(_Strict):
+    kind: Literal["qwen2_5_vl"] = "qwen2_5_vl"
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    window_size: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    min_pixels: int
+    max_pixels: int
+    image_mean: list[float]
+    image_std: list[float]
+    #: Token strings around the image-pad run in the prompt.
+    vision_start: str = "<|vision_start|>"
+    vision_end: str = "<|vision_end|>"
+    image_pad: str = "<|image_pad|>"
+
+
+class Idefics3VisionSpec(_Strict):
+    kind: Literal["idefics3"] = "idefics3"
+    #: Encoder tile side (pixels) and patch side.
+    tile_size: int
+    patch_size: int
+    scale_factor: int
+    #: Longest edge the whole image is resized to before tiling.
+    longest_edge: int
+    do_image_splitting: bool
+    image_mean: list[float]
+    image_std: list[float]
+    image_token: str = "<image>"
+    fake_image_token: str = "<fake_token_around_image>"
+    global_image_token: str = "<global-img>"
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return (self.tile_size // self.patch_size) ** 2 // (self.scale_factor**2)
+
+
+class PromptSpec(_Strict):
+    """How a user prompt becomes model text: ``format`` with ``{image}`` and ``{prompt}``.
+
+    Derived at export time from the model's chat template where it has one, so the edge
+    needs no template engine.
+    """
+
+    format: str
+    add_special_tokens: bool = True
+
+
+class VlmManifest(_Strict):
+    schema_version: int = VLM_SCHEMA_VERSION
+    kind: Literal["vlm"] = "vlm"
+    name: str
+    family: Family
+    text: TextSpec
+    vision: QwenVisionSpec | Idefics3VisionSpec = Field(discriminator="kind")
+    prompt: PromptSpec
+    files: dict[str, VlmFileEntry]
+    provenance: Provenance
+    #: Token agreement etc. measured at export time, keyed by role.
+    quality: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class VlmBundle:
+    """A loaded, verified VLM bundle."""
+
+    def __init__(self, root: Path, manifest: VlmManifest) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    def path(self, role: str) -> Path:
+        try:
+            return self.root / self.manifest.files[role].path
+        except KeyError:
+            have = ", ".join(sorted(self.manifest.files)) or "none"
+            raise BundleError(f"VLM bundle {self.root} has no '{role}' file (it has: {have}); "
+                              f"export it with 'export-engine vlm' or choose another precision") from None
+
+    def has(self, role: str) -> bool:
+        return role in self.manifest.files
+
+    @property
+    def model_sha256(self) -> str:
+        return sha256_file(self.root / MANIFEST)
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"field '{loc}': {first['msg']}{more}"
+
+
+def load_vlm_bundle(root: str | Path, verify: bool = True) -> VlmBundle:
+    """Load ``root/manifest.json`` of kind ``vlm``; check schema version and every file's sha256."""
+    root = Path(root)
+    fix = "re-export it with 'export-engine vlm', or copy the whole bundle folder again"
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{mpath} is missing: {root} is not a linecam VLM bundle; "
+                          f"build one with 'export-engine vlm --model <hf folder> --out {root}'")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}): the bundle is corrupt; {fix}") from None
+    if not isinstance(raw, dict) or raw.get("kind") != "vlm":
+        kind = raw.get("kind") if isinstance(raw, dict) else None
+        raise BundleError(f"{mpath} is a {kind!r} bundle, not a VLM bundle: point the VLM at the folder "
+                          f"'export-engine vlm' wrote")
+    version = raw.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{mpath} has no integer 'schema_version'; {fix}")
+    if version > VLM_SCHEMA_VERSION:
+        raise BundleError(f"{mpath} uses VLM manifest schema v{version}, newer than this linecam "
+                          f"{__version__} reads (v{VLM_SCHEMA_VERSION}): upgrade linecam on this device")
+    try:
+        manifest = VlmManifest.model_validate(raw)
+    except ValidationError as e:
+        raise BundleError(f"{mpath}: {_describe(e)}; {fix}") from None
+    if verify:
+        for role, entry in manifest.files.items():
+            p = (root / entry.path).resolve()
+            if root.resolve() not in p.parents:
+                raise BundleError(f"{mpath}: file '{role}' points outside the bundle ({entry.path}); {fix}")
+            if not p.is_file():
+                raise BundleError(f"bundle file {root / entry.path} (role '{role}') is missing; {fix}")
+            if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+                raise BundleError(f"bundle file {root / entry.path} (role '{role}') fails its sha256 "
+                                  f"check: corrupt or half-copied; {fix}")
+    return VlmBundle(root, manifest)
