@@ -14,6 +14,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -68,6 +69,10 @@ class FileEntry(_Strict):
     size: int
     backend: Backend = "onnxruntime"
     precision: Precision = "fp32"
+    #: What a device-bound file (a TensorRT engine) was built for, e.g.
+    #: {"gpu": "Orin (nvgpu)", "compute_capability": "8.7", "tensorrt": "10.3.0"};
+    #: checked with :meth:`Bundle.check_target` before the file is loaded. None: portable.
+    target: dict[str, str] | None = None
 
 
 class Provenance(_Strict):
@@ -160,6 +165,21 @@ class Bundle:
         raise BundleError(f"bundle {self.root} has no {want} model (it has: {have}); "
                           f"export one with export-engine or choose another backend/precision")
 
+    def check_target(self, role: str, current: Mapping[str, str]) -> None:
+        """Refuse a file built for another device: every key its ``target`` pins must match
+        ``current`` (what the backend found on this device); keys it does not pin are ignored.
+        Loading a foreign TensorRT engine fails deep inside the runtime, or worse, runs."""
+        entry = self.manifest.files.get(role)
+        if entry is None or not entry.target:
+            return
+        diff = {k: (v, current.get(k)) for k, v in entry.target.items() if str(current.get(k)) != str(v)}
+        if diff:
+            built = ", ".join(f"{k} {v}" for k, (v, _) in diff.items())
+            here = ", ".join(f"{k} {c if c is not None else 'unknown'}" for k, (_, c) in diff.items())
+            raise BundleError(f"bundle file {self.root / entry.path} (role '{role}') was built for {built}, "
+                              f"this device has {here}: rebuild it on this device (export-engine) or use "
+                              "the bundle's ONNX model")
+
     @property
     def model_sha256(self) -> str:
         """Hash identifying this model (the manifest's hash), published in every verdict."""
@@ -170,7 +190,22 @@ def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"field '{loc}': {first['msg']}{more}"
+    text = f"field '{loc}': {first['msg']}{more}"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # a key may hold a newline
+
+
+def _verify_file(root: Path, mpath: Path, role: str, entry: FileEntry, fix: str) -> None:
+    where = f"bundle file {root / entry.path!s:.300} (role '{role}')"
+    try:
+        p = (root / entry.path).resolve()
+        if root.resolve() not in p.parents:
+            raise BundleError(f"{mpath}: file '{role}' points outside the bundle ({entry.path:.300}); {fix}")
+        if not p.is_file():
+            raise BundleError(f"{where} is missing; {fix}")
+        if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+            raise BundleError(f"{where} fails its sha256 check: corrupt or half-copied; {fix}")
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long, no permission ...
+        raise BundleError(f"{where} cannot be read ({e.strerror if isinstance(e, OSError) else e}); {fix}") from None
 
 
 def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
@@ -188,6 +223,10 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         raw = json.loads(mpath.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON ({e}): the bundle is corrupt; {fix}") from None
+    except RecursionError:
+        raise BundleError(f"{mpath} is nested too deeply to be a manifest: the bundle is corrupt; {fix}") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {mpath} ({e.strerror or e}): check its permissions; {fix}") from None
     if not isinstance(raw, dict):
         raise BundleError(f"{mpath} is not a JSON object: the bundle is corrupt; {fix}")
     version = raw.get("schema_version")
@@ -202,12 +241,5 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{mpath}: {_describe(e)}; {fix}") from None
     if verify:
         for role, entry in manifest.files.items():
-            p = (root / entry.path).resolve()
-            if root.resolve() not in p.parents:
-                raise BundleError(f"{mpath}: file '{role}' points outside the bundle ({entry.path}); {fix}")
-            if not p.is_file():
-                raise BundleError(f"bundle file {root / entry.path} (role '{role}') is missing; {fix}")
-            if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
-                raise BundleError(f"bundle file {root / entry.path} (role '{role}') fails its sha256 "
-                                  f"check: corrupt or half-copied; {fix}")
+            _verify_file(root, mpath, role, entry, fix)
     return Bundle(root, manifest)

@@ -2,7 +2,8 @@
 
 One file per camera (``/etc/linecam/<instance>.yaml`` under systemd). Unknown keys
 are errors: a typo in a hand-edited config must not silently fall back to a default.
-Relative paths are resolved against the config file's folder.
+Paths may use ``~`` and ``$VARIABLES`` (e.g. ``$CREDENTIALS_DIRECTORY/mqtt-password``);
+relative ones are resolved against the config file's folder.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from linecam.errors import ConfigError
 from linecam.runtime.publisher import MqttSettings
+from linecam.runtime.spool import SpoolSettings
 
 _ID = r"^[A-Za-z0-9_.-]+$"  # safe inside an MQTT topic level and a file name
 
@@ -89,6 +91,27 @@ class RuntimeConfig(_Strict):
     metrics_interval_s: float = Field(default=10.0, gt=0)
     #: NG frames waiting for their annotated snapshot; when full the defect event is sent without one.
     snapshot_queue_size: int = Field(default=16, ge=1)
+    #: A free-running camera that delivers no frame for this long is treated as disconnected
+    #: (torn down and reopened). null for triggered cameras, where an idle line is normal.
+    frame_timeout_s: float | None = Field(default=10.0, gt=0)
+    #: Back-off between camera reopen attempts: first and longest wait, seconds.
+    reconnect_delay_s: tuple[float, float] = (1.0, 30.0)
+    #: Reopens in a row that deliver no frame before linecam exits (code 4) so that systemd
+    #: restarts it: a soft-locked GenTL producer only recovers in a fresh process.
+    max_silent_reopens: int = Field(default=3, ge=1)
+    #: With frames waiting, no inference finishing for this long (a hung GPU or driver call)
+    #: stops the systemd watchdog keep-alives, so that systemd restarts linecam.
+    inference_timeout_s: float = Field(default=20.0, gt=0)
+    #: Expected frame size [width, height]; frames of another size are skipped (SKIPPED,
+    #: reason wrong_frame_size). Default: the size of the first frame.
+    frame_size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _delays(self) -> RuntimeConfig:
+        lo, hi = self.reconnect_delay_s
+        if not 0 < lo <= hi:
+            raise ValueError("reconnect_delay_s must be [first, longest] with 0 < first <= longest")
+        return self
 
 
 class OutputConfig(_Strict):
@@ -110,6 +133,7 @@ class LinecamConfig(_Strict):
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("camera", mode="before")
@@ -122,9 +146,25 @@ class LinecamConfig(_Strict):
     def snapshots_dir(self) -> Path:
         if self.output.snapshots_dir is not None:
             return self.output.snapshots_dir
-        state = os.environ.get("LINECAM_STATE_DIR")
-        base = Path(state) if state else Path("linecam-state")
-        return base / "snapshots"
+        return state_dir() / "snapshots"
+
+    def spool_settings(self) -> SpoolSettings:
+        """The spool section with its path filled in: one spool per line/camera, so two
+        daemons sharing a state directory never re-send each other's messages."""
+        if self.spool.path is not None:
+            return self.spool
+        return self.spool.model_copy(update={"path": state_dir() / f"spool-{self.line}-{self.camera_id}.db"})
+
+
+def state_dir() -> Path:
+    """``$LINECAM_STATE_DIR`` (systemd's StateDirectory) or ``./linecam-state``."""
+    state = os.environ.get("LINECAM_STATE_DIR")
+    return Path(state) if state else Path("linecam-state")
+
+
+def _printable(text: str) -> str:
+    """One line: a key with a newline or a control character in it must not break the message."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
@@ -137,18 +177,20 @@ def _format_error(path: Path, err: ValidationError) -> str:
         msg = "required key is missing"
     more = err.error_count() - 1
     tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{path}: key '{loc or '(top level)'}': {msg}{tail}"
+    return _printable(f"{path}: key '{loc or '(top level)'}': {msg}{tail}")
 
 
 def _resolve_paths(cfg: LinecamConfig, base: Path) -> LinecamConfig:
     def fix(p: Path | None) -> Path | None:
         if p is None:
             return None
-        p = p.expanduser()
+        # $VARIABLES too: systemd hands credentials over in $CREDENTIALS_DIRECTORY.
+        p = Path(os.path.expandvars(str(p))).expanduser()
         return p if p.is_absolute() else (base / p)
 
     cfg.model.bundle = fix(cfg.model.bundle)  # type: ignore[assignment]
     cfg.output.snapshots_dir = fix(cfg.output.snapshots_dir)
+    cfg.spool.path = fix(cfg.spool.path)
     if isinstance(cfg.camera, ReplayCamera):
         cfg.camera.path = fix(cfg.camera.path)  # type: ignore[assignment]
     if isinstance(cfg.camera, GenICamCamera) and cfg.camera.cti != "viky":
@@ -166,6 +208,8 @@ def parse_config(data: Any, source: Path, base: Path | None = None) -> LinecamCo
         cfg = LinecamConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(source, e)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a linecam config: check the file") from None
     return _resolve_paths(cfg, base if base is not None else source.parent)
 
 
@@ -176,12 +220,14 @@ def load_config(path: str | Path) -> LinecamConfig:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: pass --config with the path to your YAML file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+        raise ConfigError(_printable(f"cannot read config file {path}: {e}")) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
+        raise ConfigError(_printable(f"{path}{where}: YAML syntax error: {problem}")) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a linecam config: check the file") from None
     return parse_config(data, path)

@@ -31,7 +31,7 @@ def write_cfg(tmp_path: Path, cfg: dict) -> Path:
 def base_cfg(tmp_path: Path, bundle: Path, port: int = 1883) -> dict:
     return {"camera": {"kind": "synthetic", "frames": 30, "fps": 30},
             "model": {"bundle": str(bundle)}, "mqtt": {"host": "127.0.0.1", "port": port},
-            "output": {"snapshots_dir": str(tmp_path / "snaps")}}
+            "output": {"snapshots_dir": str(tmp_path / "snaps")}, "spool": {"path": str(tmp_path / "spool.db")}}
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:

@@ -31,6 +31,7 @@ def line_config(bundle: Path, port: int, tmp: Path, **over) -> dict:
         "mqtt": {"host": "127.0.0.1", "port": port},
         "runtime": {"queue_size": 64, "metrics_interval_s": 0.5},
         "output": {"snapshots_dir": str(tmp / "snaps"), "snapshots_max_files": 50},
+        "spool": {"path": str(tmp / "spool.db")},  # never share a spool between test runs
     }
     for k, v in over.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v

@@ -25,6 +25,7 @@ def test_daemon_on_viky(broker, tmp_path):
         "model": {"bundle": str(bundle)},
         "mqtt": {"host": "127.0.0.1", "port": broker.port},
         "output": {"snapshots_dir": str(tmp_path / "snaps")},
+        "spool": {"path": str(tmp_path / "spool.db")},
     }, tmp_path / "x.yaml")
     verdicts = []
 

@@ -10,15 +10,31 @@ module works around (see shared/notes/genicam.md):
 * harvesters does not strip row padding and unpacks packed formats including the
   padding bytes: we convert the component's raw bytes ourselves (``pixels``);
 * ``Harvester.update()`` destroys live acquirers: it is called in :meth:`open` only;
-* ``stop()`` / ``destroy()`` can raise on a dead link: each is guarded in ``close``.
+* ``stop()`` / ``destroy()`` can raise on a dead link: each is guarded in ``close``;
+* on a torn-down acquirer harvesters raises GenTL exceptions, but also plain Python
+  ones (``AttributeError`` on a released handle): :meth:`read` turns every one into a
+  :class:`CameraError`, which the daemon answers by ``close()`` + ``open()`` with back-off.
 
-Creating the ImageAcquirer in the main thread installs harvesters' own SIGINT
-handler, so a daemon must install its signal handlers *after* :meth:`open`.
+Frame ids continue across a reopen (the camera restarts its own count), so a daemon's
+verdicts keep one id per frame through a reconnect. A buffer that arrives but cannot be
+converted (a pixel format changed under us, a short buffer) comes back as a frame with an
+empty image and ``meta["invalid"]`` saying why: the daemon skips it with a verdict.
+
+Creating an ImageAcquirer in the main thread installs harvesters' own SIGINT handler
+(it destroys the acquirer); :meth:`open` puts the previous handler back, so a daemon's
+Ctrl-C handling survives every reopen after a camera fault.
+
+:class:`CameraUnavailable` (a :class:`CameraError` with ``transient = True``) means the
+camera is not there *now* (not found, busy, failed to start): it may appear later, so a
+daemon retries instead of exiting. Other CameraErrors (no .cti, a setting the camera
+refuses) need someone to change something.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = "GenICam support needs harvesters: pip install 'linecam[genicam]'"
 _BUFFER_HANDLING_MODES = ("NewestOnly", "OldestFirst", "OldestFirstOverwrite")
+
+
+class CameraUnavailable(CameraError):
+    """The camera is absent, busy or failed to start right now; retrying may help."""
+
+    transient = True
 
 
 def viky_cti_path() -> Path:
@@ -110,6 +132,11 @@ class GenICamSource(FrameSource):
         self._genapi: Any = None
         self._last_frame_id: int | None = None
         self._has_device_timestamps = True
+        self._sessions = 0  # successful opens
+        self._id_offset = 0  # added to the camera's frame ids (continuity across reopens)
+        self._next_id = 0  # one past the last frame id handed out
+        self._need_offset = False
+        self._gap = 0
 
     # --- open -----------------------------------------------------------------------
 
@@ -144,13 +171,18 @@ class GenICamSource(FrameSource):
             self.model = str(getattr(info, "model", None) or "?")
             if self.serial is None:
                 self.name = f"genicam:{getattr(info, 'serial_number', dev_index)}"
+            main = threading.current_thread() is threading.main_thread()
+            prev_sigint = signal.getsignal(signal.SIGINT) if main else None
             try:
                 ia = h.create(dev_index)
             except gentl.GenericException as e:
-                raise CameraError(
+                raise CameraUnavailable(
                     f"cannot open camera {self._describe(info)} ({_one_line(e)}): "
                     "is it open in another program (viewer, second linecam)?"
                 ) from e
+            finally:
+                if main and prev_sigint is not None:
+                    signal.signal(signal.SIGINT, prev_sigint)  # not harvesters' own (it destroys the acquirer)
             self._ia = ia
             self._configure(ia)
             ia.start()
@@ -159,13 +191,16 @@ class GenICamSource(FrameSource):
             raise
         except (gentl.GenericException, genapi.GenericException) as e:
             self.close()
-            raise CameraError(
+            raise CameraUnavailable(
                 f"cannot start camera {self.name} ({self.model}): {_one_line(e)}; check cable/power"
             ) from e
         except BaseException:
             self.close()
             raise
-        self.dropped = 0
+        if self._sessions == 0:
+            self.dropped = 0
+        self._sessions += 1
+        self._need_offset = self._sessions > 1  # the first frame of this session fixes the offset
         self._last_frame_id = None
         self.last_frame_ns = None
         self._has_device_timestamps = True
@@ -188,7 +223,7 @@ class GenICamSource(FrameSource):
     def _pick_device(self, infos: list[Any]) -> int:
         seen = "; ".join(f"[{i}] {self._describe(d)}" for i, d in enumerate(infos)) or "none"
         if not infos:
-            raise CameraError(
+            raise CameraUnavailable(
                 f"no camera found by GenTL producer {self.cti.name}: check cable, power and network "
                 "settings, and that no other program holds the camera"
             )
@@ -196,15 +231,15 @@ class GenICamSource(FrameSource):
             for i, d in enumerate(infos):
                 if str(getattr(d, "serial_number", None)) == self.serial:
                     return i
-            raise CameraError(f"no camera with serial {self.serial!r}: cameras seen: {seen}")
+            raise CameraUnavailable(f"no camera with serial {self.serial!r}: cameras seen: {seen}")
         if self.device_id is not None:
             for i, d in enumerate(infos):
                 if getattr(d, "id_", None) == self.device_id:
                     return i
-            raise CameraError(f"no camera with device id {self.device_id!r}: cameras seen: {seen}")
+            raise CameraUnavailable(f"no camera with device id {self.device_id!r}: cameras seen: {seen}")
         idx = 0 if self.index is None else int(self.index)
         if not 0 <= idx < len(infos):
-            raise CameraError(f"no camera at index {idx}: cameras seen: {seen}")
+            raise CameraUnavailable(f"no camera at index {idx}: cameras seen: {seen}")
         return idx
 
     def _configure(self, ia: Any) -> None:
@@ -309,7 +344,7 @@ class GenICamSource(FrameSource):
             return None
         except CameraError:
             raise
-        except (gentl.GenericException, self._genapi.GenericException) as e:
+        except Exception as e:  # GenTL / GenApi errors, and whatever a torn-down acquirer raises
             raise CameraError(
                 f"camera {self.name} ({self.model}) stopped delivering: {_one_line(e)}; check cable/power"
             ) from e
@@ -323,24 +358,22 @@ class GenICamSource(FrameSource):
         fmt = str(comp.data_format)
         w, h = int(comp.width), int(comp.height)
         pad = int(comp.x_padding)
-        try:
-            # The raw bytes, not comp.data: harvesters expands packed formats
-            # including row padding and never strips the padding.
-            count = raw_size(w, h, fmt, pad)
-            data = np.frombuffer(buf.module.raw_buffer, dtype=np.uint8, count=count, offset=comp.data_offset)
-        except (ValueError, TypeError, AttributeError):
-            data = comp.data
-        # copies: the buffer is re-queued when the caller's `with` block exits
-        image, bit_depth = to_frame_image(data, w, h, fmt, pad)
-
-        frame_id = int(buf.module.frame_id)
-        last = self._last_frame_id
-        gap = 0
-        if last is not None and frame_id > last + 1:
-            gap = frame_id - last - 1
-            self.dropped += gap
-        self._last_frame_id = frame_id
+        frame_id = self._frame_id(int(buf.module.frame_id))
         self.last_frame_ns = host_ns
+        try:
+            try:
+                # The raw bytes, not comp.data: harvesters expands packed formats
+                # including row padding and never strips the padding.
+                count = raw_size(w, h, fmt, pad)
+                data = np.frombuffer(buf.module.raw_buffer, dtype=np.uint8, count=count, offset=comp.data_offset)
+            except (ValueError, TypeError, AttributeError):
+                data = comp.data
+            # copies: the buffer is re-queued when the caller's `with` block exits
+            image, bit_depth = to_frame_image(data, w, h, fmt, pad)
+        except CameraError as e:
+            # The link works, this one buffer does not convert: one skipped frame, not a reconnect.
+            return Frame(frame_id=frame_id, image=np.empty((0, 0, 1), np.uint8), timestamp_ns=host_ns,
+                         clock="host_monotonic", host_ns=host_ns, meta={"pixel_format": fmt, "invalid": str(e)})
 
         ts, clock = self._timestamp(buf)
         if ts is None:
@@ -352,8 +385,23 @@ class GenICamSource(FrameSource):
             clock=clock,
             host_ns=host_ns,
             bit_depth=bit_depth,
-            meta={"pixel_format": fmt, "dropped_before": gap},
+            meta={"pixel_format": fmt, "dropped_before": self._gap},
         )
+
+    def _frame_id(self, raw: int) -> int:
+        """The camera's id, offset so ids keep increasing across reopens; counts gaps (drops)."""
+        if self._need_offset:
+            self._id_offset = self._next_id - raw
+            self._need_offset = False
+        last = self._last_frame_id
+        self._gap = 0
+        if last is not None and raw > last + 1:
+            self._gap = raw - last - 1
+            self.dropped += self._gap
+        self._last_frame_id = raw
+        out = raw + self._id_offset
+        self._next_id = out + 1
+        return out
 
     def _timestamp(self, buf: Any) -> tuple[int | None, str]:
         # Producers without timestamps (viky) raise on every call: stop asking.

@@ -9,7 +9,23 @@ Threads and queues (see ARCHITECTURE.md)::
 
 Acquisition never waits for inference: when ``in_q`` is full a frame is dropped by
 the configured policy and still gets a verdict (``SKIPPED``, reason ``queue_full``),
-so subscribers can count on exactly one verdict per frame.
+so subscribers can count on exactly one verdict per frame. Frames the model must not
+judge (another size or pixel layout than the line's) get ``SKIPPED`` with reason
+``wrong_frame_size`` / ``wrong_pixel_format``.
+
+Camera faults (a GenTL error, or a free-running camera silent for
+``runtime.frame_timeout_s``): the source is torn down and reopened with back-off; the
+retained status says ``camera_state: down`` meanwhile and ``up`` after.
+
+systemd watchdog: ``WATCHDOG=1`` is sent from the acquisition loop only, after a camera
+call *returned*: a frame, a short wait within ``frame_timeout_s`` (or any wait for a
+triggered camera, ``frame_timeout_s: null``: an idle line is not a fault), or a
+reopen attempt. So a call that never returns (a wedged GenTL producer, a stuck driver)
+stops the keep-alives and systemd restarts the process, while an unplugged camera
+does not: a restart cannot plug it back in, and a restart loop would end in systemd's
+start limit, leaving the unit failed when the camera returns. A producer that reopens
+fine but never delivers (``max_silent_reopens`` times in a row) makes linecam exit with
+code 4 so that systemd restarts it in a fresh process.
 """
 
 from __future__ import annotations
@@ -106,9 +122,26 @@ class Daemon:
                                           jpeg_quality=cfg.output.jpeg_quality)
                            if cfg.output.snapshots else None)
         self._camera_state = "up"
+        # The line's frame layout: size from the config or the first frame; layout
+        # (channels, dtype, bit depth) from the first frame.
+        fs = cfg.runtime.frame_size
+        self._frame_size: tuple[int, int] | None = (int(fs[0]), int(fs[1])) if fs is not None else None
+        self._frame_layout: tuple[int, str, int] | None = None
+        self._crop = man.preprocess.crop
+        self._last_warn: dict[str, float] = {}
+        self._warn_lock = threading.Lock()
+        if hasattr(publisher, "on_spool_drop"):
+            publisher.on_spool_drop = self._on_spool_drop
         self._ready_sent = False
         self._waiting_said = False
         self._t_start = time.monotonic()
+        self._wd_interval = 5.0
+        self._last_wd = 0.0
+        self._last_done = time.monotonic()  # a worker last finished a frame (watchdog: inference alive)
+        #: Set by the service when the camera could not be opened at start (absent, busy):
+        #: acquisition then begins with a reconnect.
+        self.initial_camera_fault: str | None = None
+        self._stall_said = False
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -130,6 +163,24 @@ class Daemon:
                                frame_clock=frame.clock, frame_mono_ns=frame.host_ns,
                                latency_ms={"total": round(total, 3)}, model=self.model_info, reason=reason)
         self.publisher.publish(self.topics.verdict, msg, qos=1)
+
+    def _warn(self, kind: str, every_s: float, fmt: str, *args: Any) -> bool:
+        """Log at most once per ``every_s`` per kind (a bad camera setting hits every frame)."""
+        now = time.monotonic()
+        with self._warn_lock:
+            if now - self._last_warn.get(kind, -1e18) < every_s:
+                return False
+            self._last_warn[kind] = now
+        logger.warning(fmt, *args)
+        return True
+
+    def _on_spool_drop(self, n: int, total: int) -> None:
+        """The full spool dropped its oldest unsent messages (called from the spool thread)."""
+        self.counters.set("spool_dropped", total)
+        if self._warn("spool_drop_status", 10.0, "spool full: %d oldest unsent message(s) dropped (%d in total)",
+                      n, total):
+            self._publish_status("degraded", detail=f"spool full: dropped the {n} oldest unsent message(s), "
+                                                    f"{total} in total; raise spool.max_rows / spool.max_mb")
 
     def _publish_status(self, state: str, detail: str | None = None) -> None:
         c = self.counters.snapshot()
@@ -199,6 +250,7 @@ class Daemon:
                 self._publish_skipped(frame, "processing_error")
             finally:
                 counters.inc("frames")
+                self._last_done = time.monotonic()
 
     def _publish_defect(self, work: _NgWork, snapshot: str | None) -> None:
         f = work.frame
@@ -241,6 +293,10 @@ class Daemon:
                 fds = proc.num_fds()
             except Exception:  # not on every OS
                 fds = -1
+            spool = getattr(self.publisher, "spool_stats", lambda: None)()
+            if spool is not None:
+                c.update(spool_rows=spool.rows, spool_dropped=spool.dropped, spool_resent=spool.resent,
+                         spool_rejected=spool.rejected, spool_errors=spool.errors)
             msg = messages.metrics(**self._common(), interval_s=interval, counters=c, fps=round(fps, 2),
                                    latency_ms=self.stats.summary(),
                                    queue_depth={"inference": self._in_q.qsize(), "snapshots": self._snap_q.qsize()},
@@ -252,7 +308,49 @@ class Daemon:
                                  f"{c.get('skipped', 0)} skipped, camera {self._camera_state}")
 
     # -- acquisition ---------------------------------------------------------------------
+    def _frame_problem(self, frame: Frame) -> tuple[str, str] | None:
+        """(reason, one line) when the model must not judge this frame, else None."""
+        invalid = frame.meta.get("invalid") if frame.meta else None
+        if invalid:  # the source got a buffer it could not convert
+            return "wrong_pixel_format", str(invalid)
+        img = frame.image
+        if (not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] not in (1, 3)
+                or img.dtype not in (np.uint8, np.uint16) or not 1 <= frame.bit_depth <= img.dtype.itemsize * 8
+                or (img.shape[2] == 3 and img.dtype != np.uint8) or 0 in img.shape):
+            what = (f"{img.shape} {img.dtype}, bit_depth {frame.bit_depth}" if isinstance(img, np.ndarray)
+                    else type(img).__name__)
+            return "wrong_pixel_format", (f"image {what} is not (H, W, 1) uint8/uint16 or (H, W, 3) uint8: "
+                                          "check the camera's pixel_format")
+        layout = (int(img.shape[2]), str(img.dtype), int(frame.bit_depth))
+        if self._frame_layout is None:
+            self._frame_layout = layout
+        elif layout != self._frame_layout:
+            c, d, b = self._frame_layout
+            return "wrong_pixel_format", (f"{img.shape[2]} channel(s) {img.dtype} {frame.bit_depth}-bit, but this "
+                                          f"line started with {c} channel(s) {d} {b}-bit: was the camera's "
+                                          "PixelFormat changed? restart linecam after a deliberate change")
+        h, w = int(img.shape[0]), int(img.shape[1])
+        if self._frame_size is None:
+            self._frame_size = (w, h)
+        if (w, h) != self._frame_size:
+            ew, eh = self._frame_size
+            return "wrong_frame_size", (f"{w}x{h}, but this line expects {ew}x{eh} (runtime.frame_size or the "
+                                        "first frame): was the camera's ROI changed?")
+        crop = self._crop
+        if crop is not None and (crop.left + crop.width > w or crop.top + crop.height > h):
+            return "wrong_frame_size", (f"{w}x{h} is too small for the bundle's crop {crop.width}x{crop.height} at "
+                                        f"({crop.left}, {crop.top}): use the camera ROI the model was made for")
+        return None
+
     def _enqueue(self, frame: Frame) -> None:
+        problem = self._frame_problem(frame)
+        if problem is not None:
+            reason, why = problem
+            n = self.counters.inc(f"skipped_{reason}")
+            self._warn(reason, 10.0, "frame %d skipped (%s so far): %s", frame.frame_id, n, why)
+            self._publish_skipped(frame, reason)
+            self.counters.inc("frames")
+            return
         try:
             self._in_q.put_nowait(frame)
             return
@@ -290,53 +388,108 @@ class Daemon:
         self._publish_status("running")
         logger.info("running: camera %s up, broker connected", self.source.name)
 
-    def _reconnect_camera(self, err: Exception) -> bool:
-        """Camera fault: report it, then reopen with backoff until it works or we stop."""
+    def _feed_watchdog(self) -> None:
+        now = time.monotonic()
+        if now - self._last_wd < self._wd_interval:
+            return
+        if self._in_q.qsize() and now - self._last_done > self.cfg.runtime.inference_timeout_s:
+            # Frames wait and no worker finished one for that long: inference hangs (GPU,
+            # driver). Starve the watchdog so that systemd restarts us.
+            if not self._stall_said:
+                self._stall_said = True
+                logger.error("inference has not finished a frame for %.0f s with %d frame(s) waiting: "
+                             "no more watchdog keep-alives", now - self._last_done, self._in_q.qsize())
+            return
+        self._stall_said = False
+        self.notifier.watchdog()
+        self._last_wd = now
+
+    def _close_source(self) -> None:
+        try:
+            self.source.close()
+        except Exception as e:  # a dead link may refuse a clean close: reopen anyway
+            logger.warning("closing camera %s after a fault failed: %s", self.source.name, e)
+
+    def _reconnect_camera(self, why: str) -> bool:
+        """Camera fault: say so (status camera_state down), tear the source down and reopen
+        it with back-off until it works (True) or we are asked to stop (False)."""
+        name = self.source.name
         self._camera_state = "down"
         self.counters.inc("camera_faults")
-        logger.error("camera fault: %s", err)
-        self._publish_status("degraded", detail=str(err))
-        delay = 1.0
+        logger.error("camera %s fault: %s; reconnecting", name, why)
+        self._publish_status("degraded", detail=f"camera down: {why}")
+        self.notifier.status(f"camera {name} down ({why}); reconnecting")
+        lo, hi = self.cfg.runtime.reconnect_delay_s
+        delay = lo
         while not self._stop.is_set():
-            try:
-                self.source.close()
-            except Exception:
-                logger.debug("close after fault failed", exc_info=True)
-            if self._stop.wait(delay):
-                return False
+            self._close_source()
+            deadline = time.monotonic() + delay
+            while (left := deadline - time.monotonic()) > 0:
+                # Waiting is progress: keep systemd's watchdog fed (a restart cannot plug a cable in).
+                self._feed_watchdog()
+                if self._stop.wait(min(left, self._wd_interval)):
+                    return False
             try:
                 self.source.open()
-            except CameraError as e:
-                logger.warning("camera still down (%s); retrying in %.0f s", e, min(delay * 2, 30))
-                delay = min(delay * 2, 30.0)
+            except Exception as e:  # CameraError, or whatever a driver raises on a half-dead link
+                self.counters.inc("camera_reopen_failures")
+                delay = min(delay * 2, hi)
+                logger.warning("camera %s still down (%s); next try in %.1f s", name, e, delay)
+                self._feed_watchdog()
                 continue
             self._camera_state = "up"
             self.counters.inc("camera_reconnects")
-            logger.info("camera %s back up", self.source.name)
+            logger.info("camera %s back up", name)
             self._publish_status("running", detail="camera reconnected")
             return True
         return False
 
     def _acquire(self) -> None:
-        src, notifier = self.source, self.notifier
-        wd_interval = notifier.watchdog_interval_s or 5.0
-        last_wd = 0.0
+        src = self.source
+        rt = self.cfg.runtime
+        frame_timeout = rt.frame_timeout_s
+        self._wd_interval = self.notifier.watchdog_interval_s or 5.0
+        self._last_wd = 0.0
+        # A read may wait this long: never longer than one keep-alive interval.
+        read_timeout = min(0.5, self._wd_interval)
         last_ready_check = 0.0
+        last_frame = time.monotonic()  # of the last frame, or of the last (re)open
+        silent_reopens = 0  # reopens in a row after which no frame came
+        reopened = False
+        if self.initial_camera_fault is not None:
+            if not self._reconnect_camera(self.initial_camera_fault):
+                return
+            last_frame, reopened = time.monotonic(), True
         while not self._stop.is_set():
             try:
-                frame = src.read(timeout=0.5)
+                frame = src.read(timeout=read_timeout)
             except SourceExhausted:
                 logger.info("source %s exhausted", src.name)
                 break
-            except CameraError as e:
-                if not self._reconnect_camera(e):
+            except Exception as e:  # CameraError, or a driver's own exception on a dead link
+                why = str(e) if isinstance(e, CameraError) else f"{type(e).__name__}: {e}"
+                if not self._reconnect_camera(why):
                     break
+                last_frame, reopened = time.monotonic(), True
                 continue
             now = time.monotonic()
-            # The watchdog is fed from here so a wedged acquisition stops feeding it.
-            if now - last_wd >= wd_interval:
-                notifier.watchdog()
-                last_wd = now
+            if frame is not None:
+                last_frame, silent_reopens, reopened = now, 0, False
+            elif frame_timeout is not None and now - last_frame > frame_timeout:
+                if reopened:
+                    silent_reopens += 1
+                    if silent_reopens >= rt.max_silent_reopens:
+                        raise CameraError(
+                            f"camera {src.name} was reopened {silent_reopens} times but delivers no frames "
+                            "(GenTL producer soft-locked?): exiting so that systemd restarts linecam"
+                        )
+                if not self._reconnect_camera(f"no frame for {frame_timeout:g} s"):
+                    break
+                last_frame, reopened = time.monotonic(), True
+                continue
+            # The read returned (a frame, or a wait still within frame_timeout / a triggered
+            # camera's idle line): the loop is not wedged.
+            self._feed_watchdog()
             if now - last_ready_check >= 0.2:
                 last_ready_check = now
                 self._maybe_ready()

@@ -1,10 +1,14 @@
 """MQTT publishing for the daemon: paho-mqtt 2.x on its own network thread.
 
 The broker may be down at start and may go away at any time: the publisher never
-raises because of that. paho reconnects by itself (1 s .. 30 s back-off) and keeps
-QoS 1 messages in memory meanwhile (up to ``max_queued``); QoS 0 ones (metrics) are
-dropped while disconnected. A crash loses that in-memory queue; the durable spool
-(a later issue) slots in behind :meth:`MqttPublisher._send`.
+raises because of that. paho reconnects by itself (1 s .. 30 s back-off); QoS 0
+messages (metrics) are dropped while disconnected.
+
+With a spool (``spool=SpoolSettings(...)``, what the daemon uses), every QoS 1
+non-retained message (verdict, defect, description) is written to a durable SQLite
+spool first and deleted only on the broker's PUBACK; leftovers are re-sent at the next
+start (see :mod:`linecam.runtime.spool`). Without one, paho keeps QoS 1 messages in
+memory while the broker is away (up to ``max_queued``) and a crash loses them.
 
 Status is retained, with a Last Will ``online: false`` so subscribers learn about a
 crash or a cut cable. Because the broker publishes that Will on every unclean
@@ -22,7 +26,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from linecam import messages
 from linecam.errors import ConfigError
+from linecam.runtime.spool import Spool, SpoolForwarder, SpoolSettings, SpoolStats
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,49 @@ _FATAL_CONNACK = {
 
 #: Minimum seconds between two repeated warnings of one kind (the broker can be down for hours).
 _WARN_EVERY_S = 10.0
+
+#: Minimum seconds between two TLS diagnostic handshakes after failed connects.
+_TLS_PROBE_EVERY_S = 30.0
+
+#: TLS alerts by which a broker refuses our client certificate.
+_CLIENT_CERT_REFUSED = frozenset({
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED",
+})
+
+
+def tls_problem(s: MqttSettings, timeout: float = 3.0) -> str | None:
+    """One line saying why a TLS session with the broker cannot work (it does not present a
+    certificate we trust, or it refuses ours), or None (fine, or merely unreachable)."""
+    import socket
+    import ssl
+
+    try:
+        ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+        if s.cert_file is not None:
+            ctx.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
+    except (OSError, ValueError) as e:
+        return f"files cannot be loaded ({e}): check mqtt.ca_file / cert_file / key_file"
+    try:
+        with socket.create_connection((s.host, s.port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=s.host) as tls:
+                tls.settimeout(0.5)
+                try:
+                    tls.recv(1)  # TLS 1.3: a refused client certificate arrives as an alert here
+                except (socket.timeout, TimeoutError):
+                    pass
+    except ssl.SSLCertVerificationError as e:
+        return (f"certificate not trusted ({e.verify_message}): check mqtt.ca_file, and that the broker's "
+                f"certificate names {s.host}")
+    except ssl.SSLError as e:
+        if e.reason in _CLIENT_CERT_REFUSED:
+            return (f"client certificate refused by the broker ({e.reason}): check mqtt.cert_file / key_file "
+                    "against the CA the broker trusts")
+        return None
+    except OSError:
+        return None
+    return None
 
 
 def _not_paho_noise(record: logging.LogRecord) -> bool:
@@ -122,13 +170,16 @@ class MqttSettings(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class PublisherStats:
-    """Counts since start. ``published`` = accepted (sent or queued), ``acked`` = confirmed
-    by the broker (QoS 1 PUBACK; QoS 0 when written), ``failed`` = never going out."""
+    """Counts since start. ``published`` = accepted (sent or queued; with a spool: committed
+    to it, plus the leftovers of a previous run), ``acked`` = confirmed by the broker (QoS 1
+    PUBACK; QoS 0 when written), ``failed`` = never going out (including messages the full
+    spool dropped), ``spooled`` = messages waiting in the spool."""
 
     published: int
     acked: int
     failed: int
     rejected: int
+    spooled: int = 0
 
     @property
     def pending(self) -> int:
@@ -145,7 +196,11 @@ class MqttPublisher:
         camera: str,
         version: str,
         model: Mapping[str, Any] | None = None,
+        *,
+        spool: SpoolSettings | None = None,
     ) -> None:
+        """``spool``: store-and-forward settings with ``path`` set (None or ``enabled: false``:
+        paho's in-memory queue only)."""
         self.settings = settings
         self.line, self.camera = line, camera
         self.version, self.model = version, (dict(model) if model is not None else None)
@@ -166,8 +221,20 @@ class MqttPublisher:
         self._started = False
         self._stopped = False
         self._last_warn: dict[str, float] = {}
+        self._last_tls_probe = -1e18
         self._connected = threading.Event()
         self._client = self._make_client()
+        #: Called with (n dropped now, total) when the full spool drops its oldest messages.
+        self.on_spool_drop: Callable[[int, int], None] | None = None
+        self._forwarder: SpoolForwarder | None = None
+        if spool is not None and spool.enabled:
+            if spool.path is None:
+                raise ValueError("SpoolSettings.path must be set (LinecamConfig.spool_settings() does it)")
+            store = Spool(spool.path, max_rows=spool.max_rows, max_bytes=int(spool.max_mb * 1e6), sync=spool.sync)
+            self._forwarder = SpoolForwarder(
+                store, self._hand_over, self._connected.is_set, window=spool.window,
+                resend_after_s=spool.resend_after_s, direct_ack=self._count_ack, on_drop=self._spool_dropped,
+            )
 
     # -- construction ------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -213,7 +280,19 @@ class MqttPublisher:
 
     def stats(self) -> PublisherStats:
         with self._cond:
-            return PublisherStats(self._published, self._acked, self._failed, self._rejected)
+            direct = (self._published, self._acked, self._failed, self._rejected)
+        f = self._forwarder
+        if f is None:
+            return PublisherStats(*direct)
+        return PublisherStats(
+            published=direct[0] + f.inserted + f.leftover_at_start - f.dropped,
+            acked=direct[1] + f.acked, failed=direct[2] + f.dropped, rejected=direct[3] + f.rejected,
+            spooled=f.pending,
+        )
+
+    def spool_stats(self) -> SpoolStats | None:
+        """The spool's counters, or None without a spool."""
+        return None if self._forwarder is None else self._forwarder.stats()
 
     def start(self) -> None:
         """Connect in the background; returns at once (the broker may be down)."""
@@ -221,6 +300,8 @@ class MqttPublisher:
             return
         self._started = True
         s = self.settings
+        if self._forwarder is not None:
+            self._forwarder.start()
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
         self._client.loop_start()
         logger.info("MQTT publisher for %s starting (broker %s, MQTT %s)", self.topics.prefix, self.address, s.protocol)
@@ -270,24 +351,31 @@ class MqttPublisher:
 
     def stop(self, drain_timeout: float = 5.0) -> None:
         """Publish ``online: false`` (retained), wait up to ``drain_timeout`` s for unacked
-        messages, then disconnect cleanly (so the broker does not send the Will)."""
-        if not self._started or self._stopped:
+        messages, then disconnect cleanly (so the broker does not send the Will). What is
+        still unconfirmed then stays in the spool for the next start (without a spool: lost)."""
+        if self._stopped:
             return
         self._stopped = True
+        if not self._started:
+            if self._forwarder is not None:
+                self._forwarder.close()
+            return
         with self._status_lock:
             last = self._last_status
         fields = dict(fps=None, frames=None, ng=None, dropped=None)
         if last is not None:
             fields = {k: last.get(k) for k in fields}
         self._closing = True
+        fwd = self._forwarder
         if self._fatal_error is None:
             self.publish_status(
                 online=False, state="stopped", camera_state="unknown", detail="stopped", **fields
             )
             deadline = time.monotonic() + drain_timeout
             with self._cond:
-                while self._published > self._acked and time.monotonic() < deadline:
-                    self._cond.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
+                while time.monotonic() < deadline and (
+                        self._published > self._acked or (fwd is not None and fwd.pending > 0)):
+                    self._cond.wait(min(0.05, max(deadline - time.monotonic(), 0.0)))
                 pending = self._published - self._acked
             if pending:
                 logger.warning(
@@ -297,11 +385,20 @@ class MqttPublisher:
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
+        if fwd is not None:
+            fwd.close()
+            if fwd.spool.rows:
+                logger.warning("%d message(s) not confirmed by broker %s stay in the spool %s; they are sent "
+                               "at the next start", fwd.spool.rows, self.address, fwd.spool.path)
         logger.info("MQTT publisher stopped: %s", self.stats())
 
     # -- internals -----------------------------------------------------------------------
     def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> MQTTErrorCode | None:
-        """The one place a message leaves us (the seam for the durable spool)."""
+        """The one place a message leaves us: QoS >= 1 non-retained ones into the spool
+        (when there is one), everything else straight to paho."""
+        if self._forwarder is not None and qos > 0 and not retain:
+            self._forwarder.submit(topic, payload, qos)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
         # Count before handing over: paho may confirm (on_publish) before publish() returns.
         with self._cond:
             self._published += 1
@@ -321,6 +418,16 @@ class MqttPublisher:
             self._failed += 1
         self._warn(f"drop:{qos}", "MQTT message(s) to %s dropped: %s (%d dropped so far)", topic, why, self._failed)
         return rc
+
+    def _hand_over(self, topic: str, payload: bytes, qos: int) -> tuple[MQTTErrorCode, int, Any]:
+        """The spool forwarder's way into paho (its thread only)."""
+        info = self._client.publish(topic, payload, qos=qos, retain=False)
+        return info.rc, info.mid, info
+
+    def _spool_dropped(self, n: int, total: int) -> None:
+        cb = self.on_spool_drop
+        if cb is not None:
+            cb(n, total)
 
     def _warn(self, kind: str, fmt: str, *args: Any) -> None:
         now = time.monotonic()
@@ -356,8 +463,12 @@ class MqttPublisher:
                 )
             self._status_queued = False
         self._connected.set()
+        if self._forwarder is not None:
+            self._forwarder.on_connected()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        if self._tls_refused(client):
+            return
         self._warn("unreachable", "broker %s unreachable, retrying", self.address)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -365,16 +476,43 @@ class MqttPublisher:
         self._connected.clear()
         if was_connected and not self._closing:
             logger.warning("lost connection to broker %s (%s), retrying", self.address, reason_code)
+        elif not was_connected and not self._closing:
+            # Dropped before CONNACK: with TLS 1.3 that is how a refused client certificate shows.
+            self._tls_refused(client)
+
+    def _tls_refused(self, client: mqtt.Client) -> bool:
+        """paho does not say why a connection failed. With TLS, find out once in a while with
+        a handshake of our own: a broker we do not trust, or one that refuses our certificate,
+        is a configuration problem like a wrong password (fatal, one line), not 'down'."""
+        if not self.settings.tls or self._fatal_error is not None or self._closing:
+            return False
+        now = time.monotonic()
+        if now - self._last_tls_probe < _TLS_PROBE_EVERY_S:
+            return False
+        self._last_tls_probe = now
+        why = tls_problem(self.settings)
+        if why is None:
+            return False
+        self._fatal_error = f"MQTT broker {self.address}: TLS {why}"
+        logger.error(self._fatal_error)
+        client.disconnect()  # stop paho's reconnect loop: retrying cannot help
+        return True
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         rejected = bool(getattr(reason_code, "is_failure", False))
+        if rejected:
+            self._warn("rejected", "broker %s rejected a message (%s): check its ACLs", self.address, reason_code)
+        if self._forwarder is not None:
+            self._forwarder.on_ack(mid, rejected)  # it tells spooled acks from direct ones
+        else:
+            self._count_ack(rejected)
+
+    def _count_ack(self, rejected: bool) -> None:
         with self._cond:
             self._acked += 1
             if rejected:
                 self._rejected += 1
             self._cond.notify_all()
-        if rejected:
-            self._warn("rejected", "broker %s rejected a message (%s): check its ACLs", self.address, reason_code)
 
     def __repr__(self) -> str:
         return (

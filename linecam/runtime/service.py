@@ -1,9 +1,12 @@
 """Start-up and shut-down around :class:`~linecam.runtime.daemon.Daemon` (``linecam run``).
 
 Order matters: the bundle is verified before anything else (never run a model that
-failed its checks), the camera is opened before signal handlers are installed
-(harvesters installs its own SIGINT handler in ``create()``), and the broker may be
-down at start: the publisher keeps retrying while frames are already inspected.
+failed its checks), the camera is opened before signal handlers are installed (a
+camera that is merely absent or busy at start is retried by the daemon, see
+``CameraUnavailable``), and the broker may be
+down at start: the publisher keeps retrying while frames are already inspected, and
+QoS 1 messages wait in the durable spool (``spool:``; leftovers of a previous run are
+sent first).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Callable
 from linecam import __version__
 from linecam.bundle import load_bundle
 from linecam.config import LinecamConfig
+from linecam.errors import CameraError
 from linecam.runtime.backends import make_runner
 from linecam.runtime.daemon import Daemon, RunSummary, open_source
 from linecam.runtime.publisher import MqttPublisher
@@ -28,13 +32,24 @@ def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None =
     bundle = load_bundle(cfg.model.bundle)
     runner = make_runner(bundle, cfg.model.backend, cfg.model.precision, cfg.model.intra_op_threads)
     source = open_source(cfg.camera)
-    source.open()
+    camera_fault = None
+    try:
+        source.open()
+    except CameraError as e:
+        if not getattr(e, "transient", False):  # no .cti, a setting the camera refuses ...
+            raise
+        # Absent or busy right now (powered up after this PC, still booting): the daemon
+        # starts with camera_state down and keeps trying, rather than exiting into a restart loop.
+        camera_fault = str(e)
+        logger.error("camera not available at start: %s; retrying", e)
     publisher = None
     try:
         model = {"name": bundle.manifest.name, "sha256": bundle.model_sha256, "file": runner.role}
-        publisher = MqttPublisher(cfg.mqtt, cfg.line, cfg.camera_id, __version__, model)
+        publisher = MqttPublisher(cfg.mqtt, cfg.line, cfg.camera_id, __version__, model,
+                                  spool=cfg.spool_settings())
         publisher.start()
         daemon = Daemon(cfg, source, bundle, runner, publisher, Notifier.from_env())
+        daemon.initial_camera_fault = camera_fault
         if threading.current_thread() is threading.main_thread():
             def _on_signal(signum: int, _frame: object) -> None:
                 logger.info("%s received: draining queues and stopping", signal.Signals(signum).name)
