@@ -124,6 +124,26 @@ class OutputConfig(_Strict):
     snapshots: bool = True
 
 
+class VlmConfig(_Strict):
+    """The compact VLM that describes NG frames (off unless ``bundle`` is set).
+
+    It runs in its own thread at a lower CPU priority and never delays verdicts; when
+    the line outruns it, the backlog policy decides which defects wait (see README)."""
+
+    bundle: Path | None = None
+    precision: Literal["fp32", "fp16", "int8", "int4"] = "int8"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    intra_op_threads: int = Field(default=1, ge=0)
+    backlog: int = Field(default=4, ge=1, le=1024)
+    policy: Literal["newest_first", "skip"] = "newest_first"
+    max_new_tokens: int = Field(default=48, ge=1, le=1024)
+    #: ``str.format`` templates (see linecam/runtime/vlm/prompt.py for the fields); None = default.
+    template: str | None = None
+    region_template: str | None = None
+    crop_margin: float = Field(default=0.5, ge=0)
+    nice: int = Field(default=10, ge=0, le=19)
+
+
 class LinecamConfig(_Strict):
     line: Annotated[str, Field(pattern=_ID)] = "line1"
     camera_id: Annotated[str, Field(pattern=_ID)] = "cam0"
@@ -134,6 +154,7 @@ class LinecamConfig(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    vlm: VlmConfig = Field(default_factory=VlmConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("camera", mode="before")
@@ -191,6 +212,7 @@ def _resolve_paths(cfg: LinecamConfig, base: Path) -> LinecamConfig:
     cfg.model.bundle = fix(cfg.model.bundle)  # type: ignore[assignment]
     cfg.output.snapshots_dir = fix(cfg.output.snapshots_dir)
     cfg.spool.path = fix(cfg.spool.path)
+    cfg.vlm.bundle = fix(cfg.vlm.bundle)
     if isinstance(cfg.camera, ReplayCamera):
         cfg.camera.path = fix(cfg.camera.path)  # type: ignore[assignment]
     if isinstance(cfg.camera, GenICamCamera) and cfg.camera.cti != "viky":

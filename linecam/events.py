@@ -35,7 +35,7 @@ from linecam.runtime.publisher import paho_logger
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TYPES: tuple[str, ...] = ("verdict", "defect", "status")
+DEFAULT_TYPES: tuple[str, ...] = ("verdict", "defect", "status", "description")
 
 #: Called with (topic, raw payload, why) for a message that is not JSON or not valid.
 InvalidHandler = Callable[[str, bytes, str], None]
@@ -267,6 +267,7 @@ class EventTable:
         self.max_rows = rows
         self._rows: OrderedDict[str, dict[str, Any]] = OrderedDict()  # verdict event_id -> row
         self._status: dict[str, str] = {}
+        self._by_defect: dict[str, str] = {}  # defect event_id -> verdict event_id (to place descriptions)
         self.counts = {"OK": 0, "NG": 0, "SKIPPED": 0}
 
     def add(self, ev: Event) -> None:
@@ -275,13 +276,21 @@ class EventTable:
         if ev.type == "verdict":
             v = str(p.get("verdict"))
             self.counts[v] = self.counts.get(v, 0) + 1
-            self._rows[str(p.get("event_id"))] = {"cam": cam, "p": p, "snapshot": None}
+            self._rows[str(p.get("event_id"))] = {"cam": cam, "p": p, "snapshot": None, "desc": None}
             while len(self._rows) > self.max_rows:
                 self._rows.popitem(last=False)
+            while len(self._by_defect) > 4 * self.max_rows:
+                self._by_defect.pop(next(iter(self._by_defect)))
         elif ev.type == "defect":
             row = self._rows.get(str(p.get("verdict_event_id")))
             if row is not None:
                 row["snapshot"] = p.get("snapshot") or "-"
+                self._by_defect[str(p.get("event_id"))] = str(p.get("verdict_event_id"))
+        elif ev.type == "description":
+            # Joined on the defect's event id: the description shows under its defect's verdict.
+            row = self._rows.get(self._by_defect.get(str(p.get("defect_event_id")), ""))
+            if row is not None:
+                row["desc"] = p.get("text") if p.get("status") == "ok" else f"({p.get('status')}: {p.get('reason')})"
         elif ev.type == "status":
             online = "online" if p.get("online") else "OFFLINE"
             detail = f" ({p['detail']})" if p.get("detail") else ""
@@ -312,6 +321,8 @@ class EventTable:
                 str(p.get("n_regions", 0)) if v != "SKIPPED" else (p.get("reason") or "-"),
                 row["snapshot"] or "",
             )
+            if row["desc"]:
+                t.add_row("", "", "", "", "", "", f"[italic]↳ {row['desc']}[/]")
         return t
 
 

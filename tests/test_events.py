@@ -203,3 +203,27 @@ def _wait(pred, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def test_event_table_shows_description_under_its_defect():
+    from rich.console import Console
+
+    from linecam.events import Event, EventTable
+
+    def ev(kind, **p):
+        return Event(f"linecam/l/c/{kind}", kind, {"line": "l", "camera": "c", **p}, False, 0)
+
+    table = EventTable(rows=5)
+    table.add(ev("verdict", event_id="v1", frame_id=7, verdict="NG", score=2.0, latency_ms={"total": 5.0},
+                 n_regions=1))
+    table.add(ev("verdict", event_id="v2", frame_id=8, verdict="OK", score=0.2, latency_ms={"total": 5.0}))
+    table.add(ev("defect", event_id="d1", verdict_event_id="v1", snapshot="/s/7.jpg"))
+    table.add(ev("description", defect_event_id="d1", status="ok", text="scratch on the upper edge"))
+    table.add(ev("description", defect_event_id="unknown", status="ok", text="belongs to nothing"))
+    console = Console(width=200, record=True)
+    console.print(table.render())
+    out = console.export_text()
+    lines = out.splitlines()
+    i_ng = next(i for i, ln in enumerate(lines) if " 7 " in ln and "NG" in ln)
+    assert "scratch on the upper edge" in lines[i_ng + 1]  # right under its verdict row
+    assert "belongs to nothing" not in out

@@ -99,13 +99,18 @@ class Daemon:
     """Owns the queues and threads for one camera. ``run()`` blocks until stopped."""
 
     def __init__(self, cfg: LinecamConfig, source: FrameSource, bundle: Bundle, runner: Runner,
-                 publisher: Any, notifier: Notifier | None = None) -> None:
+                 publisher: Any, notifier: Notifier | None = None, describer: Any | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.bundle = bundle
         self.runner = runner
         self.publisher = publisher
         self.notifier = notifier or Notifier.from_env()
+        #: Optional VLM :class:`~linecam.runtime.vlm.worker.DescriptionWorker`, started by the caller.
+        self.describer = describer
+        #: Set when a finite source ended by itself: then pending descriptions are finished,
+        #: while on SIGTERM they are published as skipped (bounded stop time).
+        self._exhausted = False
         man = bundle.manifest
         self.image_threshold = cfg.thresholds.image if cfg.thresholds.image is not None else man.thresholds.image
         self.pixel_threshold = cfg.thresholds.pixel if cfg.thresholds.pixel is not None else man.thresholds.pixel
@@ -260,6 +265,11 @@ class Daemon:
                               snapshot=snapshot, frame_ts_ns=f.timestamp_ns, frame_clock=f.clock,
                               model=self.model_info)
         self.publisher.publish(self.topics.defect, msg, qos=1)
+        if self.describer is not None:
+            # Never blocks: the worker copies a crop and queues it (or publishes a skip).
+            self.describer.submit(f.image, work.regions, msg["event_id"], frame_id=f.frame_id,
+                                  verdict_event_id=work.verdict_event_id, threshold=self.image_threshold,
+                                  bit_depth=f.bit_depth)
 
     def _snapshot_worker(self) -> None:
         while True:
@@ -286,6 +296,8 @@ class Daemon:
         last_frames, last_t = 0, time.monotonic()
         while not self._stop.wait(interval):
             c = self.counters.snapshot()
+            if self.describer is not None:
+                c.update({f"vlm_{k}": v for k, v in self.describer.counters.items()})
             now = time.monotonic()
             fps = (c.get("frames", 0) - last_frames) / max(now - last_t, 1e-6)
             last_frames, last_t = c.get("frames", 0), now
@@ -465,6 +477,7 @@ class Daemon:
                 frame = src.read(timeout=read_timeout)
             except SourceExhausted:
                 logger.info("source %s exhausted", src.name)
+                self._exhausted = True
                 break
             except Exception as e:  # CameraError, or a driver's own exception on a dead link
                 why = str(e) if isinstance(e, CameraError) else f"{type(e).__name__}: {e}"
@@ -528,3 +541,5 @@ class Daemon:
         self._snap_q.put(_STOP)
         for t in self._threads:
             t.join()
+        if self.describer is not None:
+            self.describer.stop(drain=self._exhausted)

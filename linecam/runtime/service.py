@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Callable
 
-from linecam import __version__
+from linecam import __version__, messages
 from linecam.bundle import load_bundle
 from linecam.config import LinecamConfig
 from linecam.errors import CameraError
@@ -28,9 +28,36 @@ from linecam.runtime.sdnotify import Notifier
 logger = logging.getLogger(__name__)
 
 
+def make_describer(cfg: LinecamConfig, publish: Callable[[dict], None]):
+    """The VLM description worker the config asks for (None without ``vlm.bundle``).
+
+    The bundle is verified here, before the camera opens; the engine itself is built in
+    the worker's thread after it lowered its CPU priority (``vlm.nice``)."""
+    v = cfg.vlm
+    if v.bundle is None:
+        return None
+    from linecam.runtime.vlm.bundle import load_vlm_bundle
+    from linecam.runtime.vlm.engine import VlmEngine
+    from linecam.runtime.vlm.prompt import PromptConfig, RegionPromptBuilder
+    from linecam.runtime.vlm.worker import DescriptionWorker
+
+    vb = load_vlm_bundle(v.bundle)
+    prompt = {k: val for k, val in (("template", v.template), ("region_template", v.region_template))
+              if val is not None}
+    builder = RegionPromptBuilder(PromptConfig(margin=v.crop_margin, **prompt))
+    return DescriptionWorker(
+        lambda: VlmEngine(vb, precision=v.precision, device=v.device, intra_op_threads=v.intra_op_threads),
+        publish, line=cfg.line, camera=cfg.camera_id, prompt_builder=builder, backlog=v.backlog,
+        policy=v.policy, max_new_tokens=v.max_new_tokens, nice=v.nice,
+        model_info={"name": vb.manifest.name, "sha256": vb.model_sha256, "file": f"vlm_{v.precision}"})
+
+
 def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None = None) -> RunSummary:
     bundle = load_bundle(cfg.model.bundle)
     runner = make_runner(bundle, cfg.model.backend, cfg.model.precision, cfg.model.intra_op_threads)
+    topics = messages.topics(cfg.mqtt.topic_prefix or messages.default_prefix(cfg.line, cfg.camera_id))
+    publisher: MqttPublisher | None = None
+    describer = make_describer(cfg, lambda m: publisher.publish(topics.description, m, qos=1))
     source = open_source(cfg.camera)
     camera_fault = None
     try:
@@ -42,13 +69,14 @@ def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None =
         # starts with camera_state down and keeps trying, rather than exiting into a restart loop.
         camera_fault = str(e)
         logger.error("camera not available at start: %s; retrying", e)
-    publisher = None
     try:
         model = {"name": bundle.manifest.name, "sha256": bundle.model_sha256, "file": runner.role}
         publisher = MqttPublisher(cfg.mqtt, cfg.line, cfg.camera_id, __version__, model,
                                   spool=cfg.spool_settings())
         publisher.start()
-        daemon = Daemon(cfg, source, bundle, runner, publisher, Notifier.from_env())
+        if describer is not None:
+            describer.start(wait_ready=True)  # raises if the VLM cannot load: before any verdict
+        daemon = Daemon(cfg, source, bundle, runner, publisher, Notifier.from_env(), describer=describer)
         daemon.initial_camera_fault = camera_fault
         if threading.current_thread() is threading.main_thread():
             def _on_signal(signum: int, _frame: object) -> None:
@@ -67,5 +95,7 @@ def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None =
             source.close()
         except Exception:
             logger.debug("source close failed", exc_info=True)
+        if describer is not None:  # idempotent: the daemon's drain normally stopped it already
+            describer.stop(drain=False, timeout=10)
         if publisher is not None:
             publisher.stop()
