@@ -54,7 +54,8 @@ def make_describer(cfg: LinecamConfig, publish: Callable[[dict], None]):
 
 def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None = None) -> RunSummary:
     bundle = load_bundle(cfg.model.bundle)
-    runner = make_runner(bundle, cfg.model.backend, cfg.model.precision, cfg.model.intra_op_threads)
+    runner = make_runner(bundle, cfg.model.backend, cfg.model.precision, cfg.model.intra_op_threads,
+                         workers=cfg.runtime.workers, cuda_graph=cfg.model.cuda_graph)
     topics = messages.topics(cfg.mqtt.topic_prefix or messages.default_prefix(cfg.line, cfg.camera_id))
     publisher: MqttPublisher | None = None
     describer = make_describer(cfg, lambda m: publisher.publish(topics.description, m, qos=1))
@@ -99,3 +100,4 @@ def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None =
             describer.stop(drain=False, timeout=10)
         if publisher is not None:
             publisher.stop()
+        runner.close()  # device buffers / streams of GPU backends
