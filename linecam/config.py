@@ -15,9 +15,11 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from linecam.camera.linescan import GenICamLineScan, SyntheticWebCamera
 from linecam.errors import ConfigError
 from linecam.runtime.publisher import MqttSettings
 from linecam.runtime.spool import SpoolSettings
+from linecam.runtime.web import LineScanSettings
 
 _ID = r"^[A-Za-z0-9_.-]+$"  # safe inside an MQTT topic level and a file name
 
@@ -41,6 +43,8 @@ class GenICamCamera(_Strict):
     #: Extra GenICam nodes to set at start, e.g. {ExposureTime: 500, AcquisitionFrameRate: 30}.
     features: dict[str, Any] = Field(default_factory=dict)
     fetch_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    #: Line-scan camera settings (line rate, LineStart trigger, encoder); lines per frame = height.
+    linescan: GenICamLineScan | None = None
 
 
 class ReplayCamera(_Strict):
@@ -62,15 +66,21 @@ class SyntheticCamera(_Strict):
     frames: int | None = Field(default=None, gt=0)
 
 
-CameraConfig = Annotated[Union[GenICamCamera, ReplayCamera, SyntheticCamera], Field(discriminator="kind")]
+CameraConfig = Annotated[Union[GenICamCamera, ReplayCamera, SyntheticCamera, SyntheticWebCamera],
+                         Field(discriminator="kind")]
 
 
 class ModelConfig(_Strict):
     bundle: Path
-    backend: Literal["onnxruntime"] = "onnxruntime"
+    #: onnxruntime (CPU, the default: runs anywhere), onnxruntime-cuda, tensorrt (an engine in the
+    #: bundle built on this device), or auto: TensorRT if such an engine exists, else ONNX Runtime
+    #: CUDA if there is a GPU, else CPU; the log says which and why.
+    backend: Literal["onnxruntime", "onnxruntime-cuda", "tensorrt", "auto"] = "onnxruntime"
     precision: Literal["fp32", "fp16", "int8"] | None = None
     #: ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core).
     intra_op_threads: int = Field(default=0, ge=0)
+    #: TensorRT: replay a CUDA graph per frame (lower launch overhead; one graph per input shape).
+    cuda_graph: bool = False
 
 
 class ThresholdsConfig(_Strict):
@@ -154,6 +164,8 @@ class LinecamConfig(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    #: Line-scan mode: tiles, overlap, mm positions, web gaps, web map (linecam.runtime.web).
+    linescan: LineScanSettings = Field(default_factory=LineScanSettings)
     vlm: VlmConfig = Field(default_factory=VlmConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -161,7 +173,7 @@ class LinecamConfig(_Strict):
     @classmethod
     def _camera_kind_first(cls, v: Any) -> Any:
         if isinstance(v, dict) and "kind" not in v:
-            raise ValueError("missing 'kind' (one of: genicam, replay, synthetic)")
+            raise ValueError("missing 'kind' (one of: genicam, replay, synthetic, synthetic_web)")
         return v
 
     def snapshots_dir(self) -> Path:
@@ -212,6 +224,7 @@ def _resolve_paths(cfg: LinecamConfig, base: Path) -> LinecamConfig:
     cfg.model.bundle = fix(cfg.model.bundle)  # type: ignore[assignment]
     cfg.output.snapshots_dir = fix(cfg.output.snapshots_dir)
     cfg.spool.path = fix(cfg.spool.path)
+    cfg.linescan.web_map.dir = fix(cfg.linescan.web_map.dir)
     cfg.vlm.bundle = fix(cfg.vlm.bundle)
     if isinstance(cfg.camera, ReplayCamera):
         cfg.camera.path = fix(cfg.camera.path)  # type: ignore[assignment]

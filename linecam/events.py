@@ -18,7 +18,7 @@ import logging
 import queue
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from linecam.runtime.publisher import paho_logger
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TYPES: tuple[str, ...] = ("verdict", "defect", "status", "description")
+DEFAULT_TYPES: tuple[str, ...] = ("verdict", "defect", "status", "description", "web_defect", "web_gap")
 
 #: Called with (topic, raw payload, why) for a message that is not JSON or not valid.
 InvalidHandler = Callable[[str, bytes, str], None]
@@ -269,6 +269,7 @@ class EventTable:
         self._status: dict[str, str] = {}
         self._by_defect: dict[str, str] = {}  # defect event_id -> verdict event_id (to place descriptions)
         self.counts = {"OK": 0, "NG": 0, "SKIPPED": 0}
+        self._web: deque[tuple[str, dict[str, Any]]] = deque(maxlen=rows)  # line-scan: web defects and gaps
 
     def add(self, ev: Event) -> None:
         p = ev.payload
@@ -291,6 +292,8 @@ class EventTable:
             row = self._rows.get(self._by_defect.get(str(p.get("defect_event_id")), ""))
             if row is not None:
                 row["desc"] = p.get("text") if p.get("status") == "ok" else f"({p.get('status')}: {p.get('reason')})"
+        elif ev.type in ("web_defect", "web_gap"):
+            self._web.append((cam, p))
         elif ev.type == "status":
             online = "online" if p.get("online") else "OFFLINE"
             detail = f" ({p['detail']})" if p.get("detail") else ""
@@ -314,7 +317,7 @@ class EventTable:
             total = (p.get("latency_ms") or {}).get("total")
             t.add_row(
                 row["cam"],
-                str(p.get("frame_id")),
+                _frame_label(p),
                 f"[{_VERDICT_STYLE.get(v, '')}]{v}[/]" if v in _VERDICT_STYLE else v,
                 "-" if score is None else f"{score:.3f}",
                 "-" if total is None else f"{total:.1f}",
@@ -323,7 +326,42 @@ class EventTable:
             )
             if row["desc"]:
                 t.add_row("", "", "", "", "", "", f"[italic]↳ {row['desc']}[/]")
+        if self._web:
+            from rich.console import Group
+
+            return Group(t, _web_table(self._web))
         return t
+
+
+def _frame_label(p: dict[str, Any]) -> str:
+    """The frame id; for a line-scan tile, its id and down-web position."""
+    tile = p.get("tile")
+    if not isinstance(tile, dict):
+        return str(p.get("frame_id"))
+    y0, y1 = tile.get("down_extent_mm") or (0.0, 0.0)
+    return f"tile {p.get('frame_id')} @ {y0:.1f}-{y1:.1f} mm"
+
+
+def _web_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> Any:
+    """Line-scan mode: web defects (positions in mm) and web gaps, latest last."""
+    from rich.table import Table
+
+    t = Table(title="web defects (mm from the run's first line / the web's left edge)", expand=False)
+    for col, just in (("camera", "left"), ("defect", "right"), ("down-web mm", "right"), ("cross-web mm", "right"),
+                      ("size mm (across x along)", "right"), ("score", "right"), ("tiles", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for cam, p in rows:
+        if p.get("type") == "web_gap":
+            missing = p.get("missing_frames")
+            t.add_row(cam, "[yellow]GAP[/]", f"{p.get('from_mm', 0):.1f} - {p.get('to_mm', 0):.1f}", "",
+                      f"{missing} frame(s) lost" if missing is not None else "length unknown", "",
+                      str(p.get("reason")))
+            continue
+        tiles = [str(i) for i in p.get("tile_ids") or []]
+        t.add_row(cam, str(p.get("defect_id")), f"{p.get('down_mm', 0):.1f}", f"{p.get('cross_mm', 0):.1f}",
+                  f"{p.get('width_mm', 0):.1f} x {p.get('length_mm', 0):.1f}", f"{p.get('score', 0):.2f}",
+                  ", ".join(tiles[:6]) + (" ..." if len(tiles) > 6 else ""))
+    return t
 
 
 @click.command("events")

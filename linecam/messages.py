@@ -17,6 +17,8 @@ Topics live under a prefix, by default ``linecam/<line>/<camera>``:
     status    QoS 1, RETAINED; the Last Will is a status with ``online: false``
     metrics   QoS 0, periodic
     description  QoS 1, not retained, one per defect (the VLM's text, joined on defect_event_id)
+    web_defect   QoS 1, not retained, line-scan mode: one per defect on the web (mm positions)
+    web_gap      QoS 1, not retained, line-scan mode: a stretch of web not inspected (frame-id gap)
 
 The JSON Schemas in :mod:`linecam.schemas` are the contract; the builders here are
 the only place that produces these dicts. They coerce numbers to plain ``int`` /
@@ -58,6 +60,9 @@ class Topics:
     metrics: str
     #: VLM descriptions of defects (see :func:`description`).
     description: str
+    #: Line-scan mode: defects on the web in mm (:func:`web_defect`) and web gaps (:func:`web_gap`).
+    web_defect: str = ""
+    web_gap: str = ""
 
 
 def default_prefix(line: str, camera: str) -> str:
@@ -82,6 +87,8 @@ def topics(prefix: str) -> Topics:
         status=f"{p}/status",
         metrics=f"{p}/metrics",
         description=f"{p}/description",
+        web_defect=f"{p}/web_defect",
+        web_gap=f"{p}/web_gap",
     )
 
 
@@ -145,13 +152,16 @@ def verdict(
     model: Mapping[str, Any] | None,
     n_regions: int = 0,
     reason: str | None = None,
+    tile: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One verdict per frame.
+    """One verdict per frame (in line-scan mode: per tile, ``frame_id`` = tile id).
 
     ``score = score_raw / threshold``: 1.0 is the NG threshold for every model.
     ``SKIPPED`` means the frame was not inspected and ``reason`` says why (e.g.
     ``"queue_full"``). ``latency_ms`` keys: queue, preprocess, inference, postprocess,
     total (frame ready on the host -> publish); a SKIPPED verdict may carry only some.
+    ``tile`` (line-scan mode only; the key is absent otherwise): where the tile lies on the
+    web, see :func:`linecam.runtime.web.LineScanSession`.
     """
     msg = _header("verdict", line, camera)
     msg.update(
@@ -168,7 +178,22 @@ def verdict(
         n_regions=int(n_regions),
         reason=reason,
     )
+    if tile is not None:
+        msg["tile"] = _tile(tile)
     return msg
+
+
+def _tile(t: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": int(t["id"]),
+        "segment": int(t["segment"]),
+        "row": int(t["row"]),
+        "col": int(t["col"]),
+        "bbox_px": [int(v) for v in t["bbox_px"]],
+        "frame_ids": [int(v) for v in t["frame_ids"]],
+        "cross_extent_mm": [float(v) for v in t["cross_extent_mm"]],
+        "down_extent_mm": [float(v) for v in t["down_extent_mm"]],
+    }
 
 
 def _region(r: Mapping[str, Any]) -> dict[str, Any]:
@@ -338,6 +363,98 @@ def metrics(
             "threads": int(process["threads"]),
             "fds": _i(process.get("fds")),
         },
+    )
+    return msg
+
+
+PositionSource = Literal["lines", "encoder"]
+
+
+def web_defect(
+    *,
+    line: str,
+    camera: str,
+    defect_id: int,
+    segment: int,
+    cross_mm: float,
+    down_mm: float,
+    cross_extent_mm: tuple[float, float],
+    down_extent_mm: tuple[float, float],
+    bbox_px: tuple[int, int, int, int],
+    frame_ids: tuple[int, int],
+    tile_ids: Sequence[int],
+    verdict_event_ids: Sequence[str],
+    score: float,
+    pieces: int,
+    position_source: PositionSource,
+    model: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Line-scan mode: one defect on the web, reported once with its full extent, however
+    many overlapping tiles or frames it spans.
+
+    ``cross_mm`` / ``down_mm``: its centre, mm from the web's left edge / from the run's first
+    line; ``*_extent_mm``: ``[start, end]``; ``bbox_px``: ``[x, line, w, h]`` in web pixels and
+    lines; ``frame_ids``: first and last camera frame it lies in; ``tile_ids`` /
+    ``verdict_event_ids``: the tiles whose detections were merged into it; ``score``: the
+    highest region score (1.0 = threshold); ``pieces``: detections merged;
+    ``position_source``: down-web from line counts or encoder counts.
+    """
+    x, y, w, h = bbox_px
+    msg = _header("web_defect", line, camera)
+    msg.update(
+        defect_id=int(defect_id),
+        segment=int(segment),
+        cross_mm=float(cross_mm),
+        down_mm=float(down_mm),
+        width_mm=round(float(cross_extent_mm[1]) - float(cross_extent_mm[0]), 6),
+        length_mm=round(float(down_extent_mm[1]) - float(down_extent_mm[0]), 6),
+        cross_extent_mm=[float(cross_extent_mm[0]), float(cross_extent_mm[1])],
+        down_extent_mm=[float(down_extent_mm[0]), float(down_extent_mm[1])],
+        bbox_px=[int(x), int(y), int(w), int(h)],
+        frame_ids=[int(frame_ids[0]), int(frame_ids[1])],
+        tile_ids=[int(t) for t in tile_ids],
+        verdict_event_ids=list(verdict_event_ids),
+        score=float(score),
+        pieces=int(pieces),
+        position_source=position_source,
+        model=_model(model),
+    )
+    return msg
+
+
+GapReason = Literal["frame_gap", "invalid_frame", "camera_reconnect", "frame_id_reset"]
+
+
+def web_gap(
+    *,
+    line: str,
+    camera: str,
+    segment: int,
+    reason: GapReason,
+    last_frame_id: int | None,
+    next_frame_id: int,
+    missing_frames: int | None,
+    missing_lines: int | None,
+    from_mm: float,
+    to_mm: float,
+    position_source: PositionSource,
+) -> dict[str, Any]:
+    """Line-scan mode: web between ``from_mm`` and ``to_mm`` (down-web) was not inspected,
+    and nothing is stitched across it. ``reason``: ``frame_gap`` (frame ids jumped),
+    ``invalid_frame`` (frames that could not be used), ``camera_reconnect`` /
+    ``frame_id_reset`` (length unknown: ``missing_*`` are null). ``segment`` is the index of
+    the stretch of web that starts after the gap (0 = the first)."""
+    msg = _header("web_gap", line, camera)
+    msg.update(
+        segment=int(segment),
+        reason=reason,
+        last_frame_id=_i(last_frame_id),
+        next_frame_id=int(next_frame_id),
+        missing_frames=_i(missing_frames),
+        missing_lines=_i(missing_lines),
+        from_mm=float(from_mm),
+        to_mm=float(to_mm),
+        position_source=position_source,
     )
     return msg
 

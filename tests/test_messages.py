@@ -65,8 +65,30 @@ def make_metrics(**over):
     return messages.metrics(**kw)
 
 
+TILE = {"id": 12, "segment": 0, "row": 2, "col": 0, "bbox_px": [0, 80, 64, 64], "frame_ids": [0, 1],
+        "cross_extent_mm": [0.0, 6.4], "down_extent_mm": [16.0, 28.8]}
+
+
+def make_web_defect(**over):
+    kw = dict(line="L1", camera="cam0", defect_id=3, segment=0, cross_mm=12.5, down_mm=1520.25,
+              cross_extent_mm=(11.5, 13.5), down_extent_mm=(1519.0, 1521.5), bbox_px=(115, 15190, 20, 25),
+              frame_ids=(59, 60), tile_ids=[411, 412, 418], verdict_event_ids=[str(uuid.uuid4())], score=2.5,
+              pieces=3, position_source="lines", model=MODEL)
+    kw.update(over)
+    return messages.web_defect(**kw)
+
+
+def make_web_gap(**over):
+    kw = dict(line="L1", camera="cam0", segment=1, reason="frame_gap", last_frame_id=24, next_frame_id=26,
+              missing_frames=1, missing_lines=96, from_mm=480.0, to_mm=499.2, position_source="lines")
+    kw.update(over)
+    return messages.web_gap(**kw)
+
+
 BUILDERS = {"verdict": make_verdict, "defect": make_defect, "status": make_status, "metrics": make_metrics,
-            "description": make_description}
+            "description": make_description, "web_defect": make_web_defect, "web_gap": make_web_gap}
+#: Properties a builder emits only when asked (line-scan fields of a verdict).
+OPTIONAL = {"verdict": {"tile"}}
 
 
 # -- valid messages ----------------------------------------------------------------------------
@@ -84,8 +106,25 @@ def test_builders_produce_valid_messages_with_common_fields(kind):
     sent = datetime.fromisoformat(msg["sent_at"].replace("Z", "+00:00"))
     assert abs((sent - before).total_seconds()) < 2
     assert before_ns <= msg["mono_ns"] <= after_ns
-    # The builder emits exactly the fields the schema declares: no more, no fewer.
-    assert set(msg) == set(load_schema(kind)["properties"]) == set(load_schema(kind)["required"])
+    # The builder emits exactly the fields the schema requires: no more, no fewer; the schema
+    # declares only those and the optional ones.
+    props, required = set(load_schema(kind)["properties"]), set(load_schema(kind)["required"])
+    assert set(msg) == required and props - required == OPTIONAL.get(kind, set())
+
+
+def test_line_scan_verdict_carries_its_tile():
+    msg = make_verdict(frame_id=12, tile={**TILE, "id": np.int64(12), "bbox_px": np.array([0, 80, 64, 64])})
+    validate(msg)
+    assert set(msg) == set(load_schema("verdict")["properties"])
+    back = json.loads(messages.to_json(msg))
+    assert back["tile"] == TILE
+    validate(back)
+    for bad in ({**TILE, "bbox_px": [0, 80, 0, 64]}, {**TILE, "extra": 1},
+                {k: v for k, v in TILE.items() if k != "down_extent_mm"}, {**TILE, "frame_ids": [0]}):
+        broken = dict(msg, tile=bad)
+        with pytest.raises(jsonschema.ValidationError):
+            validate(broken)
+    assert "tile" not in make_verdict()  # absent, not null, outside line-scan mode
 
 
 def test_two_messages_get_distinct_event_ids():
@@ -192,6 +231,15 @@ def test_extra_top_level_field_is_rejected(kind):
         ("metrics", {"process": {"rss_mb": 1.0, "cpu_percent": 1.0, "threads": 1}}),
         ("metrics", {"latency_ms": {"total": {"p50": 1.0}}}),
         ("metrics", {"counters": {"frames": -1}}),
+        ("web_defect", {"position_source": "gps"}),
+        ("web_defect", {"tile_ids": []}),
+        ("web_defect", {"bbox_px": [0, 0, 0, 5]}),
+        ("web_defect", {"down_extent_mm": [1.0]}),
+        ("web_defect", {"verdict_event_ids": ["x"]}),
+        ("web_gap", {"reason": "bored"}),
+        ("web_gap", {"segment": 0}),  # a gap always starts a new segment
+        ("web_gap", {"missing_frames": -1}),
+        ("web_gap", {"next_frame_id": None}),
     ],
 )
 def test_wrong_values_are_rejected(kind, change):
@@ -233,6 +281,7 @@ def test_topics():
     assert (t.verdict, t.defect, t.status, t.metrics, t.description) == (
         "plant/L1/cam0/verdict", "plant/L1/cam0/defect", "plant/L1/cam0/status", "plant/L1/cam0/metrics",
         "plant/L1/cam0/description")
+    assert (t.web_defect, t.web_gap) == ("plant/L1/cam0/web_defect", "plant/L1/cam0/web_gap")
     for bad in ("a/b", "a+", "#", ""):
         with pytest.raises(ConfigError):
             messages.default_prefix("L1", bad)

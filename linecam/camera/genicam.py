@@ -37,7 +37,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -87,6 +87,10 @@ class GenICamSource(FrameSource):
     ``min(timeout, fetch_timeout)``), so a caller passing a long timeout still
     gets control back regularly to notice a silent camera.
 
+    ``setup``, when given, is called after those settings with the camera's node map and
+    a checked setter ``set_node(name, value)`` (the one ``features`` use): camera-specific
+    configuration such as :meth:`linecam.camera.linescan.GenICamLineScan.apply`.
+
     Attributes: ``dropped`` counts frames lost between two reads (gaps in the
     camera's frame ids), ``model`` is the camera model once open,
     ``last_frame_ns`` the host monotonic time of the last frame (None before one).
@@ -105,6 +109,7 @@ class GenICamSource(FrameSource):
         height: int | None = None,
         features: dict[str, object] | None = None,
         fetch_timeout: float = 2.0,
+        setup: Callable[[Any, Callable[[str, object], None]], object] | None = None,
     ) -> None:
         self.cti = Path(cti)
         self.serial = None if serial is None else str(serial)
@@ -117,6 +122,7 @@ class GenICamSource(FrameSource):
         self.height = height
         self.features: dict[str, object] = dict(features or {})
         self.fetch_timeout = float(fetch_timeout)
+        self.setup = setup
         if self.serial is not None:
             self.name = f"genicam:{self.serial}"
         elif device_id is not None:
@@ -279,6 +285,8 @@ class GenICamSource(FrameSource):
         settings.extend(self.features.items())
         for name, value in settings:
             self._set_node(nm, name, value)
+        if self.setup is not None:
+            self.setup(nm, lambda name, value: self._set_node(nm, name, value))
 
         # Fail at open, not at the first frame, when the camera sends something we cannot convert.
         current = self._node_value(nm, "PixelFormat")

@@ -51,14 +51,19 @@ from linecam.runtime.postprocess import Postprocessor, Region
 from linecam.runtime.sdnotify import Notifier
 from linecam.runtime.snapshots import SnapshotWriter
 from linecam.runtime.stats import Counters, LatencyStats
+from linecam.runtime.web import LineScanSession, tile_fields
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()  # queue sentinel
 
 
-def open_source(cam: GenICamCamera | ReplayCamera | SyntheticCamera) -> FrameSource:
+def open_source(cam: GenICamCamera | ReplayCamera | SyntheticCamera | Any) -> FrameSource:
     """Build (not open) the frame source a config section describes."""
+    if cam.kind == "synthetic_web":
+        from linecam.camera.linescan import SyntheticWebSource
+
+        return SyntheticWebSource.from_config(cam)
     if isinstance(cam, SyntheticCamera):
         from linecam.camera.synthetic import SyntheticLineSource
 
@@ -74,7 +79,8 @@ def open_source(cam: GenICamCamera | ReplayCamera | SyntheticCamera) -> FrameSou
     return GenICamSource(cti, serial=cam.serial, device_id=cam.device_id, index=cam.index,
                          num_buffers=cam.num_buffers, buffer_handling=cam.buffer_handling,
                          pixel_format=cam.pixel_format, width=cam.width, height=cam.height,
-                         features=cam.features, fetch_timeout=cam.fetch_timeout_s)
+                         features=cam.features, fetch_timeout=cam.fetch_timeout_s,
+                         setup=cam.linescan.apply if cam.linescan is not None else None)
 
 
 @dataclass(slots=True)
@@ -97,6 +103,9 @@ class RunSummary:
 
 class Daemon:
     """Owns the queues and threads for one camera. ``run()`` blocks until stopped."""
+
+    #: Line-scan mode (``linescan.enabled``): frames -> tiles -> web defects; set by ``_acquire``.
+    _web: LineScanSession | None = None
 
     def __init__(self, cfg: LinecamConfig, source: FrameSource, bundle: Bundle, runner: Runner,
                  publisher: Any, notifier: Notifier | None = None, describer: Any | None = None) -> None:
@@ -166,8 +175,10 @@ class Daemon:
         msg = messages.verdict(**self._common(), frame_id=frame.frame_id, verdict="SKIPPED", score=None,
                                score_raw=None, threshold=self.image_threshold, frame_ts_ns=frame.timestamp_ns,
                                frame_clock=frame.clock, frame_mono_ns=frame.host_ns,
-                               latency_ms={"total": round(total, 3)}, model=self.model_info, reason=reason)
+                               latency_ms={"total": round(total, 3)}, model=self.model_info, reason=reason,
+                               tile=tile_fields(frame))
         self.publisher.publish(self.topics.verdict, msg, qos=1)
+        self._tile_done(frame, [], msg["event_id"], inspected=False)
 
     def _warn(self, kind: str, every_s: float, fmt: str, *args: Any) -> bool:
         """Log at most once per ``every_s`` per kind (a bad camera setting hits every frame)."""
@@ -238,8 +249,9 @@ class Daemon:
                                        threshold=self.image_threshold, frame_ts_ns=frame.timestamp_ns,
                                        frame_clock=frame.clock, frame_mono_ns=frame.host_ns,
                                        latency_ms={k: round(v, 3) for k, v in lat.items()},
-                                       model=self.model_info, n_regions=len(regions))
+                                       model=self.model_info, n_regions=len(regions), tile=tile_fields(frame))
                 pub.publish(topics.verdict, msg, qos=1)
+                self._tile_done(frame, regions, msg["event_id"])
                 counters.inc("ng" if verdict == "NG" else "ok")
                 if verdict == "NG":
                     work = _NgWork(frame, out.anomaly_map.copy(), geometry, regions, out.score, msg["event_id"])
@@ -453,10 +465,60 @@ class Daemon:
             self.counters.inc("camera_reconnects")
             logger.info("camera %s back up", name)
             self._publish_status("running", detail="camera reconnected")
+            if self._web is not None:  # where the web is now is unknown: never stitch across
+                for tile in self._web.interrupt("camera_reconnect"):
+                    self._enqueue(tile)
             return True
         return False
 
+    # -- line-scan mode (linecam.runtime.web) --------------------------------------------
+    def _start_linescan(self) -> LineScanSession | None:
+        from linecam.config import state_dir
+        from linecam.errors import ConfigError
+
+        ls = self.cfg.linescan
+        if not ls.enabled:
+            return None
+        if self._crop is not None:
+            raise ConfigError("the model bundle crops its input, but line-scan tiles are cut to the model input: "
+                              "use a bundle without preprocess.crop for linescan")
+        h, w = self.bundle.manifest.preprocess.input_size
+        topics = self.topics
+        return LineScanSession(
+            ls, ls.tile_size or (w, h), line=self.cfg.line, camera=self.cfg.camera_id,
+            image_threshold=self.image_threshold, counters=self.counters, model=self.model_info,
+            publish=lambda kind, msg: self.publisher.publish(getattr(topics, kind), msg, qos=1),
+            on_gap=lambda detail: self._publish_status("running", detail=detail),
+            map_dir=(ls.web_map.dir or state_dir() / "webmaps") if ls.web_map.enabled else None)
+
+    def _tile_done(self, frame: Frame, regions: list[Region], verdict_event_id: str, inspected: bool = True) -> None:
+        """Line-scan mode: a tile's verdict went out; its regions feed the web defects."""
+        if self._web is None:
+            return
+        try:
+            self._web.tile_done(frame, regions, verdict_event_id, inspected)
+        except Exception:  # never a second verdict for the tile: count, log, go on
+            self.counters.inc("errors")
+            logger.exception("tile %d: web aggregation failed", frame.frame_id)
+
+    def _accept(self, frame: Frame) -> None:
+        """A camera frame: inspected as is, or (line-scan mode) cut into the tiles it completes."""
+        if self._web is None:
+            self._enqueue(frame)
+            return
+        for tile in self._web.push(frame):
+            self._enqueue(tile)
+
     def _acquire(self) -> None:
+        self._web = self._start_linescan()
+        try:
+            self._acquire_frames()
+        finally:
+            if self._web is not None:  # the web's tail; its last defects go out once those tiles are done
+                for tile in self._web.finish():
+                    self._enqueue(tile)
+
+    def _acquire_frames(self) -> None:
         src = self.source
         rt = self.cfg.runtime
         frame_timeout = rt.frame_timeout_s
@@ -510,7 +572,7 @@ class Daemon:
                 if fatal:
                     raise BrokerError(fatal)
             if frame is not None:
-                self._enqueue(frame)
+                self._accept(frame)
 
     def run(self) -> RunSummary:
         self._t_start = time.monotonic()

@@ -19,7 +19,8 @@ import jsonschema
 from jsonschema import Draft202012Validator
 
 #: Message types with a schema (``msg["type"]`` picks one).
-SCHEMA_NAMES: tuple[str, ...] = ("verdict", "defect", "status", "metrics", "description")
+SCHEMA_NAMES: tuple[str, ...] = ("verdict", "defect", "status", "metrics", "description", "web_defect",
+                                 "web_gap")
 
 
 def load_schema(name: str) -> dict[str, Any]:
