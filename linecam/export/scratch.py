@@ -1,0 +1,516 @@
+"""The "scratch" region expert: a small segmentation CNN trained from scratch on good
+images with synthetic anomalies (DRAEM-style), exported to ONNX, calibrated on the
+*exported* model and written as a linecam bundle.
+
+Why this design:
+
+* no pretrained backbone: nothing to download on an air-gapped workstation, and the
+  net is small enough to train in minutes on a laptop CPU;
+* a plain conv/BN/ReLU U-Net with static shapes: exports to a compact ONNX graph that
+  TensorRT builds without plugins, and runs at camera rate on small edge GPUs;
+* the image score is computed *inside* the graph (max of a k x k mean-pooled map), so
+  every backend agrees on it, and a single noisy pixel cannot reject a part;
+* thresholds come from held-out good images run through onnxruntime, i.e. from the
+  model that is deployed, not the torch model it was exported from;
+* synthetic anomalies are painted on the source image, which then goes through the
+  same :class:`linecam.preprocess.Preprocessor` (recorded in the bundle) as at
+  inference: there is one preprocessing definition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linecam.bundle import (
+    Manifest,
+    OutputsSpec,
+    TensorSpec,
+    file_entry,
+    new_provenance,
+    sha256_file,
+    write_manifest,
+)
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
+from linecam.errors import BundleError
+from linecam.export.anomalies import RECIPES, synthesize
+from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
+from linecam.preprocess import PreprocessSpec, Preprocessor, read_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
+MIN_IMAGES = 10
+MODEL_FILE = "model.onnx"
+TRAINING_FILE = "training.json"
+#: Upper bound of the fitted pixel (region) threshold on the sigmoid anomaly map.
+PIXEL_THRESHOLD_CAP = 0.5
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ScratchExpert(nn.Module):
+    """U-Net-lite: ``[N, 3, H, W]`` normalised image -> ``(anomaly_map [N, 1, H, W], score [N])``.
+
+    A stride-2 stem, three stride-2 stages (receptive field ~1/4 of a 256 input,
+    enough to know the normal texture around a pixel), nearest-neighbour upsampling
+    with skip connections, and a bilinear upsample of the half-resolution logits to
+    the input size. ``H`` and ``W`` must be multiples of 16. The score is the max of
+    the ``score_pool`` x ``score_pool`` mean-pooled map.
+    """
+
+    def __init__(self, base_width: int = 12, score_pool: int = 9) -> None:
+        super().__init__()
+        w = base_width
+        self.base_width = base_width
+        self.score_pool = score_pool
+        self.stem = nn.Sequential(_cbr(3, w, 2), _cbr(w, w))
+        self.down1 = nn.Sequential(_cbr(w, 2 * w, 2), _cbr(2 * w, 2 * w))
+        self.down2 = nn.Sequential(_cbr(2 * w, 4 * w, 2), _cbr(4 * w, 4 * w))
+        self.down3 = nn.Sequential(_cbr(4 * w, 8 * w, 2), _cbr(8 * w, 8 * w), _cbr(8 * w, 8 * w))
+        self.up2 = _cbr(12 * w, 4 * w)
+        self.up1 = _cbr(6 * w, 2 * w)
+        self.up0 = _cbr(3 * w, w)
+        self.head = nn.Conv2d(w, 1, 1)
+        # Start "everything is good": anomalous pixels are rare, and a neutral start
+        # makes the first focal-loss steps huge and noisy.
+        nn.init.constant_(self.head.bias, -4.0)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        e0 = self.stem(x)
+        e1 = self.down1(e0)
+        e2 = self.down2(e1)
+        e3 = self.down3(e2)
+        y = self.up2(torch.cat([F.interpolate(e3, scale_factor=2.0, mode="nearest"), e2], 1))
+        y = self.up1(torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), e1], 1))
+        y = self.up0(torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), e0], 1))
+        return F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def score(self, amap: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(amap, self.score_pool, stride=1)
+        return torch.amax(pooled, dim=(1, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = torch.sigmoid(self.logits(x))
+        return amap, self.score(amap)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss (soft targets allowed), mean over pixels."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1 - p) * (1 - target)
+    return ((1 - p_t) ** gamma * bce).mean()
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft dice over the whole batch (per-image dice is undefined on good images)."""
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    return 1 - (2 * inter + eps) / (p.sum() + target.sum() + eps)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: Path
+    image: np.ndarray
+    bit_depth: int
+    sha256: str
+
+
+def list_images(folder: str | Path) -> list[SourceImage]:
+    """Readable images of ``folder`` (sorted by name); raises if fewer than ``MIN_IMAGES``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"image folder {folder} does not exist: point --images at a folder of good images")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    out: list[SourceImage] = []
+    shape: tuple[int, ...] | None = None
+    for p in paths:
+        try:
+            img, depth = read_image(p)
+        except ValueError as e:
+            logger.warning("skipping %s: %s", p, e)
+            continue
+        if shape is not None and img.shape != shape:
+            raise BundleError(f"{p} is {img.shape[1]}x{img.shape[0]}x{img.shape[2]} but earlier images are "
+                              f"{shape[1]}x{shape[0]}x{shape[2]}: use images from one camera setting")
+        shape = img.shape
+        out.append(SourceImage(p, img, depth, sha256_file(p)))
+    if len(out) < MIN_IMAGES:
+        raise BundleError(f"{folder} has {len(out)} readable image(s); the expert needs at least "
+                          f"{MIN_IMAGES} good images (more is better: 100+)")
+    return out
+
+
+def split_holdout(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, held-out) index split; both sides non-empty."""
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    k = min(n - 1, max(1, round(n * holdout)))
+    perm = np.random.default_rng(seed).permutation(n)
+    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+
+class AnomalySampler:
+    """Training batches: good images, lightly augmented, half of them made anomalous.
+
+    Anomalies are painted on the (augmented) source image and the result goes
+    through the bundle's :class:`Preprocessor`; the mask follows the same crop and
+    resize, so targets line up with the model input pixel for pixel.
+    """
+
+    def __init__(self, images: Sequence[SourceImage], spec: PreprocessSpec, rng: np.random.Generator, *,
+                 anomaly_ratio: float = 0.5, recipe_weights: dict[str, float] | None = None,
+                 max_anomalies: int = 2, max_shift: float = 0.03, max_gain: float = 0.08) -> None:
+        self.images = images
+        self.pre = Preprocessor(spec)
+        self.rng = rng
+        self.anomaly_ratio = anomaly_ratio
+        self.recipe_weights = recipe_weights
+        self.max_anomalies = max(1, max_anomalies)
+        self.max_shift = max_shift
+        self.max_gain = max_gain
+        self._interp = cv2.INTER_AREA
+
+    def _augment(self, img: np.ndarray, bit_depth: int) -> np.ndarray:
+        rng = self.rng
+        h, w = img.shape[:2]
+        dx, dy = rng.uniform(-self.max_shift, self.max_shift, 2) * (w, h)
+        m = np.float32([[1, 0, dx], [0, 1, dy]])
+        out = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        out = out.reshape(img.shape)
+        gain = 1.0 + rng.uniform(-self.max_gain, self.max_gain)
+        maxv = float(2**bit_depth - 1)
+        return np.clip(out.astype(np.float32) * gain, 0, maxv).astype(img.dtype)
+
+    def sample(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Fill one model input ``x`` [3, H, W] and target ``y`` [1, H, W]."""
+        rng = self.rng
+        src = self.images[int(rng.integers(len(self.images)))]
+        img = self._augment(src.image, src.bit_depth)
+        if rng.random() < self.anomaly_ratio:
+            # Sometimes several anomalies per image: more positive pixels per step of
+            # compute, and the net learns that defects need not be alone.
+            mask = None
+            for _ in range(int(rng.integers(1, self.max_anomalies + 1))):
+                donor = self.images[int(rng.integers(len(self.images)))].image
+                img, m = synthesize(rng, img, donor, weights=self.recipe_weights)
+                mask = m if mask is None else np.maximum(mask, m)
+            h, w = y.shape[-2:]
+            y[0] = cv2.resize(self.pre.crop(mask), (w, h), interpolation=self._interp)
+        else:
+            y[0] = 0.0
+        x[:] = self.pre(img, src.bit_depth)[0]
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = self.pre.spec.input_size
+        x = np.empty((n, 3, h, w), np.float32)
+        y = np.empty((n, 1, h, w), np.float32)
+        for i in range(n):
+            self.sample(x[i], y[i])
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    seconds: float
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 20):]
+        return float(np.mean(tail))
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Short linear warm-up, then cosine decay to 2 % of ``lr``."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(model: ScratchExpert, sampler: AnomalySampler, *, steps: int, batch_size: int, lr: float,
+          weight_decay: float = 1e-4, dice_weight: float = 0.5, progress: bool = True) -> TrainResult:
+    # channels_last: oneDNN's fast convolution layout on CPU (~1.6x faster training here).
+    model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    model.train()
+    bar = _progress(progress)
+    with bar:
+        task = bar.add_task("training scratch expert", total=steps, loss=float("nan"))
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, steps, lr)
+            x, y = sampler.batch(batch_size)
+            x = x.contiguous(memory_format=torch.channels_last)
+            logits = model.logits(x)
+            loss = focal_loss(logits, y)
+            if dice_weight:
+                loss = loss + dice_weight * dice_loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0 or step == steps - 1:
+                bar.update(task, completed=step + 1, loss=float(np.mean(losses[-50:])))
+    model.eval()
+    model.to(memory_format=torch.contiguous_format)  # plain layout for export
+    return TrainResult(losses, time.perf_counter() - t0)
+
+
+class _NoProgress:
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *a: Any, **k: Any) -> int:
+        return 0
+
+    def update(self, *a: Any, **k: Any) -> None:
+        return None
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    transient=False)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def score_onnx(model_path: str | Path, images: Sequence[SourceImage], spec: PreprocessSpec, *,
+               threads: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(image scores, anomaly maps) of ``images`` from the exported model via onnxruntime."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    pre = Preprocessor(spec)
+    scores, maps = [], []
+    for s in images:
+        amap, score = sess.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: pre(s.image, s.bit_depth)})
+        scores.append(float(score.reshape(-1)[0]))
+        maps.append(amap[0, 0])
+    return np.asarray(scores), maps
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def source_hash(hashes: Sequence[str]) -> str:
+    """sha256 over the sorted per-file sha256 hex digests, newline-joined."""
+    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "opencv": cv2.__version__}
+
+
+def fit_scratch_expert(
+    images: str | Path,
+    out: str | Path,
+    *,
+    input_size: tuple[int, int] = (256, 256),
+    steps: int = 1000,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    base_width: int = 12,
+    seed: int = 0,
+    holdout: float = 0.2,
+    target_frr: float = 0.01,
+    sensitivity: float = 1.0,
+    name: str | None = None,
+    progress: bool = True,
+    preprocess: PreprocessSpec | None = None,
+    anomaly_ratio: float = 0.5,
+    recipe_weights: dict[str, float] | None = None,
+    score_pool: int = 9,
+    dice_weight: float = 0.5,
+    threads: int | None = None,
+) -> Path:
+    """Train a scratch expert on the good images in ``images`` and write a bundle to ``out``.
+
+    ``holdout`` of the images (deterministic given ``seed``) are kept out of training
+    and run through the exported ONNX model to fit the thresholds (``target_frr`` is
+    the wanted false-reject rate on good parts). ``preprocess`` overrides the default
+    :class:`PreprocessSpec` (e.g. to add a crop); its ``input_size`` must equal
+    ``input_size``. ``threads`` caps torch's and onnxruntime's CPU threads for this
+    call (default: theirs); on a CPU shared with other jobs, 1 is often several times
+    faster than oversubscribed threads spinning against each other. Returns the bundle folder.
+    """
+    if threads is not None and threads < 1:
+        raise BundleError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _fit(images, out, input_size=input_size, steps=steps, batch_size=batch_size, lr=lr,
+                    base_width=base_width, seed=seed, holdout=holdout, target_frr=target_frr,
+                    sensitivity=sensitivity, name=name, progress=progress, preprocess=preprocess,
+                    anomaly_ratio=anomaly_ratio, recipe_weights=recipe_weights, score_pool=score_pool,
+                    dice_weight=dice_weight, threads=threads)
+    finally:
+        torch.set_num_threads(previous)  # the caller's process setting, restored
+
+
+def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], steps: int, batch_size: int,
+         lr: float, base_width: int, seed: int, holdout: float, target_frr: float, sensitivity: float,
+         name: str | None, progress: bool, preprocess: PreprocessSpec | None, anomaly_ratio: float,
+         recipe_weights: dict[str, float] | None, score_pool: int, dice_weight: float,
+         threads: int | None) -> Path:
+    t_start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} is a file: give a folder for the bundle")
+    h, w = input_size
+    if h % 16 or w % 16 or h < 32 or w < 32:
+        raise BundleError(f"input size {h}x{w} is not supported: use multiples of 16, at least 32 (e.g. 256x256)")
+    if steps < 1 or batch_size < 1:
+        raise BundleError("steps and batch size must be >= 1")
+    spec = preprocess or PreprocessSpec(input_size=(h, w))
+    if tuple(spec.input_size) != (h, w):
+        raise BundleError(f"preprocess.input_size {spec.input_size} != input_size {input_size}: give one size")
+    if recipe_weights is not None:
+        unknown = set(recipe_weights) - set(RECIPES)
+        if unknown:
+            raise BundleError(f"unknown anomaly recipe(s) {sorted(unknown)}: choose from {sorted(RECIPES)}")
+
+    sources = list_images(images)
+    if spec.crop is not None:
+        Preprocessor(spec).crop(sources[0].image)  # fail now, not after training, if it does not fit
+    train_idx, hold_idx = split_holdout(len(sources), holdout, seed)
+    train_set = [sources[i] for i in train_idx]
+    hold_set = [sources[i] for i in hold_idx]
+    logger.info("%d images: %d for training, %d held out for thresholds", len(sources), len(train_set),
+                len(hold_set))
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = ScratchExpert(base_width=base_width, score_pool=score_pool)
+    sampler = AnomalySampler(train_set, spec, rng, anomaly_ratio=anomaly_ratio, recipe_weights=recipe_weights)
+    result = train(model, sampler, steps=steps, batch_size=batch_size, lr=lr, dice_weight=dice_weight,
+                   progress=progress)
+    logger.info("trained %d steps in %.1f s, final loss %.4f", steps, result.seconds, result.final_loss)
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = export_onnx(model, out / MODEL_FILE, (h, w), seed=seed)
+
+    # Thresholds from the deployed artefact (onnxruntime), never from torch.
+    scores, maps = score_onnx(model_path, hold_set, spec, threads=threads)
+    thresholds = to_thresholds(
+        fit_image_threshold(scores, target_frr=target_frr, sensitivity=sensitivity),
+        fit_pixel_threshold(maps, target_frr=target_frr, sensitivity=sensitivity),
+    )
+    if thresholds.pixel > PIXEL_THRESHOLD_CAP:
+        # The map is a per-pixel probability: above 0.5 the net itself calls the pixel
+        # anomalous, so a region threshold beyond it would hide regions of real defects.
+        details_px = {**thresholds.details["pixel"], "fitted": thresholds.pixel, "capped_at": PIXEL_THRESHOLD_CAP}
+        thresholds = thresholds.model_copy(update={
+            "pixel": PIXEL_THRESHOLD_CAP, "details": {**thresholds.details, "pixel": details_px}})
+
+    train_scores, _ = score_onnx(model_path, train_set, spec, threads=threads)
+    folder = Path(images)
+    details = {
+        "expert": "scratch",
+        "images": str(folder.resolve()),
+        "n_train": len(train_set),
+        "n_holdout": len(hold_set),
+        "holdout_files": [s.path.name for s in hold_set],
+        "train_sha256": source_hash([s.sha256 for s in train_set]),
+        "holdout_sha256": source_hash([s.sha256 for s in hold_set]),
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "base_width": base_width,
+        "anomaly_ratio": anomaly_ratio,
+        "recipe_weights": recipe_weights or {k: v for k, (_, v) in RECIPES.items()},
+        "final_loss": result.final_loss,
+        "train_seconds": round(result.seconds, 2),
+        "threads": torch.get_num_threads(),
+        "train_score_max": float(train_scores.max()),
+        "holdout_score_max": float(scores.max()),
+    }
+    manifest = Manifest(
+        name=name or out.resolve().name,
+        input=TensorSpec(name=INPUT_NAME, shape=[1, 3, h, w], dtype="float32", layout="NCHW"),
+        preprocess=spec,
+        outputs=OutputsSpec(
+            anomaly_map=TensorSpec(name=MAP_NAME, shape=[1, 1, h, w], dtype="float32", layout="NCHW"),
+            image_score=TensorSpec(name=SCORE_NAME, shape=[1], dtype="float32"),
+        ),
+        thresholds=thresholds,
+        files={"onnx_fp32": file_entry(out, MODEL_FILE)},
+        provenance=new_provenance(
+            tool_versions=_versions(),
+            # What the bundle was made from: every image used, training and held out.
+            source_sha256=source_hash([s.sha256 for s in sources]),
+            details=details,
+        ),
+        extra={
+            "expert": "scratch",
+            "architecture": "unet-lite",
+            "base_width": base_width,
+            "score_pool": score_pool,
+            "score": f"max of the {score_pool}x{score_pool} mean-pooled anomaly map",
+            "map_range": [0.0, 1.0],
+        },
+    )
+    (out / TRAINING_FILE).write_text(json.dumps({
+        "losses": [round(v, 6) for v in result.losses],
+        "final_loss": result.final_loss,
+        "train_seconds": result.seconds,
+        "total_seconds": time.perf_counter() - t_start,
+        "holdout_scores": {s.path.name: float(v) for s, v in zip(hold_set, scores)},
+        "train_scores": {s.path.name: float(v) for s, v in zip(train_set, train_scores)},
+    }, indent=1) + "\n")
+    write_manifest(out, manifest)
+    logger.info("bundle written to %s (image threshold %.4f, pixel threshold %.4f)", out,
+                thresholds.image, thresholds.pixel)
+    return out

@@ -1,0 +1,139 @@
+"""Threshold fitting on samples whose answers are known."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from linecam.bundle import Thresholds
+from linecam.calibration import (
+    fit_image_threshold,
+    fit_pixel_threshold,
+    fit_thresholds,
+    frr_upper_bound,
+    to_thresholds,
+)
+
+
+def test_quantile_with_enough_good_images() -> None:
+    good = np.arange(1000) / 1000.0  # 0.000 .. 0.999
+    fit = fit_image_threshold(good, target_frr=0.01)
+    assert fit.method == "good_quantile"
+    # Exactly 10 of 1000 good scores (0.990 .. 0.999) may be rejected: the threshold
+    # lies between 0.989 and 0.990.
+    assert 0.989 < fit.value <= 0.990
+    assert int(np.sum(good >= fit.value)) == 10
+    assert fit.details["frr_observed"] == pytest.approx(0.01)
+    assert fit.n_good == 1000 and fit.target_frr == 0.01
+    # Order of the input does not matter.
+    assert fit_image_threshold(good[::-1].copy(), target_frr=0.01).value == fit.value
+
+
+def test_quantile_other_rate() -> None:
+    good = np.arange(200, dtype=float)
+    fit = fit_image_threshold(good, target_frr=0.05)  # 10 of 200 allowed
+    assert fit.value == pytest.approx(189.5)
+    assert fit.details["good_exceeding"] == 10
+
+
+def test_small_n_falls_back_to_max_with_margin_and_states_uncertainty() -> None:
+    good = np.linspace(0.1, 0.3, 30)  # 30 < 1 / 0.01
+    fit = fit_image_threshold(good, target_frr=0.01)
+    assert fit.method == "good_max_margin"
+    assert fit.value == pytest.approx(0.9)  # max good x 3 (non-negative scores)
+    assert fit.details["good_exceeding"] == 0
+    # 0 rejects in 30: the true FRR is only known to be below 1 - 0.05**(1/30) (~ rule of three).
+    ub = fit.details["frr_upper_bound"]
+    assert ub == pytest.approx(1 - 0.05 ** (1 / 30))
+    assert 0.09 < ub < 3 / 30
+    assert "only 30 good images" in fit.details["note"]
+
+
+def test_small_n_margin_for_scores_without_a_natural_zero() -> None:
+    good = np.linspace(-1.0, 1.0, 21)  # median 0, max 1
+    fit = fit_image_threshold(good, margin=3.0)
+    assert fit.value == pytest.approx(3.0)  # max + (3 - 1) x (max - median)
+    assert fit_image_threshold(good, margin=1.5).value == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="margin"):
+        fit_image_threshold(good, margin=0.5)
+
+
+def test_clopper_pearson_known_values() -> None:
+    # Reference values from scipy.stats.beta.ppf(0.95, k + 1, n - k).
+    assert frr_upper_bound(10, 1000) == pytest.approx(0.0169031751, rel=1e-6)
+    assert frr_upper_bound(1, 20) == pytest.approx(0.2161061642, rel=1e-6)
+    assert frr_upper_bound(0, 100) == pytest.approx(1 - 0.05 ** 0.01)
+    assert frr_upper_bound(5, 5) == 1.0
+    assert frr_upper_bound(0, 0) == 1.0
+
+
+def test_f1_with_separable_bad_scores_lies_between_classes() -> None:
+    rng = np.random.default_rng(0)
+    good = rng.uniform(0.0, 0.4, 50)
+    bad = rng.uniform(0.6, 1.0, 20)
+    fit = fit_image_threshold(good, bad, target_frr=0.01)
+    assert fit.method == "f1_optimal" and fit.n_bad == 20
+    assert good.max() < fit.value <= bad.min()
+    assert fit.details["f1"] == 1.0
+    assert fit.details["recall_observed"] == 1.0 and fit.details["good_exceeding"] == 0
+    assert fit.value == pytest.approx((good.max() + bad.min()) / 2)
+
+
+def test_f1_overlapping_hand_computed() -> None:
+    # t=0.4: tp 3, fp 1 -> F1 6/7; t=0.55: 4/6; t=0.65: 4/5; so the optimum is 0.4.
+    fit = fit_image_threshold([0.1, 0.2, 0.3, 0.6], [0.5, 0.7, 0.8])
+    assert fit.value == pytest.approx(0.4)
+    assert fit.details["f1"] == pytest.approx(6 / 7)
+
+
+@pytest.mark.parametrize("with_bad", [False, True])
+@pytest.mark.parametrize("n_good", [20, 500])
+def test_sensitivity_is_monotone(with_bad: bool, n_good: int) -> None:
+    rng = np.random.default_rng(1)
+    good = rng.gamma(2.0, 0.05, n_good)
+    bad = rng.uniform(0.5, 1.0, 10) if with_bad else None
+    values = [fit_image_threshold(good, bad, sensitivity=s).value for s in (0.5, 0.8, 1.0, 1.5, 3.0, 10.0)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # more sensitive -> lower threshold
+    assert values[-1] > np.median(good)  # never below the median good score
+    base = fit_image_threshold(good, bad)
+    assert base.value == values[2]
+    with pytest.raises(ValueError):
+        fit_image_threshold(good, sensitivity=0.0)
+
+
+def test_pixel_threshold_from_per_image_max() -> None:
+    maps = np.zeros((40, 1, 16, 16), np.float32)
+    for i in range(40):
+        maps[i, 0, i % 16, (3 * i) % 16] = 0.01 * (i + 1)  # one hot pixel per image: max 0.01 .. 0.40
+    fit = fit_pixel_threshold(maps)
+    assert fit.value == pytest.approx(1.2)  # above every good maximum: no good image shows a region
+    assert fit.details["score"] == "pixel_max" and fit.n_good == 40
+    # Same from a list of 2-D maps.
+    assert fit_pixel_threshold([m[0] for m in maps]).value == fit.value
+    big = fit_pixel_threshold(np.concatenate([maps] * 5), target_frr=0.05)  # 200 maps: quantile
+    assert big.method == "good_quantile" and big.details["good_exceeding"] == 10
+
+
+def test_to_thresholds_is_bundle_thresholds() -> None:
+    good = np.linspace(0, 1, 50)
+    t = fit_thresholds(good, [np.full((4, 4), v) for v in good * 2])
+    assert isinstance(t, Thresholds)
+    assert t.image == pytest.approx(3.0) and t.pixel == pytest.approx(6.0)
+    assert t.n_good == 50 and t.target_frr == 0.01 and t.method == "good_max_margin"
+    again = Thresholds.model_validate(json.loads(json.dumps(t.model_dump(mode="json"))))
+    assert again == t
+    assert to_thresholds(fit_image_threshold(good), fit_pixel_threshold(good[:, None])).image == t.image
+
+
+@pytest.mark.parametrize("bad_input", [[], [0.1, math.nan], [0.1, math.inf]])
+def test_rejects_empty_and_non_finite(bad_input: list[float]) -> None:
+    with pytest.raises(ValueError):
+        fit_image_threshold(bad_input)
+
+
+def test_rejects_bad_target_frr() -> None:
+    with pytest.raises(ValueError, match="target_frr"):
+        fit_image_threshold([0.1, 0.2], target_frr=0.0)
