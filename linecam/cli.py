@@ -94,6 +94,7 @@ def _add_optional_commands() -> None:
     from linecam.events import events_command
 
     cli.add_command(events_command)
+    from linecam.bench.cli import bench_command; cli.add_command(bench_command)  # noqa: E702
 
 
 _add_optional_commands()

@@ -1,0 +1,102 @@
+"""``linecam bench`` / ``python benchmarks/run.py``: one command, every mode, files out.
+
+Imports nothing heavy at module level: ``linecam --help`` must stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def _command_line(prefix: str) -> str:
+    return " ".join([prefix, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+@click.command("bench")
+@click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Bundle to benchmark. Default: the demo expert (fitted once into --demo-cache; needs torch).")
+@click.option("--demo-cache", type=click.Path(path_type=Path), default=Path(".cache/demo"), show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".cache/bench"), show_default=True,
+              help="Frames, snapshots and subscriber files.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help=f"Results folder. Default: {DEFAULT_OUT} (with --quick: <workdir>/quick).")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["model", "naive", "pipeline", "e2e", "vlm"]),
+              help="Run only these modes (repeatable). Default: all. pipeline/e2e also measure the model ceiling.")
+@click.option("--quick", is_flag=True, help="Seconds instead of minutes: checks the machinery, measures nothing.")
+@click.option("--workers", type=int, default=None, help="Force the daemon's workers (with --intra-op-threads).")
+@click.option("--intra-op-threads", type=int, default=None, help="Force ONNX Runtime intra-op threads (0 = default).")
+@click.option("--no-snapshots", is_flag=True, help="Run the daemon without NG snapshots (default: on, as deployed).")
+@click.option("--no-spool", is_flag=True, help="Run the daemon without its durable spool (default: on, as deployed).")
+@click.option("--no-unpaced", is_flag=True, help="Skip the unpaced (max-rate) replay run.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots (no matplotlib needed).")
+@click.option("--readme", type=click.Path(path_type=Path), default=None,
+              help="Also regenerate the benchmark table between the bench markers of this README.")
+@click.option("--e2e-seconds", type=float, default=None, help="Measured seconds of the 80 %% / e2e run.")
+def bench_command(**options: object) -> None:
+    """Latency benchmarks: bare model ceiling, naive loop, daemon pipeline, end to end (see benchmarks/README.md)."""
+    run_bench_cli(**options, command=_command_line(click.get_current_context().command_path))  # type: ignore[arg-type]
+
+
+def run_bench_cli(*, bundle: Path | None, demo_cache: Path, workdir: Path, out_dir: Path | None,
+                  modes: tuple[str, ...], quick: bool, workers: int | None, intra_op_threads: int | None,
+                  no_snapshots: bool, no_spool: bool, no_unpaced: bool, no_plots: bool, readme: Path | None,
+                  e2e_seconds: float | None, command: str) -> dict:
+    import logging
+
+    from linecam.errors import LinecamError
+
+    from .pipeline import PipelineSetting
+    from .report import headline_rows, readme_block, write_results
+    from .suite import MODES, BenchOptions, Durations, run_suite
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if (workers is None) != (intra_op_threads is None):
+        raise LinecamError("give --workers and --intra-op-threads together (or neither, to let the bench choose)")
+    if workers is not None and (workers < 1 or intra_op_threads < 0):  # type: ignore[operator]
+        raise LinecamError("--workers must be >= 1 and --intra-op-threads >= 0")
+    if not no_plots:
+        from .plots import _pyplot
+
+        _pyplot()  # fail now, not after minutes of measuring
+    durations = Durations.quick() if quick else Durations()
+    if e2e_seconds is not None:
+        durations.e2e_s = e2e_seconds
+    setting = (PipelineSetting(workers, intra_op_threads, snapshots=not no_snapshots,  # type: ignore[arg-type]
+                               spool=not no_spool)
+               if workers is not None else None)
+    opts = BenchOptions(bundle=bundle, demo_cache=demo_cache, workdir=workdir, modes=tuple(modes) or MODES,
+                        durations=durations, setting=setting, snapshots=not no_snapshots, spool=not no_spool,
+                        quick=quick, unpaced=not no_unpaced, command=command)
+    if quick:
+        opts.offered_fractions = (1.1,)
+        opts.e2e_extra_fractions = ()
+        opts.frames = 8
+    out = out_dir or (workdir / "quick" if quick else DEFAULT_OUT)
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        click.echo(f"[{time.monotonic() - t0:6.1f} s] {msg}", err=True)
+
+    results, raw = run_suite(opts, say)
+    paths = write_results(results, out)
+    if not no_plots:
+        from .plots import write_plots
+
+        paths.update(write_plots(results, raw, out))
+    click.echo("\n" + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in headline_rows(results)))
+    click.echo("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    if readme is not None:
+        if quick:
+            raise LinecamError("a --quick run measures nothing: not writing it into the README (drop --readme)")
+        from .readme import replace_block
+
+        replace_block(readme, readme_block(results))
+        click.echo(f"updated the benchmark table in {readme}")
+    return results

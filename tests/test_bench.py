@@ -1,0 +1,387 @@
+"""The benchmark machinery (``linecam bench``): statistics, windows, schema, files, plots,
+README block. Never the speed: a ``--quick`` run on the tiny test model measures nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bundles import make_tiny_bundle
+from linecam.bench.machine import machine_info
+from linecam.bench.pipeline import PipelineSetting, _analyse
+from linecam.bench.readme import END, START, replace_block
+from linecam.bench.report import headline_rows, load_results, readme_block, render_markdown
+from linecam.bench.resources import ResourceMonitor
+from linecam.bench.schema import validate_results
+from linecam.bench.suite import TARGETS, Durations, headline
+from linecam.errors import LinecamError
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- a whole quick run, once for the module ----------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    bundle = make_tiny_bundle(tmp / "bundle", size=64, image_threshold=0.3, pixel_threshold=0.5)
+    out = tmp / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--bundle", str(bundle),
+         "--workdir", str(tmp / "work"), "--out", str(out), "--no-unpaced"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, json.loads((out / "bench.json").read_text()), proc
+
+
+def test_quick_run_writes_schema_valid_results(quick_run):
+    out, r, _ = quick_run
+    validate_results(r)  # raises on any missing / mistyped field
+    assert r["quick"] is True and r["command"].startswith("python benchmarks/run.py --quick")
+    assert set(r["modes"]) == {"model", "naive", "pipeline", "e2e", "e2e_more", "vlm"}
+    assert r["modes"]["e2e_more"] == []  # --quick runs the 80 % e2e run only
+    m = r["machine"]
+    assert m["cpu_logical"] == os.cpu_count() and m["libraries"]["onnxruntime"]
+    assert r["workload"]["bundle"]["name"] == "tiny-darkness"
+
+
+def test_quick_run_numbers_are_consistent(quick_run):
+    _, r, _ = quick_run
+    h, modes = r["headline"], r["modes"]
+    runs = [*modes["pipeline"]["sweep"], *modes["pipeline"]["search"]]
+    assert all(r["paired_ceiling_fps"] > 0 for r in runs)  # the ceiling re-measured before each daemon run
+    ceiling = max(modes["model"]["ceiling_fps"], modes["model"]["ceiling_after"]["throughput_fps"],
+                  *(r["paired_ceiling_fps"] for r in runs))
+    assert h["ceiling_fps"] == pytest.approx(ceiling)
+    best = max(modes["pipeline"]["sweep"], key=lambda x: x["throughput_fps"])
+    assert h["pipeline_vs_paired_ceiling"] == pytest.approx(best["throughput_fps"] / best["paired_ceiling_fps"])
+    assert h["pipeline_fps"] == pytest.approx(max(s["throughput_fps"] for s in modes["pipeline"]["sweep"]))
+    assert h["pipeline_vs_ceiling"] == pytest.approx(h["pipeline_fps"] / ceiling)
+    assert h["naive_vs_ceiling"] == pytest.approx(modes["naive"]["throughput_fps"] / ceiling)
+    e = modes["e2e"]
+    assert h["dropped_at_80pct"] == e["dropped"]
+    assert h["e2e_minus_inference_p99_ms"] == pytest.approx(
+        e["e2e"]["latency_ms"]["e2e"]["p99"] - e["latency_ms"]["inference"]["p99"])
+    # the subscriber process got every verdict the daemon published, in order of its clock
+    assert e["e2e"]["verdicts_received"] == e["e2e"]["verdicts_published"] > 0 and e["e2e"]["lost"] == 0
+    lat = e["latency_ms"]
+    e2e = e["e2e"]["latency_ms"]["e2e"]
+    # receipt is after the verdict was built, which is after 'total' was taken: e2e dominates total
+    assert e2e["n"] == lat["total"]["n"] > 0
+    for q in ("min", "p50", "p90", "p99", "max"):
+        assert e2e[q] >= lat["total"][q] >= lat["inference"][q] > 0
+    assert e["e2e"]["latency_ms"]["publish_to_receive"]["min"] > 0
+    # the daemon's own counters agree: every frame got exactly one verdict
+    c = e["daemon_counters"]
+    assert c["frames"] == e["e2e"]["verdicts_published"] == c.get("ok", 0) + c.get("ng", 0) + c.get("skipped", 0)
+    # CPU time per frame, by the daemon's threads: the inference worker is always there
+    assert e["cpu_ms_per_frame"]["inference workers"] > 0
+    assert all(v >= 0 for v in e["cpu_ms_per_frame"].values())
+    assert modes["model"]["ceiling"][0]["cpu_ms_per_call"] > 0
+    daemon_cpu = sum(v for k, v in e["cpu_ms_per_frame"].items() if not k.startswith("bench"))
+    assert h["daemon_cpu_ms_per_frame"] == pytest.approx(daemon_cpu)
+    assert h["cpu_bound_limit"] == pytest.approx(modes["model"]["ceiling"][0]["cpu_ms_per_call"] / daemon_cpu)
+    assert modes["vlm"]["available"] is False and modes["vlm"]["tokens_per_s"] is None
+    for res in [modes["naive"]["resources"], e["resources"], *(x["resources"] for x in modes["model"]["ceiling"])]:
+        assert res["rss_mb_max"] > 10 and res["cpu_percent_process"] > 0
+
+
+def test_quick_run_writes_markdown_and_plots(quick_run):
+    out, r, proc = quick_run
+    md = (out / "bench.md").read_text()
+    assert "quick run" in md and "## Headline" in md and "## e2e" in md and "not available yet" in md
+    for name in ("latency_cdf.png", "throughput_vs_offered.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert w > 500 and h > 300
+    assert "daemon pipeline throughput" in proc.stdout
+
+
+# -- the counting, on verdicts with known times -------------------------------------------------
+def _verdict(fid: int, ready_ms: float, done_ms: float, verdict: str = "OK", inference: float = 5.0) -> dict:
+    ms = 1_000_000
+    lat = {"queue": 0.5, "preprocess": 1.0, "inference": inference, "postprocess": 0.5,
+           "total": done_ms - ready_ms}
+    return {"frame_id": fid, "verdict": verdict, "frame_mono_ns": int(ready_ms * ms), "mono_ns": int(done_ms * ms),
+            "latency_ms": {"total": lat["total"]} if verdict == "SKIPPED" else lat}
+
+
+def test_window_counting_throughput_drops_and_percentiles():
+    # frames every 10 ms from t=0; warm-up ends at 100 ms, stop at 1100 ms (a 1.0 s window)
+    verdicts = []
+    for i in range(120):
+        ready = 10.0 * i
+        if i in (3, 50, 51):
+            verdicts.append(_verdict(i, ready, ready + 0.1, "SKIPPED"))
+        else:
+            verdicts.append(_verdict(i, ready, ready + 1.0 + (i % 10), inference=float(i % 10 + 1)))
+    marks = {"start": 0, "warm": 100 * 10**6, "stop": 1100 * 10**6}
+    run = _analyse(verdicts, None, marks, {"frames": 120}, {"cpu_percent_process": 1.0}, PipelineSetting(1, 1),
+                   100.0, 0.1, 1.0)
+    r = run.result
+    assert r["seconds"] == pytest.approx(1.0)
+    assert r["frames_ready"] == 100  # frames 10..109 became ready in [100, 1100) ms
+    assert r["offered_fps"] == pytest.approx(100.0)
+    # completed in the window: frames whose done time (ready + 1 + i%10 ms) is in [100, 1100), minus drops
+    done = [i for i in range(120) if i not in (3, 50, 51) and 100 <= 10 * i + 1 + i % 10 < 1100]
+    assert r["processed"] == len(done) and r["throughput_fps"] == pytest.approx(len(done))
+    assert r["dropped"] == 2 and r["dropped_during_warmup"] == 1
+    measured = [i for i in range(10, 120) if i not in (50, 51)]
+    inf = np.array([float(i % 10 + 1) for i in measured])
+    got = r["latency_ms"]["inference"]
+    assert got["n"] == len(measured)
+    assert got["p50"] == pytest.approx(np.percentile(inf, 50))
+    assert got["p99"] == pytest.approx(np.percentile(inf, 99)) and got["max"] == 10.0 and got["min"] == 1.0
+
+
+def test_cpu_per_frame_by_thread_role():
+    from linecam.bench.pipeline import cpu_ms_per_frame
+
+    before = {1: ("inference workers", 1.0), 2: ("snapshots", 0.5), 3: ("other (native)", 9.0)}
+    after = {1: ("inference workers", 2.0), 2: ("snapshots", 0.6), 4: ("other (native)", 0.2),
+             5: ("inference workers", 0.5)}
+    # tid 3 ended (left out, never negative); tids 4 and 5 started in the window (counted from zero)
+    got = cpu_ms_per_frame(before, after, frames=100)
+    assert got == {"inference workers": pytest.approx(15.0), "other (native)": pytest.approx(2.0),
+                   "snapshots": pytest.approx(1.0)}
+
+
+def test_e2e_from_subscriber_columns():
+    verdicts = [_verdict(i, 10.0 * i, 10.0 * i + 4.0) for i in range(30)]
+    ms = 1_000_000
+    received = {  # receipt 6 ms after frame ready, 2 ms after the verdict was built
+        "frame_id": list(range(30)), "verdict": ["OK"] * 30,
+        "frame_mono_ns": [v["frame_mono_ns"] for v in verdicts], "mono_ns": [v["mono_ns"] for v in verdicts],
+        "received_ns": [v["frame_mono_ns"] + 6 * ms for v in verdicts], "inference_ms": [5.0] * 30,
+    }
+    marks = {"start": 0, "warm": 50 * ms, "stop": 400 * ms}
+    r = _analyse(verdicts, received, marks, {}, {}, PipelineSetting(1, 1), 100.0, 0.05, 0.35).result
+    e = r["e2e"]
+    assert e["lost"] == 0 and e["verdicts_received"] == 30
+    assert e["latency_ms"]["e2e"]["n"] == 25  # frames ready after the warm-up
+    assert e["latency_ms"]["e2e"]["p99"] == pytest.approx(6.0)
+    assert e["latency_ms"]["publish_to_receive"]["max"] == pytest.approx(2.0)
+    received2 = {k: v[:-3] for k, v in received.items()}  # three never arrived
+    assert _analyse(verdicts, received2, marks, {}, {}, PipelineSetting(1, 1), 100.0, 0.05,
+                    0.35).result["e2e"]["lost"] == 3
+
+
+# -- headline, schema, report ---------------------------------------------------------------------
+def _fake_results(tmp_path: Path) -> dict:
+    summary = {"n": 10, "mean": 1.0, "min": 0.5, "p50": 1.0, "p90": 1.5, "p99": 2.0, "max": 2.5}
+    res = {"seconds": 1.0, "samples": 5, "cpu_percent_process": 90.0, "cpu_percent_children": 5.0,
+           "cpu_percent_other": 3.0, "rss_mb_max": 150.0, "children_rss_mb_max": 40.0}
+    stages = {k: dict(summary) for k in ("queue", "preprocess", "inference", "postprocess", "total")}
+    run = {"setting": {"workers": 1, "intra_op_threads": 1, "queue_size": 8, "snapshots": True,
+                       "label": "1 worker x intra-op 1"},
+           "offered_fps_target": 80.0, "warmup": {"seconds": 2, "verdicts": 10}, "seconds": 10.0, "frames_ready": 800,
+           "offered_fps": 80.0, "processed": 800, "throughput_fps": 80.0, "dropped": 0, "dropped_during_warmup": 0,
+           "ng": 200, "daemon_counters": {"frames": 1000}, "latency_ms": stages, "resources": res}
+    e2e = copy.deepcopy(run)
+    e2e["e2e"] = {"verdicts_published": 1000, "verdicts_received": 1000, "lost": 0,
+                  "latency_ms": {"e2e": {**summary, "p99": 12.5}, "publish_to_receive": dict(summary)}}
+    e2e["latency_ms"]["inference"]["p99"] = 10.0
+    low = copy.deepcopy(e2e)
+    low.update(offered_fraction=0.5, offered_fps_target=50.0, offered_fps=50.0, throughput_fps=50.0)
+    low["e2e"]["latency_ms"]["e2e"]["p99"] = 11.0
+    fast = copy.deepcopy(run)
+    fast.update(offered_fps_target=110.0, offered_fps=110.0, throughput_fps=90.0, dropped=30, paired_ceiling_fps=95.0)
+    e2e["paired_ceiling_fps"] = 98.0
+    e2e["cpu_ms_per_frame"] = {"inference workers": 7.0, "mqtt network (paho)": 1.0, "bench (sampling)": 0.5}
+    ceil = {"setting": {"streams": 1, "intra_op_threads": 1}, "label": "1 stream x intra-op 1",
+            "warmup": {"seconds": 1, "calls": 10}, "seconds": 5.0, "calls": 500, "throughput_fps": 100.0,
+            "cpu_ms_per_call": 6.0, "latency_ms": summary, "resources": res}
+    r = {
+        "schema_version": 1, "started_utc": "2026-01-01T00:00:00+00:00", "command": "python benchmarks/run.py",
+        "quick": False, "seconds": 200.0,
+        "machine": machine_info(None),
+        "workload": {"bundle": {"name": "m", "path": str(tmp_path), "sha256": "ab" * 32, "input_shape": [1, 3, 8, 8],
+                                "file": "onnx_fp32"},
+                     "frames": {"count": 8, "width": 64, "height": 64, "defect_rate": 0.25, "seed": 7,
+                                "format": "BMP"},
+                     "durations_s": asdict(Durations())},
+        "modes": {
+            "model": {"ceiling": [ceil], "best": ceil["label"], "ceiling_fps": 100.0,
+                      "ceiling_after": {**ceil, "throughput_fps": 96.0},
+                      "bare_path": {"intra_op_threads": 1, "warmup": {}, "seconds": 5.0, "frames": 450, "ng": 100,
+                                    "throughput_fps": 90.0,
+                                    "latency_ms": {k: dict(summary) for k in
+                                                   ("preprocess", "inference", "postprocess", "total")},
+                                    "resources": res}},
+            "naive": {"description": "naive", "warmup": {}, "seconds": 5.0, "frames": 300, "throughput_fps": 60.0,
+                      "latency_ms": {"total": dict(summary)}, "resources": res},
+            "pipeline": {"setting": run["setting"], "search": [], "sweep": [e2e, fast], "unpaced": None},
+            "e2e": e2e,
+            "e2e_more": [low],
+            "vlm": {"available": False, "reason": "not available yet"},
+        },
+        "targets": dict(TARGETS),
+    }
+    r["headline"] = headline(r)
+    return r
+
+
+def test_headline_ratios_targets_and_shortfalls(tmp_path):
+    r = _fake_results(tmp_path)
+    h = r["headline"]
+    assert h["ceiling_fps"] == 100.0  # the highest of before (100), after (96) and the paired ones (95, 98)
+    assert h["ceiling_min_fps"] == 95.0
+    assert h["ceiling_steadiness"] == pytest.approx(0.95) and h["steady"] is True
+    assert h["pipeline_vs_paired_ceiling"] == pytest.approx(90.0 / 95.0)  # the best run, against its own
+    assert h["pipeline_fps"] == 90.0 and h["pipeline_vs_ceiling"] == pytest.approx(0.90)
+    assert h["met"]["pipeline_vs_ceiling"] is False
+    assert h["shortfall"]["pipeline_vs_ceiling"] == pytest.approx(0.05)
+    assert h["e2e_minus_inference_p99_ms"] == pytest.approx(2.5)
+    assert h["met"]["e2e_minus_inference_p99"] is True and h["shortfall"]["e2e_minus_inference_p99_ms"] == 0
+    assert h["dropped_at_80pct"] == 0 and h["met"]["zero_drops_at_80pct"] is True
+    assert h["naive_vs_ceiling"] == pytest.approx(0.6) and h["pipeline_vs_naive"] == pytest.approx(1.5)
+    assert h["e2e_minus_inference_p99_ms_by_fraction"] == {"0.5": pytest.approx(1.0)}
+    assert h["daemon_cpu_ms_per_frame"] == 8.0 and h["cpu_bound_limit"] == pytest.approx(0.75)  # bench thread left out
+    validate_results(r)
+    rows = headline_rows(r)
+    assert rows[0][3] == "**no** (short by 0.05)" and rows[1][3] == "**yes**"
+    md = render_markdown(r)
+    assert "| daemon pipeline throughput ÷ bare-model ceiling | 0.90 (90.0 ÷ 100.0 fps" in md
+    assert "quick run" not in md
+    assert "### The same at 50% of the ceiling (50.0 fps)" in md and "| the same at 50% of the ceiling" in md
+
+
+def test_unsteady_machine_is_flagged(tmp_path):
+    r = _fake_results(tmp_path)
+    r["modes"]["model"]["ceiling_after"]["throughput_fps"] = 60.0  # capacity moved under the run
+    r["headline"] = headline(r)
+    validate_results(r)
+    assert r["headline"]["steady"] is False and r["headline"]["ceiling_steadiness"] == pytest.approx(0.6)
+    assert "**Unsteady machine**: the bare-model ceiling ranged 60.0–100.0 fps" in render_markdown(r)
+    assert "Unsteady machine" in readme_block(r)
+    assert "Unsteady" not in render_markdown(_fake_results(tmp_path))
+
+
+def test_headline_with_modes_not_run_is_null(tmp_path):
+    r = _fake_results(tmp_path)
+    for k in ("pipeline", "e2e", "naive"):
+        del r["modes"][k]
+    r["headline"] = headline(r)
+    validate_results(r)
+    assert r["headline"]["pipeline_vs_ceiling"] is None and r["headline"]["met"]["zero_drops_at_80pct"] is None
+    assert "not run" in render_markdown(r)
+
+
+@pytest.mark.parametrize("breakage", ["no_headline_key", "negative_fps", "bad_summary", "unknown_mode"])
+def test_schema_rejects_broken_results(tmp_path, breakage):
+    r = _fake_results(tmp_path)
+    if breakage == "no_headline_key":
+        del r["headline"]["dropped_at_80pct"]
+    elif breakage == "negative_fps":
+        r["modes"]["e2e"]["throughput_fps"] = -1.0
+    elif breakage == "bad_summary":
+        del r["modes"]["model"]["ceiling"][0]["latency_ms"]["p99"]
+    else:
+        r["modes"]["gpu_magic"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_results(r)
+
+
+# -- README block --------------------------------------------------------------------------------
+def test_readme_block_replaced_between_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nintro\n\n{START}\nold table\n{END}\n\n## after\ntext\n")
+    r = _fake_results(tmp_path)
+    block = readme_block(r)
+    replace_block(readme, block)
+    replace_block(readme, block)  # idempotent
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n\n" + START + "\n") and text.endswith(END + "\n\n## after\ntext\n")
+    assert "old table" not in text and text.count("daemon pipeline throughput") == 1
+    assert "`python benchmarks/run.py`" in text and "benchmarks/results/bench.json" in text
+
+
+def test_readme_without_markers_or_file_fails_clearly(tmp_path):
+    readme = tmp_path / "README.md"
+    with pytest.raises(LinecamError, match="not found"):
+        replace_block(readme, "x")
+    assert not readme.exists()  # never created
+    readme.write_text("# no markers\n")
+    with pytest.raises(LinecamError, match="bench:start"):
+        replace_block(readme, "x")
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_update_readme_script(tmp_path, quick_run):
+    out, r, _ = quick_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{START}\n{END}\nb\n")
+    script = [sys.executable, str(ROOT / "benchmarks" / "update_readme.py"), "--readme", str(readme)]
+    quick = subprocess.run([*script, "--results", str(out / "bench.json")], capture_output=True, text=True,
+                           timeout=60)
+    assert quick.returncode != 0 and "--quick run" in quick.stderr  # a quick run never lands in the README
+    full = dict(r, quick=False)
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    ok = subprocess.run([*script, "--results", str(tmp_path / "full.json")], capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    text = readme.read_text()
+    assert text.startswith(f"a\n{START}\n") and text.endswith(f"{END}\nb\n") and "tiny-darkness" in text
+    assert load_results(tmp_path / "full.json")["quick"] is False
+    missing = subprocess.run([*script, "--results", str(tmp_path / "full.json"), "--readme",
+                              str(tmp_path / "nope.md")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "not found" in missing.stderr and not (tmp_path / "nope.md").exists()
+
+
+# -- plots, resources, CLI -------------------------------------------------------------------------
+def test_plots_from_known_samples(tmp_path):
+    from linecam.bench.plots import latency_series, write_plots
+
+    rng = np.random.default_rng(0)
+    raw = {"e2e_run": {k: rng.gamma(2.0, 1.0, 200) for k in ("queue", "preprocess", "inference", "postprocess",
+                                                             "total", "e2e")},
+           "ceiling_best": rng.gamma(2.0, 1.0, 300)}
+    series = latency_series(raw)
+    assert list(series) == ["daemon queue", "daemon preprocess", "daemon inference", "daemon postprocess",
+                            "daemon total", "e2e (subscriber process)", "bare session.run"]
+    paths = write_plots(_fake_results(tmp_path), raw, tmp_path / "plots")
+    for p in paths.values():
+        assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
+
+
+def test_resource_monitor_sees_a_busy_thread():
+    stop = threading.Event()
+
+    def burn() -> None:
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    t = threading.Thread(target=burn)
+    with ResourceMonitor(interval=0.05) as mon:
+        t.start()
+        time.sleep(0.6)
+        stop.set()
+        t.join()
+    s = mon.summary()
+    assert s["samples"] >= 5 and s["seconds"] >= 0.5
+    assert s["cpu_percent_process"] > 15  # a spinning thread, even on shared cores
+    assert s["rss_mb_max"] > 10 and s["cpu_percent_other"] >= 0
+
+
+def test_cli_registered_and_rejects_half_a_setting(tmp_path):
+    from linecam.cli import cli
+
+    runner = CliRunner()
+    assert "--quick" in runner.invoke(cli, ["bench", "--help"]).output
+    res = runner.invoke(cli, ["bench", "--quick", "--workers", "2", "--bundle", str(tmp_path), "--no-plots"])
+    assert res.exit_code != 0 and "--intra-op-threads together" in res.output
