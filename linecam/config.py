@@ -77,8 +77,9 @@ class ModelConfig(_Strict):
     #: CUDA if there is a GPU, else CPU; the log says which and why.
     backend: Literal["onnxruntime", "onnxruntime-cuda", "tensorrt", "auto"] = "onnxruntime"
     precision: Literal["fp32", "fp16", "int8"] | None = None
-    #: ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core).
-    intra_op_threads: int = Field(default=0, ge=0)
+    #: ONNX Runtime intra-op threads per worker (0 = ONNX Runtime's default, one per core).
+    #: 1 thread x runtime.workers workers measured best on small CPUs (benchmarks/README.md).
+    intra_op_threads: int = Field(default=1, ge=0)
     #: TensorRT: replay a CUDA graph per frame (lower launch overhead; one graph per input shape).
     cuda_graph: bool = False
 
@@ -97,7 +98,8 @@ class RuntimeConfig(_Strict):
     #: (policy below) and gets a SKIPPED verdict, so every frame still gets exactly one verdict.
     queue_size: int = Field(default=8, ge=1, le=1024)
     drop_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
-    workers: int = Field(default=1, ge=1, le=16)
+    #: Inference threads (each runs one frame at a time; verdicts may leave out of frame order).
+    workers: int = Field(default=2, ge=1, le=16)
     metrics_interval_s: float = Field(default=10.0, gt=0)
     #: NG frames waiting for their annotated snapshot; when full the defect event is sent without one.
     snapshot_queue_size: int = Field(default=16, ge=1)

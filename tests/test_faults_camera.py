@@ -284,7 +284,7 @@ def test_hung_inference_with_frames_waiting_starves_the_watchdog(broker, tiny_bu
         threading.Thread(target=run, daemon=True).start()
 
     cfg = parse_config(line_config(tiny_bundle, broker.port, tmp_path, camera={"frames": 250, "fps": 50},
-                                   runtime={"inference_timeout_s": 0.5, "queue_size": 200},
+                                   runtime={"inference_timeout_s": 0.5, "queue_size": 200, "workers": 1},
                                    spool={"path": str(tmp_path / "spool.db")}), tmp_path / "x.yaml")
     events, summary = collect(broker.port, lambda: run_service(cfg, on_daemon=releaser), types=("verdict",))
     t = stuck[0].t_stuck

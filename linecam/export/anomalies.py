@@ -275,7 +275,7 @@ def cutpaste_scar(
     image: np.ndarray,
     donor: np.ndarray | None = None,
     *,
-    width: tuple[float, float] = (0.005, 0.05),
+    width: tuple[float, float] = (0.004, 0.04),
     length: tuple[float, float] = (0.04, 0.3),
     angle: tuple[float, float] = (-90.0, 90.0),
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -381,9 +381,9 @@ def nsa_clone(
 
 #: Recipe name -> (function, default weight used by :func:`synthesize`).
 RECIPES: dict[str, tuple[Recipe, float]] = {
-    "perlin": (perlin_blend, 0.45),
+    "perlin": (perlin_blend, 0.35),
     "cutpaste": (cutpaste_rect, 0.15),
-    "scar": (cutpaste_scar, 0.25),
+    "scar": (cutpaste_scar, 0.35),
     "nsa": (nsa_clone, 0.15),
 }
 

@@ -141,6 +141,7 @@ class Daemon:
         fs = cfg.runtime.frame_size
         self._frame_size: tuple[int, int] | None = (int(fs[0]), int(fs[1])) if fs is not None else None
         self._frame_layout: tuple[int, str, int] | None = None
+        self._last_ok: tuple | None = None  # (shape, dtype, bit depth) of the last frame that passed
         self._crop = man.preprocess.crop
         self._last_warn: dict[str, float] = {}
         self._warn_lock = threading.Lock()
@@ -338,6 +339,10 @@ class Daemon:
         if invalid:  # the source got a buffer it could not convert
             return "wrong_pixel_format", str(invalid)
         img = frame.image
+        # Hot path: a frame exactly like the last accepted one needs no further checks.
+        if (self._last_ok is not None and isinstance(img, np.ndarray)
+                and (img.shape, img.dtype, frame.bit_depth) == self._last_ok):
+            return None
         if (not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] not in (1, 3)
                 or img.dtype not in (np.uint8, np.uint16) or not 1 <= frame.bit_depth <= img.dtype.itemsize * 8
                 or (img.shape[2] == 3 and img.dtype != np.uint8) or 0 in img.shape):
@@ -364,6 +369,7 @@ class Daemon:
         if crop is not None and (crop.left + crop.width > w or crop.top + crop.height > h):
             return "wrong_frame_size", (f"{w}x{h} is too small for the bundle's crop {crop.width}x{crop.height} at "
                                         f"({crop.left}, {crop.top}): use the camera ROI the model was made for")
+        self._last_ok = (img.shape, img.dtype, frame.bit_depth)
         return None
 
     def _enqueue(self, frame: Frame) -> None:

@@ -25,6 +25,9 @@ class OrtRunner(Runner):
         # One frame at a time: parallelism comes from worker threads, not inter-op scheduling.
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning intra-op threads burn a core between frames; on a small edge CPU that
+        # core belongs to acquisition and publishing (measured: 15.7 -> 8.2 ms CPU per call).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(model_path), sess_options=opts,
                                                  providers=["CPUExecutionProvider"])
