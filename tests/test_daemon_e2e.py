@@ -175,6 +175,7 @@ def test_sd_notify_ready_watchdog_stopping(broker, tiny_bundle, tmp_path, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # fits the demo expert on first run (minutes on 2 CPU cores; cached after)
 def test_demo_expert_separates_injected_defects(broker, tmp_path):
     """The demo's own expert, fitted from scratch on good parts, against the simulated line."""
     from linecam.demo import ensure_demo_bundle
