@@ -15,7 +15,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,6 +27,7 @@ from linecam.preprocess import PreprocessSpec
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
+M = TypeVar("M", bound=BaseModel)
 Backend = Literal["onnxruntime", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 
@@ -208,17 +209,15 @@ def _verify_file(root: Path, mpath: Path, role: str, entry: FileEntry, fix: str)
         raise BundleError(f"{where} cannot be read ({e.strerror if isinstance(e, OSError) else e}); {fix}") from None
 
 
-def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
-    """Load ``root/manifest.json``, check the schema version and every file's sha256."""
-    root = Path(root)
-    fix = "re-export the bundle with export-engine, or copy the whole bundle folder again"
-    if not root.is_dir():
-        raise BundleError(f"bundle folder {root} does not exist: build one with "
-                          f"'export-engine fit --images <folder of good images> --out {root}'")
+def read_manifest(root: Path, model: type[M], *, newest_version: int, fix: str, missing: str,
+                  kind: str | None = None, verify: bool = True) -> M:
+    """Read, validate and (with ``verify``) hash-check ``root/manifest.json`` as ``model``.
+
+    Shared by every bundle kind so that each gets the same one-line errors for the same
+    damage (bad JSON, too deep, unreadable, wrong kind, newer schema, bad field, bad file)."""
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise BundleError(f"{mpath} is missing: {root} is not a linecam bundle or was copied "
-                          f"incompletely; {fix}")
+        raise BundleError(f"{mpath} is missing: {missing}")
     try:
         raw = json.loads(mpath.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -229,17 +228,33 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"cannot read {mpath} ({e.strerror or e}): check its permissions; {fix}") from None
     if not isinstance(raw, dict):
         raise BundleError(f"{mpath} is not a JSON object: the bundle is corrupt; {fix}")
+    if kind is not None and raw.get("kind", kind) != kind:
+        raise BundleError(f"{mpath} is a {str(raw.get('kind'))[:40]!r} bundle, not a {kind!r} bundle: "
+                          f"point this setting at the folder the matching export-engine command wrote")
     version = raw.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{mpath} has no integer 'schema_version': not a linecam bundle; {fix}")
-    if version > SCHEMA_VERSION:
+    if version > newest_version:
         raise BundleError(f"{mpath} uses manifest schema v{version}, newer than this linecam "
-                          f"{__version__} reads (v{SCHEMA_VERSION}): upgrade linecam on this device")
+                          f"{__version__} reads (v{newest_version}): upgrade linecam on this device")
     try:
-        manifest = Manifest.model_validate(raw)
+        manifest = model.model_validate(raw)
     except ValidationError as e:
         raise BundleError(f"{mpath}: {_describe(e)}; {fix}") from None
     if verify:
-        for role, entry in manifest.files.items():
+        for role, entry in manifest.files.items():  # type: ignore[attr-defined]
             _verify_file(root, mpath, role, entry, fix)
+    return manifest
+
+
+def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
+    """Load ``root/manifest.json``, check the schema version and every file's sha256."""
+    root = Path(root)
+    fix = "re-export the bundle with export-engine, or copy the whole bundle folder again"
+    if not root.is_dir():
+        raise BundleError(f"bundle folder {root} does not exist: build one with "
+                          f"'export-engine fit --images <folder of good images> --out {root}'")
+    manifest = read_manifest(root, Manifest, newest_version=SCHEMA_VERSION, fix=fix, kind="region_expert",
+                             missing=f"{root} is not a linecam bundle or was copied incompletely; {fix}",
+                             verify=verify)
     return Bundle(root, manifest)

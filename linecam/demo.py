@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -120,7 +119,6 @@ def run_demo(camera: str = "synthetic", frames: int = 120, fps: float = 15.0, wo
              as_json: bool = False) -> dict[str, Any]:
     from linecam.broker import MosquittoBroker
     from linecam.events import subscribe
-    from linecam.runtime.stats import percentile_summary
 
     console = Console(stderr=False, highlight=False)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,12 @@ fp32 / fp16 / int8 / int4), ``tokenizer`` (``tokenizer.json``), plus optional ex
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from linecam import __version__
-from linecam.bundle import MANIFEST, FileEntry, Provenance, file_entry, sha256_file
+from linecam.bundle import MANIFEST, FileEntry, Provenance, file_entry, read_manifest, sha256_file
 from linecam.errors import BundleError
 
 #: The VLM manifest schema this linecam writes and the newest it reads (independent of
@@ -147,47 +145,11 @@ class VlmBundle:
         return sha256_file(self.root / MANIFEST)
 
 
-def _describe(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"field '{loc}': {first['msg']}{more}"
-
-
 def load_vlm_bundle(root: str | Path, verify: bool = True) -> VlmBundle:
     """Load ``root/manifest.json`` of kind ``vlm``; check schema version and every file's sha256."""
     root = Path(root)
     fix = "re-export it with 'export-engine vlm', or copy the whole bundle folder again"
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise BundleError(f"{mpath} is missing: {root} is not a linecam VLM bundle; "
-                          f"build one with 'export-engine vlm --model <hf folder> --out {root}'")
-    try:
-        raw = json.loads(mpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON ({e}): the bundle is corrupt; {fix}") from None
-    if not isinstance(raw, dict) or raw.get("kind") != "vlm":
-        kind = raw.get("kind") if isinstance(raw, dict) else None
-        raise BundleError(f"{mpath} is a {kind!r} bundle, not a VLM bundle: point the VLM at the folder "
-                          f"'export-engine vlm' wrote")
-    version = raw.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise BundleError(f"{mpath} has no integer 'schema_version'; {fix}")
-    if version > VLM_SCHEMA_VERSION:
-        raise BundleError(f"{mpath} uses VLM manifest schema v{version}, newer than this linecam "
-                          f"{__version__} reads (v{VLM_SCHEMA_VERSION}): upgrade linecam on this device")
-    try:
-        manifest = VlmManifest.model_validate(raw)
-    except ValidationError as e:
-        raise BundleError(f"{mpath}: {_describe(e)}; {fix}") from None
-    if verify:
-        for role, entry in manifest.files.items():
-            p = (root / entry.path).resolve()
-            if root.resolve() not in p.parents:
-                raise BundleError(f"{mpath}: file '{role}' points outside the bundle ({entry.path}); {fix}")
-            if not p.is_file():
-                raise BundleError(f"bundle file {root / entry.path} (role '{role}') is missing; {fix}")
-            if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
-                raise BundleError(f"bundle file {root / entry.path} (role '{role}') fails its sha256 "
-                                  f"check: corrupt or half-copied; {fix}")
+    manifest = read_manifest(root, VlmManifest, newest_version=VLM_SCHEMA_VERSION, fix=fix, kind="vlm",
+                             missing=(f"{root} is not a linecam VLM bundle; build one with "
+                                      f"'export-engine vlm --model <hf folder> --out {root}'"), verify=verify)
     return VlmBundle(root, manifest)
