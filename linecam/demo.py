@@ -120,7 +120,7 @@ def run_demo(camera: str = "synthetic", frames: int = 120, fps: float = 15.0, wo
     from linecam.broker import MosquittoBroker
     from linecam.events import subscribe
 
-    console = Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False, soft_wrap=True)  # long snapshot paths stay on one line
     workdir.mkdir(parents=True, exist_ok=True)
     bundle = ensure_demo_bundle(workdir, console)
     truth = synthetic_truth(frames) if camera == "synthetic" else {}
