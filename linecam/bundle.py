@@ -151,7 +151,7 @@ class Bundle:
             have = ", ".join(sorted(self.manifest.files)) or "none"
             raise BundleError(
                 f"bundle {self.root} has no '{role}' file (it has: {have}); "
-                f"export one with export-engine or choose another backend"
+                f"export one with export-engine or choose another backend/precision"
             ) from None
 
     def pick(self, backend: Backend, precision: Precision | None = None) -> str:

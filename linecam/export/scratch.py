@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linecam.progress import make_progress
 from linecam.bundle import (
     Manifest,
     OutputsSpec,
@@ -267,7 +268,7 @@ def train(model: ScratchExpert, sampler: AnomalySampler, *, steps: int, batch_si
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()
-    bar = _progress(progress)
+    bar = make_progress(progress, "loss {task.fields[loss]:.4f}")
     with bar:
         task = bar.add_task("training scratch expert", total=steps, loss=float("nan"))
         for step in range(steps):
@@ -288,31 +289,6 @@ def train(model: ScratchExpert, sampler: AnomalySampler, *, steps: int, batch_si
     model.eval()
     model.to(memory_format=torch.contiguous_format)  # plain layout for export
     return TrainResult(losses, time.perf_counter() - t0)
-
-
-class _NoProgress:
-    def __enter__(self) -> "_NoProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *a: Any, **k: Any) -> int:
-        return 0
-
-    def update(self, *a: Any, **k: Any) -> None:
-        return None
-
-
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    transient=False)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -16,8 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from linecam.bundle import MANIFEST, FileEntry, Provenance, file_entry, read_manifest, sha256_file
-from linecam.errors import BundleError
+from linecam.bundle import Bundle, FileEntry, Provenance, file_entry, read_manifest
 
 #: The VLM manifest schema this linecam writes and the newest it reads (independent of
 #: the region-expert manifest's version).
@@ -122,27 +121,13 @@ class VlmManifest(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
-class VlmBundle:
-    """A loaded, verified VLM bundle."""
+class VlmBundle(Bundle):
+    """A loaded, verified VLM bundle (``path``, ``model_sha256`` as for every bundle)."""
 
-    def __init__(self, root: Path, manifest: VlmManifest) -> None:
-        self.root = root
-        self.manifest = manifest
-
-    def path(self, role: str) -> Path:
-        try:
-            return self.root / self.manifest.files[role].path
-        except KeyError:
-            have = ", ".join(sorted(self.manifest.files)) or "none"
-            raise BundleError(f"VLM bundle {self.root} has no '{role}' file (it has: {have}); "
-                              f"export it with 'export-engine vlm' or choose another precision") from None
+    manifest: VlmManifest
 
     def has(self, role: str) -> bool:
         return role in self.manifest.files
-
-    @property
-    def model_sha256(self) -> str:
-        return sha256_file(self.root / MANIFEST)
 
 
 def load_vlm_bundle(root: str | Path, verify: bool = True) -> VlmBundle:
