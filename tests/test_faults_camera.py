@@ -164,10 +164,12 @@ def run_scripted(monkeypatch, broker, tiny_bundle, tmp_path, cam: ScriptedCamera
     return [e.payload for e in events if e.type == "status"], summary
 
 
-def down_then_up(status: list[dict], why: str) -> None:
+def down_then_up(status: list[dict], why: str | tuple[str, ...]) -> None:
     down = [i for i, s in enumerate(status) if s["camera_state"] == "down"]
     assert down, [(s["state"], s["camera_state"], s["detail"]) for s in status]
-    assert status[down[0]]["state"] == "degraded" and why in status[down[0]]["detail"]
+    reasons = (why,) if isinstance(why, str) else why
+    detail = status[down[0]]["detail"]
+    assert status[down[0]]["state"] == "degraded" and any(r in detail for r in reasons), detail
     up = [i for i, s in enumerate(status) if i > down[0] and s["camera_state"] == "up"]
     assert up and status[up[0]]["state"] == "running" and status[up[0]]["detail"] == "camera reconnected"
 
@@ -334,7 +336,9 @@ def test_genicam_acquirer_torn_down_under_the_daemon_recovers(broker, tiny_bundl
     assert c["camera_faults"] >= 1 and c["camera_reconnects"] >= 1, c
     assert c["frames"] >= seen["at_fault"] + 30  # publishing resumed
     status = [e.payload for e in events if e.type == "status"]
-    down_then_up(status, "no frame for 1 s" if teardown == "stop" else "stopped delivering")
+    # Stopping acquisition from another thread races the fetch: viky either goes silent (the frame timeout
+    # fires) or fails the in-flight GetBufferInfo (a GenTL error). Both must read as "camera down" and recover.
+    down_then_up(status, ("no frame for 1 s", "stopped delivering") if teardown == "stop" else "stopped delivering")
     verdicts = [e.payload for e in events if e.type == "verdict"]
     assert len(verdicts) == c["frames"]
     ids = [v["frame_id"] for v in verdicts]
