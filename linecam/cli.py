@@ -90,6 +90,35 @@ def demo(camera: str, frames: int, fps: float, workdir: Path, as_json: bool) -> 
     run_demo(camera=camera, frames=frames, fps=fps, workdir=workdir, as_json=as_json)
 
 
+@cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path),
+              help="The region-expert bundle folder (manifest.json).")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="One MVTec AD category folder: test/good, test/<defect>, ground_truth/<defect>/*_mask.png.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Where report.json and the plots go.  [default: eval-<bundle>-<category>]")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Model file to run (default: the first the bundle has, fp32 first).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "tensorrt", "auto"]),
+              default="onnxruntime", show_default=True, help="As model.backend in the line config.")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="ONNX Runtime intra-op threads (default 0: one per core).")
+@click.option("--worst", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Worst cases to draw (highest-scoring good, lowest-scoring defective).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def evaluate(bundle_dir: Path, data_dir: Path, out_dir: Path | None, precision: str | None, backend: str,
+             threads: int | None, worst: int, quiet: bool) -> None:
+    """Measure a bundle on an MVTec-AD-layout dataset: image/pixel AUROC, AU-PRO, F1 at its threshold."""
+    setup_logging("WARNING")
+    from linecam.evaluate import evaluate_bundle, print_report
+
+    if out_dir is None:
+        out_dir = Path(f"eval-{bundle_dir.resolve().name}-{data_dir.resolve().name}")
+    report = evaluate_bundle(bundle_dir, data_dir, out_dir, backend=backend, precision=precision,
+                             intra_op_threads=threads, worst=worst, progress=not quiet)
+    print_report(report)
+
+
 def _add_optional_commands() -> None:
     from linecam.events import events_command
 
