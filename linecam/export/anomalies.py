@@ -361,7 +361,12 @@ def nsa_clone(
     pmask = np.full((ph, pw), 255, np.uint8)
     cy = int(rng.integers(ph // 2 + 1, h - (ph - ph // 2) - 1 + 1))
     cx = int(rng.integers(pw // 2 + 1, w - (pw - pw // 2) - 1 + 1))
-    out8 = cv2.seamlessClone(src8, dst8, pmask, (cx, cy), cv2.NORMAL_CLONE)
+    try:
+        out8 = cv2.seamlessClone(src8, dst8, pmask, (cx, cy), cv2.NORMAL_CLONE)
+    except cv2.error:
+        # OpenCV rejects some patches that nearly fill a small image (its Poisson solver
+        # needs a border around the patch); a plain CutPaste keeps the sample usable.
+        return cutpaste_rect(rng, image)
     if c == 1:
         out8 = out8[:, :, :1]
     out = out8.astype(np.float32) / to8
