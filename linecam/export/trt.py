@@ -219,20 +219,11 @@ def placement_line(report: dict[str, Any]) -> str:
 
 def derive_fp16_onnx(src: Path, dst: Path) -> Path:
     """Cast an FP32 ONNX to FP16 (inputs and outputs kept FP32, so the runtime contract is
-    unchanged) with ONNX Runtime's converter; used when the bundle holds no FP16 model."""
-    try:
-        import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-    except ImportError as e:
-        raise BundleError(f"the bundle has no FP16 ONNX and deriving one needs the onnx package "
-                          f"({e.name} is missing): pip install onnx, or build with --precision fp32") from None
-    model = onnx.load(str(src))
-    fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    onnx.save(fp16, str(tmp))
-    os.replace(tmp, dst)
-    return dst
+    unchanged) with ONNX Runtime's converter; used when the bundle holds no FP16 model.
+    See :func:`linecam.export.quantize.to_fp16` (atomic write, checked on ORT CPU)."""
+    from linecam.export.quantize import to_fp16
+
+    return to_fp16(src, dst)
 
 
 # --------------------------------------------------------------------------- TensorRT build

@@ -1,0 +1,663 @@
+"""FP16 and INT8 ONNX for a region expert: the files TensorRT builds strongly typed engines from.
+
+* :func:`to_fp16`: FP16 weights and compute, FP32 graph inputs/outputs (the runtime
+  contract is unchanged). Runs on ONNX Runtime's CPU provider too, which inserts casts
+  to FP32 around the ops it has no FP16 kernel for (``InsertCastTransformer``), so the
+  CPU check there approximates TensorRT's FP16 numerics (it rounds weights and
+  activations between ops to FP16 but mostly computes in FP32).
+* :func:`to_int8`: static INT8 with **symmetric** Q/DQ nodes (every zero point 0, int8):
+  the only INT8 form a strongly typed TensorRT network takes. Calibrated on images
+  preprocessed exactly as at inference (:func:`calibration_batch`), with the head kept
+  in float (see :data:`KEEP_HEAD_FLOAT` and :func:`head_nodes`).
+
+Whether a quantized file is good enough is not decided here: :mod:`linecam.export.gate`
+compares it with the FP32 model on labelled images and refuses it when accuracy drops.
+
+No torch at import time: the TensorRT build on a Jetson derives its FP16 ONNX through
+:func:`to_fp16`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+import inspect
+import logging
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from linecam.errors import BundleError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from linecam.export.scratch import SourceImage
+    from linecam.preprocess import PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["minmax", "percentile", "entropy"]
+Tool = Literal["auto", "ort", "modelopt"]
+METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+TOOLS: tuple[str, ...] = ("auto", "ort", "modelopt")
+#: Default calibration method, chosen by measurement on ScratchExpert (see tests/test_quantize.py):
+#: the anomaly signal *is* the tail of the activation distributions; percentile (99.999) and
+#: entropy clip it, min-max keeps the whole observed range. Max score difference vs FP32 (two
+#: seeds, % of the map range): min-max 1.7 / 1.5, percentile 2.1 / 2.1, entropy 6.8 / 8.3.
+DEFAULT_METHOD: Method = "minmax"
+#: Below this many calibration images a warning says accuracy may collapse (NVIDIA suggests >= 500).
+MIN_CALIBRATION_IMAGES = 32
+#: Keep the head in float: the last conv(s) and everything after them (upsampling of the logits,
+#: sigmoid, score pooling and reduction), see :func:`head_nodes`. Measured on ScratchExpert
+#: (64x64, two seeds): slightly better map agreement (max score difference 1.67 % vs 1.80 % and
+#: 1.46 % vs 1.58 % of the map range; p99 map difference 0.89 % vs 1.00 %) for a tiny share
+#: of the compute on a GPU; on ORT CPU the float head costs ~6 % (its Resize runs in float).
+KEEP_HEAD_FLOAT = True
+#: Op types given Q/DQ nodes (the others run in float between a DQ and the next Q). Relu is
+#: not listed: with symmetric int8 ORT cannot fold it away, and its own Q/DQ pair changed
+#: nothing measurable but cost ~6 % on ORT CPU; TensorRT fuses Conv+Relu either way.
+DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv", "ConvTranspose", "Resize", "MaxPool", "AveragePool", "Gemm", "MatMul")
+PERCENTILE = 99.999
+#: Share of calibration images that get a synthetic anomaly (the training recipes) painted on.
+#: Calibrating on good images only sets every activation range to what good parts produce;
+#: a defect drives the anomaly-detecting channels beyond it, they clip, and the map's
+#: contrast collapses exactly where it matters (measured on a ScratchExpert: defect scores
+#: 0.2 instead of 0.9, AUROC unchanged - so the FP32 thresholds no longer fit).
+CALIBRATION_ANOMALY_RATIO = 0.5
+#: Images per calibration pass when collecting histograms (percentile/entropy keep every
+#: activation tensor of a pass in memory; min-max only keeps per-tensor min/max).
+HISTOGRAM_CHUNK = 8
+
+
+# --------------------------------------------------------------------------- calibration set
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Model inputs for calibration, ``[N, 3, H, W]`` float32, and what they were made from."""
+
+    inputs: np.ndarray
+    #: sha256 of the set: :func:`linecam.export.scratch.source_hash` over the images' file hashes
+    #: (as bundles hash their sources), or of the array itself (``source == "array"``).
+    sha256: str
+    source: Literal["images", "array"] = "images"
+    files: tuple[str, ...] = field(default=(), repr=False)
+    #: Share of images asked to carry a synthetic anomaly, how many did, and the seed.
+    anomaly_ratio: float = 0.0
+    painted: int = 0
+    seed: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one model input: ``(1, 3, H, W)``."""
+        return (1, *self.inputs.shape[1:])
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able provenance (no pixels)."""
+        return {"n": self.n, "sha256": self.sha256, "source": self.source, "input_shape": list(self.input_shape),
+                "anomaly_ratio": self.anomaly_ratio, "painted": self.painted, "seed": self.seed}
+
+
+def array_hash(a: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes (C order)."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def calibration_batch(images: Sequence[SourceImage] | np.ndarray, spec: PreprocessSpec | None = None, *,
+                      anomaly_ratio: float = CALIBRATION_ANOMALY_RATIO,
+                      recipe_weights: dict[str, float] | None = None, limit: int | None = None,
+                      seed: int = 0) -> CalibrationSet:
+    """The calibration set: ``images`` preprocessed exactly as at inference.
+
+    ``images`` are :class:`~linecam.export.scratch.SourceImage` (each goes through
+    ``Preprocessor(spec)(image, bit_depth)``; ``sha256`` is ``source_hash`` of their file
+    hashes, as bundles hash their sources), or an already preprocessed float array
+    ``[N, 3, H, W]`` (``spec``, if given, must agree on ``H, W``; ``sha256`` hashes the
+    array; used as is). ``anomaly_ratio`` of the images (seeded) get one synthetic anomaly
+    painted on the source image before preprocessing (:data:`CALIBRATION_ANOMALY_RATIO`
+    says why). ``limit`` keeps a seeded random subset of that many images.
+    """
+    if not 0.0 <= anomaly_ratio <= 1.0:
+        raise BundleError(f"anomaly_ratio must be in [0, 1], got {anomaly_ratio}")
+    rng = np.random.default_rng(seed)
+    if isinstance(images, np.ndarray):
+        x = images
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise BundleError(f"calibration array must be [N, 3, H, W], got shape {list(images.shape)}")
+        if spec is not None and tuple(x.shape[2:]) != tuple(spec.input_size):
+            raise BundleError(f"calibration array is {x.shape[2]}x{x.shape[3]} but the model input is "
+                              f"{spec.input_size[0]}x{spec.input_size[1]}: preprocess with the bundle's spec")
+        if limit is not None and 0 < limit < x.shape[0]:
+            x = x[np.sort(rng.choice(x.shape[0], limit, replace=False))]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[0] and not np.isfinite(x).all():
+            raise BundleError("calibration array has NaN or Inf values: check the preprocessing")
+        return CalibrationSet(x, array_hash(x), "array")
+
+    from linecam.export.anomalies import synthesize
+    from linecam.export.scratch import source_hash
+    from linecam.preprocess import Preprocessor
+
+    if spec is None:
+        raise BundleError("calibration images need the bundle's PreprocessSpec (spec=...)")
+    chosen = list(images)
+    if limit is not None and 0 < limit < len(chosen):
+        idx = np.sort(rng.choice(len(chosen), limit, replace=False))
+        chosen = [chosen[i] for i in idx]
+    h, w = spec.input_size
+    x = np.empty((len(chosen), 3, h, w), np.float32)
+    pre = Preprocessor(spec)
+    painted = 0
+    for i, s in enumerate(chosen):
+        img = s.image
+        if anomaly_ratio > 0 and rng.random() < anomaly_ratio:
+            donor = chosen[int(rng.integers(len(chosen)))].image
+            img = synthesize(rng, img, donor, weights=recipe_weights)[0]
+            painted += 1
+        try:
+            x[i] = pre(img, s.bit_depth)[0]
+        except ValueError as e:
+            raise BundleError(f"cannot preprocess calibration image {s.path}: {e}") from None
+    logger.info("calibration set: %d image(s), %d with a synthetic anomaly", len(chosen), painted)
+    return CalibrationSet(x, source_hash([s.sha256 for s in chosen]), "images",
+                          tuple(str(s.path) for s in chosen), anomaly_ratio=anomaly_ratio, painted=painted,
+                          seed=seed)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _save_atomic(model: onnx.ModelProto, dst: Path) -> Path:
+    """Write ``model`` to ``dst`` through a temporary file in the same folder."""
+    import onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _session(path: str | Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def _smoke_run(path: Path, what: str) -> None:
+    """Load ``path`` on ORT CPU and run it once on zeros; a failure is a BundleError.
+
+    Dynamic dimensions are fed as 1; if such a model then fails to *run* (a size it cannot
+    take), that says nothing about the conversion: logged, not raised.
+    """
+    try:
+        sess = _session(path)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise BundleError(f"the {what} model {path} does not load on ONNX Runtime CPU: {_first_line(e)}") from None
+    feeds, dynamic = {}, False
+    for i in sess.get_inputs():
+        dtype = _ORT_TYPES.get(i.type)
+        if dtype is None:
+            logger.debug("not smoke-testing %s: input %s has type %s", path, i.name, i.type)
+            return
+        dynamic |= any(not (isinstance(d, int) and d > 0) for d in i.shape)
+        feeds[i.name] = np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape], dtype)
+    try:
+        outs = sess.run(None, feeds)
+    except Exception as e:
+        if dynamic:
+            logger.warning("could not test-run the %s model %s on zeros with dynamic axes set to 1: %s",
+                           what, path, _first_line(e))
+            return
+        raise BundleError(f"the {what} model {path} does not run on ONNX Runtime CPU: {_first_line(e)}") from None
+    for o, meta in zip(outs, sess.get_outputs()):
+        a = np.asarray(o)
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise BundleError(f"the {what} model {path} gives non-finite values in '{meta.name}' on a zero "
+                              f"input: the conversion overflowed; keep the FP32 model")
+
+
+# --------------------------------------------------------------------------- FP16
+
+
+#: Ops kept in FP32 by :func:`to_fp16`, on top of ORT's ``DEFAULT_OP_BLOCK_LIST``: none. ORT's CPU
+#: provider lacks FP16 kernels for most of these nets' ops (Conv, Resize, AveragePool on x86), but
+#: its InsertCastTransformer wraps such nodes in Cast-to-FP32 at session creation, so the file runs
+#: there unchanged; blocking them here would also keep them FP32 in TensorRT, which is the point
+#: of the file. (Measured on ScratchExpert, ORT 1.31: every node type runs.)
+FP16_EXTRA_BLOCK: tuple[str, ...] = ()
+
+
+def to_fp16(src: str | Path, dst: str | Path, *, op_block_list: Sequence[str] | None = None,
+            check: bool = True) -> Path:
+    """Cast the FP32 ONNX ``src`` to FP16 at ``dst`` (inputs and outputs stay FP32), atomically.
+
+    ``op_block_list`` (default: ORT's list plus :data:`FP16_EXTRA_BLOCK`) keeps ops in FP32.
+    ``check`` runs the result once on ONNX Runtime CPU and raises :class:`BundleError`
+    (removing ``dst``) if it does not load, run, or gives non-finite values.
+    """
+    try:
+        import onnx
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    except ImportError as e:
+        raise BundleError(f"the bundle has no FP16 ONNX and deriving one needs the onnx package "
+                          f"({e.name} is missing): pip install onnx, or build with --precision fp32") from None
+    src, dst = Path(src), Path(dst)
+    block = list(DEFAULT_OP_BLOCK_LIST) + list(FP16_EXTRA_BLOCK) if op_block_list is None else list(op_block_list)
+    model = onnx.load(str(src))
+    fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, op_block_list=block)
+    _save_atomic(fp16, dst)
+    if check:
+        try:
+            _smoke_run(dst, "FP16")
+        except BundleError:
+            dst.unlink(missing_ok=True)
+            raise
+    return dst
+
+
+# --------------------------------------------------------------------------- INT8
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    path: Path
+    tool: str
+    method: str
+    calibration_sha256: str
+    calibration_n: int
+    per_channel: bool
+    #: Op types that got Q/DQ on their inputs, with how many nodes of each.
+    ops_quantized: dict[str, int]
+    #: Nodes deliberately left in float (the head), by name.
+    kept_float: tuple[str, ...]
+    #: QuantizeLinear -> DequantizeLinear pairs on activations (weights have a DequantizeLinear only).
+    qdq_pairs: int
+    #: DequantizeLinear nodes on int8 weights.
+    weight_dq: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["kept_float"] = list(self.kept_float)
+        return d
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a :class:`CalibrationSet` (supports strided passes)."""
+
+    def __init__(self, name: str, inputs: np.ndarray) -> None:
+        self.name = name
+        self.inputs = inputs
+        self.start, self.end = 0, len(inputs)
+        self.i = 0
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end = start_index, end_index
+        self.i = start_index
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= self.end:
+            return None
+        x = self.inputs[self.i : self.i + 1]
+        self.i += 1
+        return {self.name: x}
+
+    def rewind(self) -> None:
+        self.i = self.start
+
+
+def head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes from the last conv(s) to the graph outputs.
+
+    Walks back from every graph output through non-conv nodes; the first Conv /
+    ConvTranspose / Gemm / MatMul met on each path is included and the walk stops there.
+    For a region expert that is: head conv -> Resize (logits to input size) -> Sigmoid
+    -> AveragePool -> ReduceMax, plus the small shape subgraph feeding the Resize.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stop = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+    seen: set[str] = set()
+    out: list[str] = []
+    todo = [o.name for o in model.graph.output]
+    while todo:
+        t = todo.pop()
+        n = producer.get(t)
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        out.append(n.name)
+        if n.op_type in stop:
+            continue
+        todo.extend(i for i in n.input if i)
+    return out
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    used = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in used:
+                name += "_"
+            n.name = name
+            used.add(name)
+
+
+@dataclass(frozen=True)
+class QdqSummary:
+    qdq_pairs: int
+    weight_dq: int
+    ops_quantized: dict[str, int]
+
+
+def check_symmetric(model: onnx.ModelProto | str | Path) -> QdqSummary:
+    """Raise :class:`BundleError` unless every QuantizeLinear/DequantizeLinear is int8 with zero point 0.
+
+    A missing zero point means uint8 (ONNX's default), which is not symmetric int8 either.
+    Returns counts of Q/DQ pairs, weight DQs and the op types consuming dequantized tensors.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    bad: list[str] = []
+    for n in qdq:
+        if len(n.input) < 3 or not n.input[2]:
+            bad.append(f"{n.name} (no zero point: uint8)")
+            continue
+        t = inits.get(n.input[2]) or consts.get(n.input[2])
+        if t is None:
+            bad.append(f"{n.name} (zero point {n.input[2]} is not a constant)")
+            continue
+        if t.data_type != onnx.TensorProto.INT8:
+            bad.append(f"{n.name} (zero point type {onnx.TensorProto.DataType.Name(t.data_type)})")
+            continue
+        if np.any(numpy_helper.to_array(t) != 0):
+            bad.append(f"{n.name} (zero point {numpy_helper.to_array(t).ravel()[:4].tolist()})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise BundleError(f"INT8 model is not symmetric int8 Q/DQ (TensorRT needs zero point 0): "
+                          f"{', '.join(bad[:3])}{more}; re-quantize with symmetric activations and weights")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    pairs = sum(1 for n in qdq if n.op_type == "DequantizeLinear"
+                and n.input[0] in producer and producer[n.input[0]].op_type == "QuantizeLinear")
+    weight_dq = sum(1 for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    dq_out = {n.output[0] for n in qdq if n.op_type == "DequantizeLinear"}
+    ops = Counter(n.op_type for n in model.graph.node
+                  if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input))
+    return QdqSummary(pairs, weight_dq, dict(sorted(ops.items())))
+
+
+def modelopt_available() -> bool:
+    try:
+        importlib.import_module("modelopt.onnx.quantization")
+    except Exception:  # ImportError, or a broken install (CUDA libraries missing, ...)
+        return False
+    return True
+
+
+def _check_calibration(model_path: Path, calib: CalibrationSet) -> tuple[str, tuple[int, ...]]:
+    """(input name, expected shape); raises on an empty set or a shape mismatch."""
+    import onnx
+
+    if calib.n == 0:
+        raise BundleError("the calibration set is empty: give good images from the line (>= 500 suggested)")
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    init_names = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init_names]
+    if len(inputs) != 1:
+        raise BundleError(f"INT8 calibration expects a model with one input, {model_path} has {len(inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    want = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+    got = calib.input_shape
+    if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got)):
+        raise BundleError(f"calibration inputs have shape {list(got)} but the model input "
+                          f"'{inputs[0].name}' expects {[d if d >= 0 else '?' for d in want]}: "
+                          f"preprocess the calibration images with the bundle's spec")
+    if calib.n < MIN_CALIBRATION_IMAGES:
+        logger.warning("only %d calibration image(s): INT8 accuracy may collapse (NVIDIA suggests >= 500; "
+                       "use at least %d)", calib.n, MIN_CALIBRATION_IMAGES)
+    return inputs[0].name, want
+
+
+def to_int8(src: str | Path, dst: str | Path, calib: CalibrationSet, *, method: Method = DEFAULT_METHOD,
+            tool: Tool = "auto", per_channel: bool = True, keep_head_float: bool = KEEP_HEAD_FLOAT,
+            op_types: Iterable[str] | None = None, nodes_to_exclude: Iterable[str] = ()) -> QuantResult:
+    """Static INT8 quantization of the FP32 ONNX ``src`` to ``dst`` with symmetric Q/DQ nodes.
+
+    ``method``: how activation ranges are set from ``calib`` ("minmax": observed range;
+    "percentile": the 99.999th percentile of |x|; "entropy": KL-divergence optimal clip).
+    ``tool``: "ort" (ONNX Runtime's ``quantize_static``), "modelopt" (NVIDIA ModelOpt,
+    Q/DQ placed by TensorRT's rules; needs ``nvidia-modelopt[onnx]``), "auto" (ModelOpt
+    when importable, else ORT). ``keep_head_float`` leaves :func:`head_nodes` unquantized.
+    The written file is checked: every zero point int8 0, runs on ORT CPU.
+    """
+    if method not in METHODS:
+        raise BundleError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+    if tool not in TOOLS:
+        raise BundleError(f"quantization tool {tool!r} is not one of {', '.join(TOOLS)}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise BundleError(f"ONNX model {src} does not exist")
+    if tool == "modelopt" and not modelopt_available():
+        raise BundleError("INT8 with --quant-tool modelopt needs NVIDIA ModelOpt: pip install nvidia-modelopt[onnx] "
+                          "(or use --quant-tool ort)")
+    # "auto": ModelOpt (Q/DQ placed by TensorRT's rules) when it is installed and calibrates
+    # this way; otherwise ONNX Runtime.
+    use = "modelopt" if tool == "modelopt" or (tool == "auto" and method != "percentile"
+                                               and modelopt_available()) else "ort"
+    input_name, _ = _check_calibration(src, calib)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="linecam-int8-") as tmpdir:
+        tmp_out = Path(tmpdir) / "model.int8.onnx"
+        if use == "ort":
+            kept = _quantize_ort(src, tmp_out, calib, input_name, Path(tmpdir), method=method,
+                                 per_channel=per_channel, keep_head_float=keep_head_float,
+                                 op_types=op_types, nodes_to_exclude=nodes_to_exclude)
+        else:
+            kept = _quantize_modelopt(src, tmp_out, calib, input_name, Path(tmpdir), method=method,
+                                      keep_head_float=keep_head_float, nodes_to_exclude=nodes_to_exclude)
+        import onnx
+
+        model = onnx.load(str(tmp_out))
+        summary = check_symmetric(model)
+        if summary.qdq_pairs == 0:
+            raise BundleError(f"quantizing {src} inserted no Q/DQ nodes: the model has no quantizable ops")
+        _save_atomic(model, dst)
+    try:
+        _smoke_run(dst, "INT8")
+    except BundleError:
+        dst.unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - t0
+    result = QuantResult(path=dst, tool=use, method=method, calibration_sha256=calib.sha256,
+                         calibration_n=calib.n, per_channel=per_channel, ops_quantized=summary.ops_quantized,
+                         kept_float=tuple(kept), qdq_pairs=summary.qdq_pairs, weight_dq=summary.weight_dq,
+                         seconds=round(seconds, 2))
+    logger.info("INT8 (%s, %s, %d calibration images) written to %s in %.1f s: %d Q/DQ pairs, ops %s",
+                use, method, calib.n, dst, seconds, summary.qdq_pairs, summary.ops_quantized)
+    return result
+
+
+def _quantize_ort(src: Path, dst: Path, calib: CalibrationSet, input_name: str, tmpdir: Path, *, method: str,
+                  per_channel: bool, keep_head_float: bool, op_types: Iterable[str] | None,
+                  nodes_to_exclude: Iterable[str]) -> list[str]:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prep = tmpdir / "prep.onnx"
+    t = time.perf_counter()
+    logger.info("INT8: pre-processing %s (shape inference, graph optimisation)", src.name)
+    # Folds constants (the Shape -> Resize sizes subgraph), fuses BN into Conv, infers shapes:
+    # calibration then sees the graph that is quantized.
+    try:
+        quant_pre_process(str(src), str(prep), skip_symbolic_shape=False)
+    except ImportError as e:  # symbolic shape inference needs sympy (usually there via torch)
+        logger.info("INT8: %s; using ONNX shape inference only (static shapes need no more)", e)
+        quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
+    model = onnx.load(str(prep))
+    _name_nodes(model)
+    onnx.save(model, str(prep))
+    exclude = list(nodes_to_exclude)
+    kept = head_nodes(model) if keep_head_float else []
+    exclude += [n for n in kept if n not in exclude]
+    types = list(op_types) if op_types is not None else list(DEFAULT_OP_TYPES)
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        # Float biases: TensorRT fuses them into the conv; int32 bias DQ nodes are not needed
+        # (and not every TensorRT version parses int32 DequantizeLinear).
+        "QuantizeBias": False,
+        "CalibTensorRangeSymmetric": True,
+    }
+    reader = _Reader(input_name, calib.inputs)
+    if method != "minmax":
+        # ORT's own entropy calibrator histograms into 128 bins and picks a clip among 128
+        # quantized bins: unless a later batch widens the histogram, the only candidate is
+        # the full range, i.e. min-max (measured: identical scales on a 256x256 ScratchExpert).
+        # Ranges are computed here with more bins (see ENTROPY_BINS) and handed over as overrides.
+        ranges = _histogram_ranges(prep, reader, method, types, tmpdir)
+        extra["TensorQuantOverrides"] = {k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                         for k, (lo, hi) in ranges.items()}
+        reader.set_range(0, calib.n)
+    logger.info("INT8: calibrating (%s) on %d image(s) and quantizing", method, calib.n)
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:  # ORT prints progress to stdout
+        quantize_static(
+            str(prep), str(dst), reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            op_types_to_quantize=types,
+            nodes_to_exclude=exclude,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options=extra,
+        )
+    if chatter.getvalue().strip():
+        logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+    logger.info("INT8: quantized in %.1f s", time.perf_counter() - t)
+    return kept
+
+
+#: Histogram bins for percentile calibration (ORT's default).
+HISTOGRAM_BINS = 2048
+#: Entropy: bins, and the quantized bins the KL-optimal clip is searched over. TensorRT uses
+#: 2048 / 128; ORT's search is pure Python and roughly quadratic in the bins (2048: 38 s for a
+#: 64x64 ScratchExpert on 32 images, 512: 5 s), so 512 still searches clips from 1/4 to the
+#: full range. (ORT's own default, 128 / 128, leaves no choice: it is min-max.)
+ENTROPY_BINS = 512
+ENTROPY_QUANTIZED_BINS = 128
+
+
+def _histogram_ranges(model_path: Path, reader: _Reader, method: str, op_types: list[str],
+                      tmpdir: Path) -> dict[str, tuple[float, float]]:
+    """Per-tensor (rmin, rmax) by percentile or entropy, collected in chunks of HISTOGRAM_CHUNK images."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    if method == "percentile":
+        cm = CalibrationMethod.Percentile
+        opts: dict[str, Any] = {"symmetric": True, "num_bins": HISTOGRAM_BINS, "percentile": PERCENTILE}
+    else:
+        cm = CalibrationMethod.Entropy
+        opts = {"symmetric": True, "num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS}
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:
+        calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(tmpdir / "augmented.onnx"),
+                                       calibrate_method=cm, providers=["CPUExecutionProvider"], extra_options=opts)
+        n = len(reader)
+        for start in range(0, n, HISTOGRAM_CHUNK):
+            reader.set_range(start, min(n, start + HISTOGRAM_CHUNK))
+            calibrator.collect_data(reader)
+        data = calibrator.compute_data()
+    logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+    out = {}
+    for name, td in data.items():
+        lo, hi = td.range_value
+        out[name] = (float(np.min(lo)), float(np.max(hi)))
+    return out
+
+
+def _quantize_modelopt(src: Path, dst: Path, calib: CalibrationSet, input_name: str, tmpdir: Path, *,
+                       method: str, keep_head_float: bool, nodes_to_exclude: Iterable[str]) -> list[str]:
+    """NVIDIA ModelOpt (not installed in CI: exercised only where it is)."""
+    import onnx
+    from modelopt.onnx.quantization import quantize as mo_quantize
+
+    if method == "percentile":
+        raise BundleError("ModelOpt calibrates with max or entropy: use --calib-method minmax or entropy "
+                          "(or --quant-tool ort for percentile)")
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    named = tmpdir / "named.onnx"
+    onnx.save(model, str(named))
+    kept = head_nodes(model) if keep_head_float else []
+    # ModelOpt matches nodes_to_exclude as regular expressions.
+    exclude = [f"^{re.escape(n)}$" for n in dict.fromkeys([*nodes_to_exclude, *kept])]
+    kwargs: dict[str, Any] = {
+        "onnx_path": str(named),
+        "quantize_mode": "int8",
+        "calibration_data": {input_name: calib.inputs},
+        "calibration_method": "max" if method == "minmax" else "entropy",
+        "calibration_eps": ["cpu"],
+        "nodes_to_exclude": exclude or None,
+        "output_path": str(dst),
+        # What is not quantized stays FP32 (newer ModelOpt casts it to FP16 by default; the
+        # FP16 model is a separate file here, and the gate compares INT8 against FP32).
+        "high_precision_dtype": "fp32",
+        "use_zero_point": False,
+    }
+    accepted = inspect.signature(mo_quantize).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    logger.info("INT8: ModelOpt calibrating (%s) on %d image(s)", method, calib.n)
+    mo_quantize(**kwargs)
+    return kept
