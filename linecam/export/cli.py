@@ -91,6 +91,119 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 
 
 @cli.command()
+@click.option("--teacher", "teacher_kind", type=click.Choice(["dinov2", "scratch", "onnx", "torchscript"]),
+              required=True, help="dinov2: frozen DINOv2 + memory bank; scratch: train the scratch expert; "
+                                  "onnx/torchscript: your own image -> anomaly-map model.")
+@click.option("--teacher-model", type=click.Path(path_type=Path), default=None,
+              help="dinov2: local Hugging Face DINOv2 folder; onnx: .onnx file or a linecam bundle folder; "
+                   "torchscript: .pt file; scratch: an existing scratch bundle (default: train one).")
+@click.option("--teacher-preprocess", type=click.Path(path_type=Path), default=None,
+              help="onnx/torchscript: YAML/JSON preprocessing the teacher expects (input_size, interpolation, "
+                   "crop, color_order, mean, std); default: --size with ImageNet mean/std.")
+@click.option("--teacher-output", default=None, help="onnx/torchscript: name (or index) of the anomaly-map output.")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="scratch: training steps of the scratch teacher.")
+@click.option("--coreset-ratio", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="dinov2: fraction of good patch features kept in the memory bank.")
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="Folder of good images (e.g. an MVTec category's train/good).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Cache of teacher, pool and checkpoints; a re-run resumes from it (default: <out>.work).")
+@click.option("--size", "size", type=_Size(), default="224", show_default=True,
+              help="Model input size (multiples of 16; of 14 too for DINOv2).")
+@click.option("--student", type=click.Choice(["s", "m", "l"]), default="s", show_default=True,
+              help="Student size: s (fastest), m, l.")
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Student training steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option("--pool-size", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Distillation samples (good + synthetic anomalies) with teacher maps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Fraction of good images kept for the gate and the thresholds.")
+@click.option("--bad-images", type=click.Path(path_type=Path), default=None,
+              help="Folder of real defective images: joins the gate and makes thresholds F1-optimal.")
+@click.option("--calib-images", type=click.Path(path_type=Path), default=None,
+              help="INT8 calibration images (default: the training images).")
+@click.option("--calib-anomalies", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of INT8 calibration images given a synthetic anomaly, so that activation ranges "
+                   "cover what defects produce (good images alone make defect activations clip).")
+@click.option("--quantize", "quantize", default="fp16,int8", show_default=True,
+              help="Exported precisions besides FP32: comma list of fp16, int8; 'none' for FP32 only.")
+@click.option("--int8-method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
+              help="INT8 calibration method (default: the quantizer's).")
+@click.option("--quant-tool", "int8_tool", type=click.Choice(["auto", "ort", "modelopt"]), default="auto",
+              show_default=True,
+              help="Q/DQ quantizer: ONNX Runtime, or NVIDIA ModelOpt when installed.")
+@click.option("--max-auroc-drop", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Accuracy gate: largest image-AUROC loss (points) of FP16/INT8 vs FP32.")
+@click.option("--min-map-pearson", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
+              help="Accuracy gate: smallest anomaly-map correlation of FP16/INT8 with FP32.")
+@click.option("--max-score-diff", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Accuracy gate: largest |score - FP32 score| as a share of the FP32 map's range "
+                   "(thresholds are fitted on FP32).")
+@click.option("--force", is_flag=True, help="Write the bundle even when the accuracy gate fails.")
+@click.option("--target-frr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
+              show_default=True, help="Wanted false-reject rate on good parts.")
+@click.option("--sensitivity", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help=">1 lowers the thresholds (catch more, reject more good parts), <1 raises them.")
+@click.option("--name", default=None, help="Model name recorded in the bundle (default: the --out folder name).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch and ONNX Runtime.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
+def distil(teacher_kind: str, teacher_model: Path | None, teacher_preprocess: Path | None,
+           teacher_output: str | None, teacher_steps: int, coreset_ratio: float, images: Path, out: Path,
+           work_dir: Path | None, size: tuple[int, int], student: str, steps: int, batch_size: int, lr: float,
+           pool_size: int, seed: int, holdout: float, bad_images: Path | None, calib_images: Path | None,
+           calib_anomalies: float, quantize: str, int8_method: str | None, int8_tool: str, max_auroc_drop: float,
+           min_map_pearson: float, max_score_diff: float, force: bool, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
+           quiet: bool) -> None:
+    """Distil a teacher into a compact student; FP16 + INT8 ONNX behind an accuracy gate; write a bundle."""
+    if quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+    from linecam.export import teachers
+    from linecam.export.distil import DistilOptions, distil as run_distil
+    from linecam.preprocess import PreprocessSpec
+
+    work = work_dir or out.with_name(out.name + ".work")
+    q = tuple(p.strip() for p in quantize.lower().split(",") if p.strip() and p.strip() != "none")
+    spec = PreprocessSpec(input_size=size)
+    if teacher_kind == "dinov2":
+        if teacher_model is None:
+            raise click.UsageError("--teacher dinov2 needs --teacher-model <local DINOv2 folder>")
+        teacher: teachers.Teacher = teachers.Dinov2Teacher.from_folder(teacher_model, spec,
+                                                                      coreset_ratio=coreset_ratio, seed=seed)
+    elif teacher_kind == "scratch":
+        if teacher_model is not None:
+            teacher = teachers.BundleTeacher(teacher_model, kind="scratch", threads=threads)
+        else:
+            teacher = teachers.scratch_teacher(images, work, size, steps=teacher_steps, seed=seed, holdout=holdout,
+                                               threads=threads, progress=not quiet)
+    else:
+        if teacher_model is None:
+            raise click.UsageError(f"--teacher {teacher_kind} needs --teacher-model <model file>")
+        if teacher_kind == "onnx" and teacher_model.is_dir():
+            teacher = teachers.BundleTeacher(teacher_model, threads=threads)
+        else:
+            if teacher_preprocess is not None:
+                spec = teachers.load_spec(teacher_preprocess)
+            cls = teachers.OnnxTeacher if teacher_kind == "onnx" else teachers.TorchScriptTeacher
+            teacher = cls(teacher_model, spec, output=teacher_output)
+    options = DistilOptions(student=student, steps=steps, batch_size=batch_size, lr=lr, pool_size=pool_size,
+                            seed=seed, holdout=holdout, target_frr=target_frr, sensitivity=sensitivity, quantize=q,
+                            int8_method=int8_method, int8_tool=int8_tool, calib_anomaly_ratio=calib_anomalies,
+                            max_auroc_drop=max_auroc_drop, max_score_diff=max_score_diff,
+                            min_map_pearson=min_map_pearson, force=force, threads=threads, name=name)
+    result = run_distil(teacher, images, out, work_dir=work, options=options, bad_images=bad_images,
+                        calib_images=calib_images, progress=not quiet)
+    if not quiet:
+        d = result.distillation
+        click.echo(f"student '{student}' vs teacher on held-out images: map Pearson {d['map_pearson']:.3f}, "
+                   f"image AUROC {d['student_auroc']:.4f} (teacher {d['teacher_auroc']:.4f})")
+        click.echo(f"bundle written: {result.bundle}")
+
+
+@cli.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Local Hugging Face VLM folder (Qwen2.5-VL or Idefics3/SmolVLM): config, weights, tokenizer.json.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="VLM bundle folder to write.")

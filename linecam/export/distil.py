@@ -1,0 +1,488 @@
+"""Distil a teacher into a compact student, quantize it, prove the accuracy, write a bundle.
+
+Pipeline (``export-engine distil``), every step cached under ``work_dir`` so that an
+interrupted run resumes where it stopped and a re-run with other export options (e.g. a
+new calibration set) does not retrain:
+
+1. good images → train / held-out split (deterministic in ``seed``);
+2. teacher: fit (DINOv2 memory bank) or train (scratch) on the training images;
+3. distillation pool: augmented good images, half with synthetic anomalies, and the
+   teacher's maps of them (sample ``i`` is a function of ``(seed, i)`` alone);
+4. student trained to reproduce ``teacher map / scale`` (``scale``: the teacher's 99.9th
+   percentile pixel on good samples, so a good pixel is ~<1 whatever the teacher's units);
+   checkpoints every ``checkpoint_every`` steps, batch ``s`` drawn from ``(seed, s)``;
+5. ONNX FP32 export (torch parity checked), FP16 and INT8 (symmetric Q/DQ, calibrated on
+   real images preprocessed exactly as on the line);
+6. accuracy gate on held-out images (good + synthetic anomalies + any real bad images):
+   FP16 / INT8 vs FP32 image AUROC and map agreement; fails the export unless ``force``;
+7. thresholds from held-out good images on the deployed FP32 ONNX (F1-optimal when real
+   bad images are given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from linecam.bundle import Manifest, OutputsSpec, TensorSpec, file_entry, new_provenance, write_manifest
+from linecam.calibration.metrics import auroc, pearson
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
+from linecam.errors import BundleError
+from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
+from linecam.export.scratch import (
+    AnomalySampler,
+    SourceImage,
+    _lr_at,
+    _versions,
+    list_images,
+    score_onnx,
+    source_hash,
+    split_holdout,
+)
+from linecam.export.student import SIZES, STRIDE, Student, downsample, image_score, map_size
+from linecam.export.teachers import Teacher
+from linecam.preprocess import PreprocessSpec, Preprocessor
+from linecam.progress import make_progress
+
+logger = logging.getLogger(__name__)
+
+FP32_FILE = "model.onnx"
+FP16_FILE = "model_fp16.onnx"
+INT8_FILE = "model_int8.onnx"
+REPORT_FILE = "distil.json"
+GATE_FILE = "gate.json"
+#: Quantile of good-sample teacher pixels that the student's map unit is set to.
+SCALE_QUANTILE = 0.999
+#: Below this student-vs-teacher map correlation on held-out images the export warns.
+MIN_DISTIL_PEARSON = 0.9
+
+
+@dataclass
+class DistilOptions:
+    student: str = "s"
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 3e-3
+    pool_size: int = 512
+    seed: int = 0
+    holdout: float = 0.2
+    target_frr: float = 0.01
+    sensitivity: float = 1.0
+    score_pool: int = 3
+    quantize: tuple[str, ...] = ("fp16", "int8")
+    int8_method: str | None = None
+    int8_tool: str = "auto"
+    #: Share of calibration images given a synthetic anomaly (see quantize.CALIBRATION_ANOMALY_RATIO).
+    calib_anomaly_ratio: float = 0.5
+    max_auroc_drop: float = 0.5
+    min_map_pearson: float = 0.9
+    max_score_diff: float = 0.1
+    force: bool = False
+    checkpoint_every: int = 100
+    eval_good: int = 64
+    eval_bad: int = 64
+    threads: int | None = None
+    name: str | None = None
+
+
+@dataclass
+class DistilResult:
+    bundle: Path
+    distillation: dict[str, Any]
+    gate: dict[str, Any] | None
+    thresholds: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- pool
+
+
+class Pool:
+    """Distillation samples on disk: inputs (float16), teacher maps (float32), anomaly flags."""
+
+    def __init__(self, folder: Path, n: int, hw: tuple[int, int]) -> None:
+        self.folder = folder
+        self.n = n
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = hw
+        mh, mw = map_size(hw)
+        mode = "r+" if (folder / "x.npy").is_file() else "w+"
+        self.x = np.lib.format.open_memmap(folder / "x.npy", mode=mode, dtype=np.float16, shape=(n, 3, h, w))
+        self.t = np.lib.format.open_memmap(folder / "t.npy", mode=mode, dtype=np.float32, shape=(n, mh, mw))
+        self.bad = np.lib.format.open_memmap(folder / "bad.npy", mode=mode, dtype=np.bool_, shape=(n,))
+        state = folder / "done.json"
+        self.done = json.loads(state.read_text())["done"] if state.is_file() and mode == "r+" else 0
+
+    def mark(self, done: int) -> None:
+        for a in (self.x, self.t, self.bad):
+            a.flush()
+        tmp = self.folder / "done.json.tmp"
+        tmp.write_text(json.dumps({"done": done}))
+        tmp.replace(self.folder / "done.json")
+        self.done = done
+
+
+def build_pool(pool: Pool, teacher: Teacher, sampler: AnomalySampler, seed: int, *, chunk: int = 16,
+               progress: bool = True) -> None:
+    h, w = teacher.spec.input_size
+    xb = np.empty((chunk, 3, h, w), np.float32)
+    yb = np.empty((chunk, 1, h, w), np.float32)
+    bar = make_progress(progress)
+    with bar:
+        task = bar.add_task("teacher maps for distillation", total=pool.n, completed=pool.done, info="")
+        for start in range(pool.done, pool.n, chunk):
+            k = min(chunk, pool.n - start)
+            for j in range(k):
+                sampler.rng = np.random.default_rng([seed, 7, start + j])  # sample i depends on (seed, i) only
+                sampler.sample(xb[j], yb[j])
+            pool.t[start:start + k] = downsample(teacher.maps(xb[:k]))  # at the student's resolution
+            pool.x[start:start + k] = xb[:k]
+            pool.bad[start:start + k] = yb[:k].reshape(k, -1).max(axis=1) > 0
+            pool.mark(start + k)
+            bar.update(task, completed=start + k)
+
+
+def map_scale(pool: Pool) -> float:
+    good = np.flatnonzero(~pool.bad[:])
+    if good.size == 0:
+        raise BundleError("the distillation pool has no good samples: raise --pool-size")
+    # A strided subsample keeps this cheap for big pools; the quantile is stable.
+    vals = np.concatenate([pool.t[i].ravel()[::7] for i in good])
+    s = float(np.quantile(vals, SCALE_QUANTILE))
+    if not np.isfinite(s) or s <= 0:
+        raise BundleError(f"the teacher's maps of good images are all {s:g}: the teacher outputs nothing "
+                          "useful (check its output name and preprocessing)")
+    return s
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_student(model: Student, pool: Pool, scale: float, ckpt: Path, key: str, *, steps: int, batch_size: int,
+                  lr: float, seed: int, every: int, progress: bool = True) -> list[float]:
+    """Regress ``pool.t / scale``; resumes from ``ckpt`` when it belongs to the same run (``key``)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    losses: list[float] = []
+    start = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("key") == key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            losses = list(state["losses"])
+            start = int(state["step"])
+            logger.info("resuming student training at step %d of %d (%s)", start, steps, ckpt)
+    model.train()
+    bar = make_progress(progress, "loss {task.fields[loss]:.5f}")
+    with bar:
+        task = bar.add_task(f"distilling student '{model.size}'", total=steps, completed=start,
+                            loss=float(np.mean(losses[-50:])) if losses else float("nan"))
+        for step in range(start, steps):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, steps, lr)
+            idx = np.sort(np.random.default_rng([seed, 11, step]).choice(pool.n, batch_size, replace=False))
+            x = torch.from_numpy(pool.x[idx].astype(np.float32))
+            t = torch.from_numpy(pool.t[idx] / scale)[:, None]
+            pred = F.relu(model.raw(x))
+            loss = F.mse_loss(pred, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            done = step + 1
+            if done % every == 0 or done == steps:
+                tmp = ckpt.with_name(ckpt.name + ".tmp")
+                torch.save({"key": key, "step": done, "model": model.state_dict(), "opt": opt.state_dict(),
+                            "losses": losses}, tmp)
+                tmp.replace(ckpt)
+            if step % 10 == 0 or done == steps:
+                bar.update(task, completed=done, loss=float(np.mean(losses[-50:])))
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------- held-out set
+
+
+@dataclass
+class EvalSet:
+    x: np.ndarray  # [N, 3, H, W]
+    labels: np.ndarray  # [N] 1 = defective
+    masks: np.ndarray  # [N, H, W] (zeros for good and for real bad images without masks)
+    kinds: list[str]  # "good", "synthetic", "bad"
+
+
+def eval_set(hold: Sequence[SourceImage], spec: PreprocessSpec, seed: int, n_good: int, n_bad: int,
+             bad_images: Sequence[SourceImage] = ()) -> EvalSet:
+    """Held-out good images (as they are, then jittered copies up to ``n_good``), ``n_bad``
+    synthetic anomalies on them, and any real defective images."""
+    pre = Preprocessor(spec)
+    h, w = spec.input_size
+    xs, ys, ms, kinds = [], [], [], []
+    for s in hold:
+        xs.append(pre(s.image, s.bit_depth, copy=True)[0])
+        ys.append(0)
+        ms.append(np.zeros((h, w), np.float32))
+        kinds.append("good")
+    good_sampler = AnomalySampler(hold, spec, np.random.default_rng([seed, 13]), anomaly_ratio=0.0)
+    bad_sampler = AnomalySampler(hold, spec, np.random.default_rng([seed, 17]), anomaly_ratio=1.0)
+    for sampler, n, label, kind in ((good_sampler, n_good - len(hold), 0, "good"),
+                                    (bad_sampler, n_bad, 1, "synthetic")):
+        for _ in range(max(0, n)):
+            x = np.empty((3, h, w), np.float32)
+            y = np.empty((1, h, w), np.float32)
+            sampler.sample(x, y)
+            xs.append(x)
+            ys.append(label)
+            ms.append((y[0] >= 0.5).astype(np.float32))
+            kinds.append(kind)
+    for s in bad_images:
+        xs.append(pre(s.image, s.bit_depth, copy=True)[0])
+        ys.append(1)
+        ms.append(np.zeros((h, w), np.float32))
+        kinds.append("bad")
+    return EvalSet(np.stack(xs), np.asarray(ys), np.stack(ms), kinds)
+
+
+def run_onnx(path: Path, x: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(maps [N, H, W], scores [N]) of an exported expert on ONNX Runtime CPU, one image at a time."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    maps, scores = [], np.empty(x.shape[0], np.float32)
+    for i in range(x.shape[0]):
+        m, s = sess.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: x[i:i + 1]})
+        maps.append(m[0, 0])
+        scores[i] = s.reshape(-1)[0]
+    return np.stack(maps), scores
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def distil(teacher: Teacher, images: str | Path, out: str | Path, *, work_dir: str | Path | None = None,
+           options: DistilOptions | None = None, bad_images: str | Path | None = None,
+           calib_images: str | Path | None = None, progress: bool = True) -> DistilResult:
+    """Distil ``teacher`` into a student bundle at ``out``; see the module docstring.
+
+    ``teacher`` is not yet fitted: its ``fit`` runs here on the training split (cached).
+    Raises :class:`BundleError` when the accuracy gate fails (unless ``options.force``)."""
+    o = options or DistilOptions()
+    if o.student not in SIZES:
+        raise BundleError(f"unknown student size {o.student!r}: choose from {', '.join(SIZES)}")
+    bad_q = set(o.quantize) - {"fp16", "int8"}
+    if bad_q:
+        raise BundleError(f"unknown quantization {sorted(bad_q)}: choose from fp16, int8 (or none)")
+    previous = torch.get_num_threads()
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    try:
+        return _distil(teacher, images, out, work_dir, o, bad_images, calib_images, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str | Path | None, o: DistilOptions,
+            bad_images: str | Path | None, calib_images: str | Path | None, progress: bool) -> DistilResult:
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} is a file: give a folder for the bundle")
+    spec = teacher.spec
+    h, w = spec.input_size
+    if h % STRIDE or w % STRIDE or min(h, w) < 4 * STRIDE:
+        raise BundleError(f"input size {h}x{w}: the student needs multiples of {STRIDE}, at least {4 * STRIDE} "
+                          "(e.g. 224 or 256)")
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+
+    sources = list_images(images)
+    if spec.crop is not None:
+        Preprocessor(spec).crop(sources[0].image)
+    train_idx, hold_idx = split_holdout(len(sources), o.holdout, o.seed)
+    train_set = [sources[i] for i in train_idx]
+    hold_set = [sources[i] for i in hold_idx]
+    bad_set = list_images(bad_images) if bad_images is not None else []
+    spec_json = spec.model_dump(mode="json")
+    data_key = [source_hash([s.sha256 for s in train_set]), spec_json, o.seed]
+    logger.info("%d good images: %d for training, %d held out", len(sources), len(train_set), len(hold_set))
+
+    # 2. teacher
+    pre = Preprocessor(spec)
+    t = time.perf_counter()
+    teacher_key = _key(teacher.describe(), data_key)
+    teacher.fit([pre(s.image, s.bit_depth, copy=True) for s in train_set],
+                cache=work / f"teacher-{teacher_key}.pt", progress=progress)
+    seconds["teacher_fit"] = time.perf_counter() - t
+
+    # 3. pool
+    t = time.perf_counter()
+    pool_key = _key(teacher.describe(), data_key, o.pool_size, STRIDE)
+    pool = Pool(work / f"pool-{pool_key}", o.pool_size, (h, w))
+    sampler = AnomalySampler(train_set, spec, np.random.default_rng(o.seed), anomaly_ratio=0.5)
+    build_pool(pool, teacher, sampler, o.seed, progress=progress)
+    scale = map_scale(pool)
+    seconds["pool"] = time.perf_counter() - t
+
+    # 4. student
+    t = time.perf_counter()
+    torch.manual_seed(o.seed)
+    student = Student(o.student, score_pool=o.score_pool)
+    run_key = _key(pool_key, o.student, o.steps, o.batch_size, o.lr, o.score_pool)
+    ckpt = work / f"student-{o.student}-{run_key}.pt"
+    losses = train_student(student, pool, scale, ckpt, run_key, steps=o.steps, batch_size=o.batch_size,
+                           lr=o.lr, seed=o.seed, every=max(1, o.checkpoint_every), progress=progress)
+    seconds["train"] = time.perf_counter() - t
+
+    # 5. export
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = export_onnx(student, out / FP32_FILE, (h, w), seed=o.seed)
+
+    # distillation quality on held-out images
+    t = time.perf_counter()
+    ev = eval_set(hold_set, spec, o.seed, o.eval_good, o.eval_bad, bad_set)
+    t_maps = downsample(teacher.maps(ev.x)) / scale  # compared at the student's map resolution
+    s_maps, s_scores = run_onnx(fp32, ev.x, o.threads)
+    t_scores = image_score(t_maps, o.score_pool)
+    per_image = [pearson(a, b) for a, b in zip(s_maps, t_maps)]
+    distillation = {
+        "map_pearson": pearson(s_maps, t_maps),
+        "map_pearson_per_image_median": float(np.nanmedian(per_image)),
+        "score_pearson": pearson(s_scores, t_scores),
+        "teacher_auroc": auroc(ev.labels, t_scores),
+        "student_auroc": auroc(ev.labels, s_scores),
+        "n_eval_good": int((ev.labels == 0).sum()),
+        "n_eval_synthetic": ev.kinds.count("synthetic"),
+        "n_eval_bad": ev.kinds.count("bad"),
+        "map_scale": scale,
+    }
+    seconds["evaluate"] = time.perf_counter() - t
+    logger.info("student vs teacher on held-out images: map Pearson %.3f, AUROC %.4f (teacher %.4f)",
+                distillation["map_pearson"], distillation["student_auroc"], distillation["teacher_auroc"])
+    if not distillation["map_pearson"] >= MIN_DISTIL_PEARSON:
+        logger.warning("the student reproduces the teacher's maps with Pearson %.3f only (< %.2f): train longer "
+                       "(--steps), a bigger student (--student m) or a bigger pool (--pool-size)",
+                       distillation["map_pearson"], MIN_DISTIL_PEARSON)
+
+    files = {"onnx_fp32": file_entry(out, FP32_FILE)}
+    gate_dict: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    if o.quantize:
+        from linecam.export import gate, quantize
+
+        t = time.perf_counter()
+        candidates: dict[str, Path] = {}
+        if "fp16" in o.quantize:
+            candidates["onnx_fp16"] = quantize.to_fp16(fp32, out / FP16_FILE)
+        if "int8" in o.quantize:
+            calib_src = list_images(calib_images) if calib_images is not None else train_set
+            calib = quantize.calibration_batch(calib_src, spec, anomaly_ratio=o.calib_anomaly_ratio, seed=o.seed)
+            kwargs = {"tool": o.int8_tool}
+            if o.int8_method:
+                kwargs["method"] = o.int8_method
+            q = quantize.to_int8(fp32, out / INT8_FILE, calib, **kwargs)
+            candidates["onnx_int8"] = q.path
+            calibration = {"sha256": calib.sha256, "n_images": calib.n,
+                           "source": str(Path(calib_images).resolve()) if calib_images else "training images",
+                           **{k: v for k, v in _as_dict(q).items() if k not in ("path",)}}
+        report = gate.compare(fp32, candidates, ev.x, ev.labels, ev.masks if ev.masks.any() else None,
+                              threads=o.threads)
+        try:
+            report.enforce(max_auroc_drop=o.max_auroc_drop, force=o.force, min_pearson=o.min_map_pearson,
+                           max_score_diff=o.max_score_diff)
+        finally:
+            # Passed, forced or failed: the report stays next to the models for the record.
+            gate_dict = report.to_dict()
+            gate_dict["calibration"] = calibration
+            (out / GATE_FILE).write_text(json.dumps(gate_dict, indent=1, default=float) + "\n")
+            logger.info("accuracy gate:\n%s", report.table())
+        seconds["quantize_and_gate"] = time.perf_counter() - t
+        for role, path in candidates.items():
+            files[role] = file_entry(out, path.name, precision=role.split("_")[1])  # type: ignore[arg-type]
+
+    # 7. thresholds on the deployed FP32 model
+    scores, maps = score_onnx(fp32, hold_set, spec, threads=o.threads)
+    bad_scores = score_onnx(fp32, bad_set, spec, threads=o.threads)[0] if bad_set else None
+    thresholds = to_thresholds(
+        fit_image_threshold(scores, bad_scores, target_frr=o.target_frr, sensitivity=o.sensitivity),
+        fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity),
+    )
+
+    details = {
+        "expert": "student",
+        "images": str(Path(images).resolve()),
+        "n_train": len(train_set),
+        "n_holdout": len(hold_set),
+        "holdout_files": [s.path.name for s in hold_set],
+        "train_sha256": source_hash([s.sha256 for s in train_set]),
+        "holdout_sha256": source_hash([s.sha256 for s in hold_set]),
+        "bad_images_sha256": source_hash([s.sha256 for s in bad_set]) if bad_set else None,
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()},
+        "teacher": teacher.describe(),
+        "distillation": distillation,
+        "calibration": calibration,
+        "final_loss": float(np.mean(losses[-max(1, len(losses) // 20):])),
+    }
+    manifest = Manifest(
+        name=o.name or out.resolve().name,
+        input=TensorSpec(name=INPUT_NAME, shape=[1, 3, h, w], dtype="float32", layout="NCHW"),
+        preprocess=spec,
+        outputs=OutputsSpec(
+            anomaly_map=TensorSpec(name=MAP_NAME, shape=[1, 1, *map_size((h, w))], dtype="float32",
+                                   layout="NCHW"),
+            image_score=TensorSpec(name=SCORE_NAME, shape=[1], dtype="float32"),
+        ),
+        thresholds=thresholds,
+        files=files,
+        provenance=new_provenance(tool_versions=_versions(),
+                                  source_sha256=source_hash([s.sha256 for s in sources + bad_set]),
+                                  details=details),
+        extra={
+            "expert": "student",
+            "architecture": "plain conv regression student, map at 1/8 resolution",
+            "student_size": o.student,
+            "base_width": SIZES[o.student],
+            "score_pool": o.score_pool,
+            "score": f"max of the {o.score_pool}x{o.score_pool} mean-pooled anomaly map",
+            "map_unit": f"teacher map / {scale:.6g} (the teacher's {SCALE_QUANTILE:.1%} good-pixel quantile)",
+            "teacher": teacher.describe(),
+            "calibration_sha256": calibration["sha256"] if calibration else None,
+            "gate": {k: gate_dict[k] for k in ("passed", "forced", "bounds")} if gate_dict else None,
+        },
+    )
+    seconds["total"] = time.perf_counter() - t0
+    (out / REPORT_FILE).write_text(json.dumps({
+        "distillation": distillation, "losses": [round(v, 7) for v in losses], "seconds": seconds,
+        "holdout_scores": {s.path.name: float(v) for s, v in zip(hold_set, scores)},
+    }, indent=1, default=float) + "\n")
+    write_manifest(out, manifest)
+    logger.info("bundle written to %s (image threshold %.4f, pixel threshold %.4f)", out, thresholds.image,
+                thresholds.pixel)
+    return DistilResult(out, distillation, gate_dict, {"image": thresholds.image, "pixel": thresholds.pixel},
+                        seconds)
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    try:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(obj).items()}
+    except TypeError:
+        return dict(vars(obj))

@@ -1,0 +1,381 @@
+"""Region-expert teachers behind one interface: preprocessed images in, anomaly maps out.
+
+A teacher is what the compact student learns to imitate (:mod:`linecam.export.distil`).
+Every teacher takes the model input exactly as the bundle's
+:class:`~linecam.preprocess.PreprocessSpec` makes it (``[N, 3, H, W]`` float32) and returns
+``[N, H, W]`` float32 anomaly maps at that same resolution, so teacher and student are
+compared pixel for pixel. Kinds:
+
+* ``dinov2`` — a frozen DINOv2 backbone (transformers ``Dinov2Model`` from a local folder)
+  and a memory bank of patch features of good images, greedy-coreset subsampled; the map
+  is each patch's cosine distance to its nearest bank feature, upsampled and blurred
+  (PatchCore's memory bank with AnomalyDINO's cosine kNN). It cannot go to TensorRT
+  itself (kNN over a bank, cdist): that is why it is distilled.
+* ``scratch`` — the segmentation net trained from scratch on synthetic anomalies
+  (:mod:`linecam.export.scratch`), used through its exported ONNX.
+* ``onnx`` / ``torchscript`` — bring your own model (e.g. exported from anomalib) with its
+  preprocessing declared; a linecam bundle folder also works (its spec is read from it).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from linecam.bundle import sha256_file
+from linecam.errors import BundleError
+from linecam.preprocess import PreprocessSpec
+from linecam.progress import make_progress
+
+logger = logging.getLogger(__name__)
+
+TEACHER_KINDS = ("dinov2", "scratch", "onnx", "torchscript")
+
+
+class Teacher(abc.ABC):
+    """Image -> anomaly map. ``spec`` is the preprocessing its inputs must have."""
+
+    kind: str = "teacher"
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        self.spec = spec
+
+    def fit(self, inputs: Sequence[np.ndarray], *, cache: Path | None = None, progress: bool = True) -> None:
+        """Learn from good images (preprocessed ``[1, 3, H, W]`` each). Default: nothing to learn."""
+
+    @abc.abstractmethod
+    def maps(self, x: np.ndarray) -> np.ndarray:
+        """``[N, 3, H, W]`` float32 -> ``[N, H, W]`` float32 anomaly maps (higher = more anomalous)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance recorded in the student's bundle."""
+        return {"kind": self.kind}
+
+
+def _resize_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """``[N, h, w]`` -> ``[N, H, W]`` bilinear (no-op when the size already matches)."""
+    if maps.shape[-2:] == tuple(hw):
+        return maps.astype(np.float32, copy=False)
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
+    return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+# --------------------------------------------------------------------------- DINOv2 memory bank
+
+
+def greedy_coreset(features: torch.Tensor, n: int, *, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
+    """Indices of ``n`` rows of ``features`` chosen by greedy k-center (PatchCore).
+
+    Each step adds the feature farthest from everything chosen so far, so the bank covers
+    the good-feature distribution with few rows; distances are taken in a random
+    projection (Johnson-Lindenstrauss) to make the selection cheap."""
+    m = features.shape[0]
+    if n >= m:
+        return torch.arange(m)
+    g = torch.Generator().manual_seed(seed)
+    f = features
+    if features.shape[1] > proj_dim:
+        proj = torch.randn(features.shape[1], proj_dim, generator=g) / proj_dim**0.5
+        f = features @ proj
+    chosen = torch.empty(n, dtype=torch.long)
+    chosen[0] = int(torch.randint(m, (1,), generator=g))
+    dist = torch.cdist(f, f[chosen[0]][None]).squeeze(1)
+    for i in range(1, n):
+        idx = int(torch.argmax(dist))
+        chosen[i] = idx
+        dist = torch.minimum(dist, torch.cdist(f, f[idx][None]).squeeze(1))
+    return chosen
+
+
+class Dinov2Teacher(Teacher):
+    """Frozen DINOv2 + coreset memory bank + cosine 1-NN distance per patch."""
+
+    kind = "dinov2"
+
+    def __init__(self, model: Any, spec: PreprocessSpec, *, source: str = "(in memory)",
+                 source_sha256: str | None = None, coreset_ratio: float = 0.1, max_bank: int = 16384,
+                 blur_sigma: float | None = None, batch_size: int = 8, seed: int = 0) -> None:
+        super().__init__(spec)
+        if not 0 < coreset_ratio <= 1:
+            raise BundleError(f"coreset ratio must be in (0, 1], got {coreset_ratio}")
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        cfg = model.config
+        self.patch = int(cfg.patch_size)
+        h, w = spec.input_size
+        if h % self.patch or w % self.patch:
+            raise BundleError(f"input size {h}x{w} is not a multiple of the DINOv2 patch size {self.patch}: "
+                              f"choose e.g. {self.patch * 16}x{self.patch * 16}")
+        self.grid = (h // self.patch, w // self.patch)
+        self.n_skip = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)  # CLS (+ registers)
+        self.source = source
+        self.source_sha256 = source_sha256
+        self.coreset_ratio = coreset_ratio
+        self.max_bank = max_bank
+        # Blur the upsampled patch map (PatchCore uses sigma 4 at 224 px): one patch = 14 px.
+        self.blur_sigma = blur_sigma if blur_sigma is not None else self.patch * 0.3
+        self.batch_size = batch_size
+        self.seed = seed
+        self.bank: torch.Tensor | None = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, spec: PreprocessSpec, **kwargs: Any) -> "Dinov2Teacher":
+        folder = Path(folder)
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise BundleError(f"{folder} has no config.json: point --teacher-model at a local Hugging Face "
+                              "DINOv2 folder (config.json + model.safetensors)")
+        try:
+            model_type = json.loads(cfg_path.read_text()).get("model_type")
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read {cfg_path} ({e}): the model folder is damaged") from None
+        if model_type not in ("dinov2", "dinov2_with_registers"):
+            raise BundleError(f"{folder} holds a {model_type!r} model, not DINOv2: give a DINOv2 folder "
+                              "(e.g. facebook/dinov2-small downloaded with its config)")
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot load DINOv2 from {folder}: {str(e).splitlines()[0]}") from None
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        digest = hashlib.sha256("\n".join(sha256_file(p) for p in weights).encode()).hexdigest() if weights else None
+        return cls(model, spec, source=str(folder.resolve()), source_sha256=digest, **kwargs)
+
+    @torch.no_grad()
+    def features(self, x: np.ndarray) -> torch.Tensor:
+        """``[N, 3, H, W]`` -> L2-normalised patch features ``[N, gh*gw, C]``."""
+        out = self.model(pixel_values=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        tokens = out.last_hidden_state[:, self.n_skip:, :]
+        if tokens.shape[1] != self.grid[0] * self.grid[1]:
+            raise BundleError(f"DINOv2 returned {tokens.shape[1]} patch tokens, expected "
+                              f"{self.grid[0]}x{self.grid[1]}: unsupported model variant")
+        return F.normalize(tokens.float(), dim=-1)
+
+    def fit(self, inputs: Sequence[np.ndarray], *, cache: Path | None = None, progress: bool = True) -> None:
+        if cache is not None and cache.is_file():
+            self.bank = torch.load(cache, weights_only=True)
+            logger.info("memory bank loaded from %s (%d features)", cache, self.bank.shape[0])
+            return
+        feats = []
+        bar = make_progress(progress)
+        with bar:
+            task = bar.add_task("DINOv2 features of good images", total=len(inputs), info="")
+            for i in range(0, len(inputs), self.batch_size):
+                batch = np.concatenate(inputs[i:i + self.batch_size])
+                feats.append(self.features(batch).reshape(-1, self.model.config.hidden_size))
+                bar.update(task, advance=batch.shape[0])
+        allf = torch.cat(feats)
+        n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio))))
+        logger.info("coreset: %d of %d patch features", n, allf.shape[0])
+        self.bank = allf[greedy_coreset(allf, n, seed=self.seed)].contiguous()
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + ".tmp")
+            torch.save(self.bank, tmp)
+            tmp.replace(cache)
+
+    @torch.no_grad()
+    def maps(self, x: np.ndarray) -> np.ndarray:
+        if self.bank is None:
+            raise RuntimeError("Dinov2Teacher.fit() must run before maps()")
+        out = np.empty((x.shape[0], *self.spec.input_size), np.float32)
+        for i in range(0, x.shape[0], self.batch_size):
+            f = self.features(x[i:i + self.batch_size])  # [n, P, C]
+            n = f.shape[0]
+            flat = f.reshape(-1, f.shape[-1])
+            best = torch.full((flat.shape[0],), -2.0)
+            for j in range(0, self.bank.shape[0], 8192):  # bounded memory for big banks
+                best = torch.maximum(best, (flat @ self.bank[j:j + 8192].T).amax(dim=1))
+            dist = (1.0 - best).clamp_min(0).reshape(n, 1, *self.grid)
+            up = F.interpolate(dist, size=self.spec.input_size, mode="bilinear", align_corners=False)[:, 0]
+            for k in range(n):
+                out[i + k] = cv2.GaussianBlur(up[k].numpy(), (0, 0), self.blur_sigma)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {"kind": self.kind, "source": self.source, "source_sha256": self.source_sha256,
+                "hidden_size": int(cfg.hidden_size), "layers": int(cfg.num_hidden_layers),
+                "patch_size": self.patch, "bank_size": int(self.bank.shape[0]) if self.bank is not None else 0,
+                "coreset_ratio": self.coreset_ratio, "blur_sigma": self.blur_sigma,
+                "distance": "cosine, nearest neighbour"}
+
+
+# --------------------------------------------------------------------------- bring your own
+
+
+def _pick_map(outputs: Sequence[np.ndarray], names: Sequence[str], want: str | None, where: str) -> int:
+    if want is not None:
+        if want not in names:
+            raise BundleError(f"{where} has no output {want!r} (it has: {', '.join(names)}): "
+                              "give --teacher-output one of those")
+        return list(names).index(want)
+    for i, o in enumerate(outputs):
+        if o.ndim in (3, 4) and (o.ndim == 3 or o.shape[1] == 1) and min(o.shape[-2:]) > 1:
+            return i
+    shapes = ", ".join(f"{n} {tuple(o.shape)}" for n, o in zip(names, outputs))
+    raise BundleError(f"{where} returns no anomaly map ([N, 1, h, w] or [N, h, w]); its outputs are {shapes}: "
+                      "name the right one with --teacher-output")
+
+
+class OnnxTeacher(Teacher):
+    """An ONNX model mapping the preprocessed image to an anomaly map (ONNX Runtime CPU)."""
+
+    kind = "onnx"
+
+    def __init__(self, path: str | Path, spec: PreprocessSpec, *, output: str | None = None,
+                 threads: int | None = None) -> None:
+        super().__init__(spec)
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"teacher model {self.path} does not exist: give an .onnx file")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.sess = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BundleError(f"cannot load teacher {self.path}: {str(e).splitlines()[0][:200]}") from None
+        inp = self.sess.get_inputs()
+        if len(inp) != 1:
+            raise BundleError(f"teacher {self.path} has {len(inp)} inputs; linecam teachers take one image input")
+        self.input_name = inp[0].name
+        shape = inp[0].shape
+        want = [3, *spec.input_size]
+        fixed = [d for d in shape[1:]]
+        if len(fixed) != 3 or any(isinstance(d, int) and d != e for d, e in zip(fixed, want)):
+            raise BundleError(f"teacher {self.path} takes input {shape}, but the declared preprocessing gives "
+                              f"[N, {want[0]}, {want[1]}, {want[2]}]: fix --size / the teacher's spec")
+        self.batch_fixed = isinstance(shape[0], int)
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.output = output
+        self._index: int | None = None
+
+    def maps(self, x: np.ndarray) -> np.ndarray:
+        if self.batch_fixed:
+            parts = [self._run(x[i:i + 1]) for i in range(x.shape[0])]
+            return np.concatenate(parts)
+        return self._run(x)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        outs = self.sess.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        if self._index is None:
+            self._index = _pick_map(outs, self.output_names, self.output, f"teacher {self.path}")
+        m = np.asarray(outs[self._index], dtype=np.float32)
+        m = m[:, 0] if m.ndim == 4 else m
+        return _resize_maps(m, self.spec.input_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": str(self.path.resolve()), "source_sha256": sha256_file(self.path),
+                "output": self.output or (self.output_names[self._index] if self._index is not None else None)}
+
+
+class TorchScriptTeacher(Teacher):
+    """A TorchScript module (``torch.jit.save``) mapping the preprocessed image to an anomaly map."""
+
+    kind = "torchscript"
+
+    def __init__(self, path: str | Path, spec: PreprocessSpec, *, output: str | None = None,
+                 batch_size: int = 8) -> None:
+        super().__init__(spec)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"teacher model {self.path} does not exist: give a TorchScript .pt file")
+        try:
+            self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as e:
+            raise BundleError(f"cannot load {self.path} as TorchScript ({str(e).splitlines()[0][:160]}): "
+                              "save it with torch.jit.script/trace + torch.jit.save") from None
+        self.output = output
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def maps(self, x: np.ndarray) -> np.ndarray:
+        parts = []
+        for i in range(0, x.shape[0], self.batch_size):
+            res = self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + self.batch_size], dtype=np.float32)))
+            if isinstance(res, dict):
+                names, outs = list(res), [v.numpy() for v in res.values()]
+            elif isinstance(res, (tuple, list)):
+                names, outs = [str(k) for k in range(len(res))], [v.numpy() for v in res]
+            else:
+                names, outs = ["0"], [res.numpy()]
+            m = outs[_pick_map(outs, names, self.output, f"teacher {self.path}")].astype(np.float32)
+            parts.append(_resize_maps(m[:, 0] if m.ndim == 4 else m, self.spec.input_size))
+        return np.concatenate(parts)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": str(self.path.resolve()), "source_sha256": sha256_file(self.path)}
+
+
+class BundleTeacher(OnnxTeacher):
+    """A linecam region-expert bundle as teacher (its FP32 ONNX and its preprocessing)."""
+
+    def __init__(self, folder: str | Path, *, kind: str = "onnx", threads: int | None = None) -> None:
+        from linecam.bundle import load_bundle
+
+        bundle = load_bundle(folder)
+        role = bundle.pick("onnxruntime", "fp32")
+        super().__init__(bundle.path(role), bundle.manifest.preprocess,
+                         output=bundle.manifest.outputs.anomaly_map.name, threads=threads)
+        self.kind = kind
+        self.bundle = bundle
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "kind": self.kind, "bundle": str(self.bundle.root.resolve()),
+                "bundle_sha256": self.bundle.model_sha256}
+
+
+def load_spec(path: str | Path) -> PreprocessSpec:
+    """A :class:`PreprocessSpec` from a YAML/JSON file (the teacher's declared preprocessing)."""
+    import yaml
+    from pydantic import ValidationError
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise BundleError(f"cannot read preprocessing spec {p}: {e}") from None
+    if isinstance(data, dict) and "preprocess" in data:  # a whole manifest.json works too
+        data = data["preprocess"]
+    try:
+        return PreprocessSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise BundleError(f"{p}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}; the spec needs "
+                          "input_size [h, w] and may set interpolation, crop, color_order, mean, std") from None
+
+
+def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int], *, steps: int, seed: int,
+                    holdout: float, base_width: int = 12, threads: int | None = None,
+                    progress: bool = True) -> BundleTeacher:
+    """Train the scratch expert (cached in ``work``) and use it as teacher.
+
+    It is fitted with the same ``seed`` and ``holdout`` as the distillation, hence on the
+    same training split: the held-out images stay unseen by teacher and student alike."""
+    from linecam.bundle import load_bundle
+    from linecam.export.scratch import fit_scratch_expert
+
+    key = hashlib.sha256(json.dumps([str(Path(images).resolve()), list(input_size), steps, seed, holdout,
+                                     base_width]).encode()).hexdigest()[:12]
+    folder = work / f"teacher-scratch-{key}"
+    try:
+        load_bundle(folder)
+        logger.info("scratch teacher reused from %s", folder)
+    except BundleError:
+        fit_scratch_expert(images, folder, input_size=input_size, steps=steps, seed=seed, holdout=holdout,
+                           base_width=base_width, threads=threads, progress=progress)
+    return BundleTeacher(folder, kind="scratch", threads=threads)
