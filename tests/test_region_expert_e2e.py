@@ -6,6 +6,7 @@ good images → scratch teacher → distilled student → FP16 + INT8 behind the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -87,3 +88,59 @@ def test_blank_calibration_trips_the_gate_and_force_records_it(workflow, tmp_pat
     assert gate["forced"] and not gate["passed"]
     m = load_bundle(tmp_path / "forced").manifest
     assert m.extra["calibration_sha256"] != load_bundle(out).manifest.extra["calibration_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_daemon_runs_the_int8_student_as_evaluated(workflow, broker, tmp_path):
+    """The distilled INT8 bundle on the line daemon (replay of the test images, real mosquitto): the
+    published raw scores equal `linecam evaluate`'s, and the regions of the coarse (1/8) map land
+    on the defects in source pixels."""
+    import shutil
+    import time
+
+    from linecam.config import parse_config
+    from linecam.evaluate import evaluate_bundle
+    from linecam.events import subscribe
+    from linecam.runtime.service import run_service
+
+    cat, out, _ = workflow
+    rep = evaluate_bundle(out, cat, progress=False, precision="int8")
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    for i, r in enumerate(rep.images):
+        shutil.copy(cat / r.path, replay / f"{i:03d}.png")
+    cfg = parse_config({
+        "line": "t", "camera_id": "st",
+        "camera": {"kind": "replay", "path": str(replay)},
+        "model": {"bundle": str(out), "precision": "int8"},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port},
+        "runtime": {"queue_size": 128},
+        "output": {"snapshots_dir": str(tmp_path / "snaps")},
+        "spool": {"path": str(tmp_path / "spool.db")},
+    }, tmp_path / "line.yaml")
+    verdicts: dict[int, dict] = {}
+    defects: dict[int, dict] = {}
+    with subscribe("127.0.0.1", broker.port, prefix="linecam/t/st", types=("verdict", "defect")) as sub:
+        run_service(cfg)
+        deadline = time.monotonic() + 15.0
+        n_ng = sum(r.verdict == "NG" for r in rep.images)
+        while (len(verdicts) < len(rep.images) or len(defects) < n_ng) and time.monotonic() < deadline:
+            ev = sub.poll(timeout=0.2)
+            if ev is not None:
+                (verdicts if ev.type == "verdict" else defects)[ev.payload["frame_id"]] = ev.payload
+    assert sorted(verdicts) == list(range(len(rep.images)))
+    hits = 0
+    for i, r in enumerate(rep.images):
+        v = verdicts[i]
+        assert v["model"]["file"] == "onnx_int8"
+        assert abs(v["score_raw"] - r.score_raw) <= 1e-5, (r.path, v["score_raw"], r.score_raw)
+        if r.label and v["verdict"] == "NG":
+            mask = cv2.imread(str(cat / "ground_truth" / r.defect / (Path(r.path).stem + "_mask.png")), 0) > 127
+            regions = defects[i]["regions"]
+            assert regions, r.path
+            x, y, w, h = regions[0]["bbox"]  # the strongest region, in source pixels
+            hits += bool(mask[int(y):int(y + h) + 1, int(x):int(x + w) + 1].any())
+    n_caught = sum(1 for i, r in enumerate(rep.images) if r.label and verdicts[i]["verdict"] == "NG")
+    assert n_caught >= 0.9 * sum(r.label for r in rep.images)
+    assert hits >= 0.9 * n_caught, (hits, n_caught)
