@@ -83,6 +83,20 @@ def test_dinov2_teacher_distils_end_to_end_and_the_student_reproduces_its_maps(c
     t_maps = distil_mod.downsample(teacher.maps(ev.x))  # the teacher at the student's map resolution
     r = pearson(s_maps, t_maps)
     assert r >= 0.9, f"student reproduces the DINOv2 teacher with Pearson {r:.3f} only"
+    # Up to the GPU boundary: TensorRT's INT8 build takes this file (symmetric Q/DQ), and the engine
+    # verifier accepts the student's coarse map; here the INT8 ONNX on ORT stands in for the engine.
+    from linecam.export import trt, trt_verify
+    from linecam.export.quantize import check_symmetric
+    from linecam.runtime.backends.onnxruntime import OrtRunner
+
+    assert check_symmetric(bundle.path("onnx_int8")).qdq_pairs > 0
+    assert trt.source_onnx(bundle, "int8", echo=lambda _s: None).role == "onnx_int8"
+    images = trt.verification_set(bundle, trt.TrtBuildOptions(precision="int8"))
+    assert len(images) == len(m.provenance.details["holdout_files"])
+    stand_in = OrtRunner(bundle.path("onnx_int8"), m, role="onnx_int8")
+    verdict = trt.verify_engine(bundle, stand_in.run, images, "int8", trt_verify.DEFAULT_TOLERANCES["int8"])
+    assert verdict.n_images == len(images) and verdict.map_max_abs > 0  # compared for real, not skipped
+
     # Random student weights would not: the bar means something.
     untrained = distil_mod.Student("s")
     untrained.eval()
@@ -229,3 +243,16 @@ def test_distil_cli_errors(category, tmp_path):
 
     assert main(["distil", "--teacher", "onnx", "--teacher-model", str(tmp_path / "missing.onnx"),
                  "--images", str(category / "train" / "good"), "--out", str(tmp_path / "o"), "-q"]) == 3
+
+
+def test_bad_images_make_thresholds_f1_optimal(tmp_path):
+    cat = make_category(tmp_path / "d", seed=4, size=SIZE, n_train=30, n_good_test=2, n_per_defect=10,
+                        defects=("hole",))
+    teacher = BundleTeacher(make_tiny_bundle(tmp_path / "tiny", size=SIZE))  # darkness: holes score high
+    opts = distil_mod.DistilOptions(steps=60, pool_size=32, quantize=(), threads=1, eval_good=8, eval_bad=8)
+    res = distil_mod.distil(teacher, cat / "train" / "good", tmp_path / "b", work_dir=tmp_path / "w",
+                            options=opts, bad_images=cat / "test" / "hole", progress=False)
+    th = load_bundle(res.bundle).manifest.thresholds
+    assert th.method == "f1_optimal" and th.n_bad == 10 and th.n_good == 6
+    assert th.details["image"]["good_only_threshold"] != th.image
+    assert res.distillation["n_eval_bad"] == 10
