@@ -77,10 +77,14 @@ def test_blank_calibration_trips_the_gate_and_force_records_it(workflow, tmp_pat
     # Blank and nothing painted on them (--calib-anomalies 0): every activation range is what a
     # featureless frame produces.
     opts = DistilOptions(steps=800, pool_size=384, threads=2, calib_anomaly_ratio=0.0)
+    import shutil
+
+    shutil.copytree(out, tmp_path / "broken")  # re-exporting over a good bundle
     with pytest.raises(BundleError, match="accuracy gate"):
         distil(teacher, cat / "train" / "good", tmp_path / "broken", work_dir=work, options=opts,
                calib_images=blank, progress=False)
-    assert not (tmp_path / "broken" / "manifest.json").exists(), "a failed gate writes no bundle"
+    assert not (tmp_path / "broken" / "manifest.json").exists(), "a failed gate leaves no bundle behind"
+    assert not json.loads((tmp_path / "broken" / "gate.json").read_text())["passed"]
     opts.force = True
     distil(teacher, cat / "train" / "good", tmp_path / "forced", work_dir=work, options=opts,
            calib_images=blank, progress=False)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linecam.bundle import Manifest, OutputsSpec, TensorSpec, file_entry, new_provenance, write_manifest
+from linecam.bundle import MANIFEST, Manifest, OutputsSpec, TensorSpec, file_entry, new_provenance, write_manifest
 from linecam.calibration.metrics import auroc, pearson
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
@@ -351,8 +351,10 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
                            lr=o.lr, seed=o.seed, every=max(1, o.checkpoint_every), progress=progress)
     seconds["train"] = time.perf_counter() - t
 
-    # 5. export
+    # 5. export. A bundle already in --out stops being one first: if this export fails (the gate,
+    # Ctrl-C), the folder must not look like a bundle whose manifest names files now replaced.
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     fp32 = export_onnx(student, out / FP32_FILE, (h, w), seed=o.seed)
 
     # distillation quality on held-out images
