@@ -102,15 +102,13 @@ class VerificationReport:
 
 
 def auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
-    """Image AUROC by the Mann-Whitney U statistic (ties count half); None without both classes."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels)
-    pos, neg = s[y == 1], s[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    """Image AUROC (:func:`linecam.calibration.metrics.auroc`: ties count half); None without both classes."""
+    from linecam.calibration.metrics import auroc as _auroc
+
+    y = np.asarray(labels, dtype=object)
+    known = (y == 0) | (y == 1)  # unlabelled images take no part
+    v = _auroc((y[known] == 1).astype(bool), np.asarray(scores, dtype=np.float64)[known])
+    return None if np.isnan(v) else v
 
 
 def compare(reference: Sequence[ExpertOutput], engine: Sequence[ExpertOutput], thresholds: Thresholds,
