@@ -45,7 +45,7 @@ import numpy as np
 from linecam import __version__
 from linecam.bundle import Bundle, load_bundle
 from linecam.calibration.metrics import MAX_EXACT_PIXELS, aupro, auroc, pixel_auroc, rates_at, roc_curve
-from linecam.camera.replay import IMAGE_SUFFIXES, _to_layout
+from linecam.camera.replay import IMAGE_SUFFIXES, to_frame_layout
 from linecam.errors import BundleError, LinecamError
 from linecam.preprocess import Preprocessor, read_image
 from linecam.progress import make_progress
@@ -154,7 +154,7 @@ def read_frame(sample: Sample) -> tuple[np.ndarray, int]:
         image, bit_depth = read_image(sample.path)
     except ValueError as e:
         raise DatasetError(f"cannot read {sample.rel} ({e}): replace or remove the file") from None
-    return _to_layout(image, bit_depth, False)
+    return to_frame_layout(image, bit_depth, False)
 
 
 def read_mask(sample: Sample, root: Path, image_hw: tuple[int, int]) -> np.ndarray:

@@ -57,7 +57,7 @@ class Pacer:
         return True
 
 
-def _to_layout(img: np.ndarray, bit_depth: int, grayscale: bool) -> tuple[np.ndarray, int]:
+def to_frame_layout(img: np.ndarray, bit_depth: int, grayscale: bool) -> tuple[np.ndarray, int]:
     """An RGB / mono image from ``read_image`` or VideoCapture into the Frame layout."""
     if grayscale and img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None]
@@ -193,7 +193,7 @@ class ReplaySource(FrameSource):
             raise CameraError(f"cannot read replay image {f}: remove or replace the file ({e})") from e
         meta = {"path": str(f), "name": f.name, "index": self._pos, "loop": self._passes}
         self._pos += 1
-        img, bit_depth = _to_layout(img, bit_depth, self.grayscale)
+        img, bit_depth = to_frame_layout(img, bit_depth, self.grayscale)
         return img, bit_depth, meta
 
     def _next_video_frame(self) -> tuple[np.ndarray, int, dict]:
@@ -215,5 +215,5 @@ class ReplaySource(FrameSource):
             img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         meta = {"path": str(self.path), "name": self.path.name, "index": self._pos, "loop": self._passes}
         self._pos += 1
-        img, bit_depth = _to_layout(img, 8, self.grayscale)
+        img, bit_depth = to_frame_layout(img, 8, self.grayscale)
         return img, bit_depth, meta
