@@ -270,27 +270,16 @@ def test_verification_failure_leaves_the_bundle_untouched(work, images):
 
 
 def test_int8_engine_from_qdq_onnx(work, images):
-    """INT8 from symmetric Q/DQ (ONNX Runtime's quantize_static), built strongly typed."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
+    """INT8 from linecam's own symmetric Q/DQ quantizer (export-engine distil's), built strongly typed."""
+    from linecam.export.quantize import calibration_batch, to_int8
     from linecam.export.trt import TrtBuildOptions, build_bundle_engine
     from linecam.export.trt_verify import load_images
 
     root = make_conv_bundle(work / "conv8")
     bundle = load_bundle(root)
     pre = Preprocessor(bundle.manifest.preprocess)
-    calib = [pre(im.image, im.bit_depth, copy=True) for im in load_images(images)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter({"image": x} for x in calib)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(root / "model.onnx"), str(root / "model.int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    calib = np.concatenate([pre(im.image, im.bit_depth, copy=True) for im in load_images(images)])
+    to_int8(root / "model.onnx", root / "model.int8.onnx", calibration_batch(calib, bundle.manifest.preprocess))
     files = dict(bundle.manifest.files)
     files["onnx_int8"] = file_entry(root, "model.int8.onnx", precision="int8")
     write_manifest(root, bundle.manifest.model_copy(update={"files": files}))
