@@ -241,9 +241,17 @@ def test_full_spool_drops_the_oldest_and_the_status_says_so(tmp_path, tiny_bundl
 
         def broker_back_at_the_end(daemon):
             def run():
-                while daemon.counters.get("frames") < n:
+                deadline = time.monotonic() + 15.0
+                # Every frame judged (frames counts acquisition; "ng" is counted after inference) ...
+                while (sum(daemon.counters.get(k) for k in ("ok", "ng", "skipped", "invalid_output")) < n
+                       and time.monotonic() < deadline):
                     time.sleep(0.02)
-                time.sleep(0.5)
+                # ... and, as defect events trail their verdicts (snapshot thread), every message has met
+                # the full spool (bounded: if fewer are ever dropped, the assertion below says so).
+                while (daemon.counters.get("spool_dropped") < n + daemon.counters.get("ng") - cap
+                       and time.monotonic() < deadline):
+                    time.sleep(0.02)
+                time.sleep(0.3)
                 broker.start()
             threading.Thread(target=run, daemon=True).start()
 
