@@ -1,7 +1,7 @@
 """``export-engine``: build region-expert bundles on the workstation.
 
-Subcommands are added here as they exist (``fit`` now; distil, quantize, trt, vlm
-later). Every user-caused error prints ``error: <one line>`` on stderr and exits
+Subcommands: ``fit`` (scratch expert), ``distil`` (teacher -> student -> FP16/INT8 behind
+the accuracy gate), ``trt`` (TensorRT engine for this device), ``vlm`` (compact VLM bundle). Every user-caused error prints ``error: <one line>`` on stderr and exits
 with the error's code (:attr:`LinecamError.exit_code`), 2 for usage errors.
 """
 
