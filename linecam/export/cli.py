@@ -1,8 +1,9 @@
 """``export-engine``: build region-expert bundles on the workstation.
 
 Subcommands: ``fit`` (scratch expert), ``distil`` (teacher -> student -> FP16/INT8 behind
-the accuracy gate), ``trt`` (TensorRT engine for this device), ``vlm`` (compact VLM bundle). Every user-caused error prints ``error: <one line>`` on stderr and exits
-with the error's code (:attr:`LinecamError.exit_code`), 2 for usage errors.
+the accuracy gate), ``trt`` (TensorRT engine for this device), ``vlm`` (compact VLM bundle).
+Every user-caused error prints ``error: <one line>`` on stderr and exits with the error's
+code (:attr:`LinecamError.exit_code`), 2 for usage errors.
 """
 
 from __future__ import annotations
