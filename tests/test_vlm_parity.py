@@ -161,3 +161,26 @@ def test_region_tokens_injected_as_extra_embeds_match_generate(exported):
                              do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
     assert ours.tokens == ref[0].tolist()
     assert ours.tokens != plain.tokens  # the region rows do reach the decoder
+
+
+def test_fp16_variant_through_the_shared_converter(exported, tmp_path):
+    """--fp16 writes FP16 graphs with the region expert's converter: vision keeps FP32 I/O, the bundle
+    verifies, and the FP16 decoder generates on ONNX Runtime CPU."""
+    import shutil
+
+    import onnx
+
+    from linecam.export.vlm.quantize import add_variants
+
+    fam, _, bundle, _ = exported
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    man = add_variants(copy, quantize=(), fp16=True, n_prompts=1, n_tokens=4)
+    for kind in ("vision", "decoder", "embedding"):
+        assert man.files[f"{kind}_fp16"].precision == "fp16"
+    vis = onnx.load(str(copy / "vision_fp16.onnx"))
+    assert vis.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in vis.graph.initializer)
+    eng = VlmEngine(load_vlm_bundle(copy), precision="fp16")
+    g = eng.generate(_image(80, 80, 2), "Describe the defect .", max_new_tokens=3, stop_token_ids=[])
+    assert len(g.tokens) == 3

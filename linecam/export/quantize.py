@@ -187,15 +187,23 @@ def calibration_batch(images: Sequence[SourceImage] | np.ndarray, spec: Preproce
 # --------------------------------------------------------------------------- helpers
 
 
+#: Protobuf's limit: larger models keep their weights in an external ``<name>.data`` file.
+PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
+
+
 def _save_atomic(model: onnx.ModelProto, dst: Path) -> Path:
-    """Write ``model`` to ``dst`` through a temporary file in the same folder."""
+    """Write ``model`` to ``dst`` through a temporary file in the same folder (the rename
+    commits it; a model over 2 GB writes its weights to ``<dst name>.data`` first)."""
     import onnx
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        onnx.save(model, tmp)
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            onnx.save(model, tmp, save_as_external_data=True, location=f"{dst.name}.data")
+        else:
+            onnx.save(model, tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
     except BaseException:
@@ -257,32 +265,29 @@ def _smoke_run(path: Path, what: str) -> None:
 # --------------------------------------------------------------------------- FP16
 
 
-#: Ops kept in FP32 by :func:`to_fp16`, on top of ORT's ``DEFAULT_OP_BLOCK_LIST``: none. ORT's CPU
-#: provider lacks FP16 kernels for most of these nets' ops (Conv, Resize, AveragePool on x86), but
-#: its InsertCastTransformer wraps such nodes in Cast-to-FP32 at session creation, so the file runs
-#: there unchanged; blocking them here would also keep them FP32 in TensorRT, which is the point
-#: of the file. (Measured on ScratchExpert, ORT 1.31: every node type runs.)
-FP16_EXTRA_BLOCK: tuple[str, ...] = ()
+def to_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True,
+            op_block_list: Sequence[str] | None = None, check: bool = True) -> Path:
+    """Cast the FP32 ONNX ``src`` to FP16 at ``dst`` (inputs and outputs stay FP32 unless
+    ``keep_io_types`` is False), atomically.
 
-
-def to_fp16(src: str | Path, dst: str | Path, *, op_block_list: Sequence[str] | None = None,
-            check: bool = True) -> Path:
-    """Cast the FP32 ONNX ``src`` to FP16 at ``dst`` (inputs and outputs stay FP32), atomically.
-
-    ``op_block_list`` (default: ORT's list plus :data:`FP16_EXTRA_BLOCK`) keeps ops in FP32.
+    ``op_block_list`` (default: ORT's ``DEFAULT_OP_BLOCK_LIST``, nothing more) keeps ops in
+    FP32. ORT's CPU provider lacks FP16 kernels for most conv-net ops (Conv, Resize,
+    AveragePool on x86), but its InsertCastTransformer wraps such nodes in casts at session
+    creation, so the file runs there unchanged; blocking them here would also keep them FP32
+    in TensorRT, which is the point of the file (measured on ScratchExpert, ORT 1.31).
     ``check`` runs the result once on ONNX Runtime CPU and raises :class:`BundleError`
     (removing ``dst``) if it does not load, run, or gives non-finite values.
     """
     try:
         import onnx
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+        from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as e:
         raise BundleError(f"the bundle has no FP16 ONNX and deriving one needs the onnx package "
                           f"({e.name} is missing): pip install onnx, or build with --precision fp32") from None
     src, dst = Path(src), Path(dst)
-    block = list(DEFAULT_OP_BLOCK_LIST) + list(FP16_EXTRA_BLOCK) if op_block_list is None else list(op_block_list)
     model = onnx.load(str(src))
-    fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, op_block_list=block)
+    fp16 = convert_float_to_float16(model, keep_io_types=keep_io_types, disable_shape_infer=False,
+                                    op_block_list=None if op_block_list is None else list(op_block_list))
     _save_atomic(fp16, dst)
     if check:
         try:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from linecam.bundle import new_provenance, write_manifest
+from linecam.bundle import file_entry, new_provenance, write_manifest
 from linecam.errors import BundleError
 from linecam.export.vlm.graphs import DecoderGraph, EmbeddingGraph, Idefics3VisionGraph, QwenVisionGraph
 from linecam.runtime.vlm import rope
@@ -29,7 +29,6 @@ from linecam.runtime.vlm.bundle import (
     QwenVisionSpec,
     TextSpec,
     VlmManifest,
-    vlm_file_entry,
 )
 
 logger = logging.getLogger(__name__)
@@ -280,13 +279,13 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
     gen = _read_json(model_dir / "generation_config.json")
     eos = gen.get("eos_token_id", getattr(tcfg, "eos_token_id", None))
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-    files = {"vision_fp32": vlm_file_entry(out, "vision.onnx"),
-             "embedding_fp32": vlm_file_entry(out, "embedding.onnx"),
-             "decoder_fp32": vlm_file_entry(out, "decoder.onnx"),
-             "tokenizer": vlm_file_entry(out, "tokenizer.json")}
+    files = {"vision_fp32": file_entry(out, "vision.onnx"),
+             "embedding_fp32": file_entry(out, "embedding.onnx"),
+             "decoder_fp32": file_entry(out, "decoder.onnx"),
+             "tokenizer": file_entry(out, "tokenizer.json")}
     for fname in copied:
         if fname not in ("tokenizer.json",):
-            files[fname.split(".")[0]] = vlm_file_entry(out, fname)
+            files[fname.split(".")[0]] = file_entry(out, fname)
     import transformers
 
     manifest = VlmManifest(

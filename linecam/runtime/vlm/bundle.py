@@ -16,30 +16,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from linecam.bundle import Bundle, FileEntry, Provenance, file_entry, read_manifest
+from linecam.bundle import Bundle, FileEntry, Provenance, read_manifest
 
 #: The VLM manifest schema this linecam writes and the newest it reads (independent of
 #: the region-expert manifest's version).
 VLM_SCHEMA_VERSION = 1
 
 Family = Literal["qwen2_5_vl", "idefics3"]
-VlmPrecision = Literal["fp32", "fp16", "int8", "int4"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class VlmFileEntry(FileEntry):
-    """A :class:`linecam.bundle.FileEntry` that also allows ``int4`` (weight-only MatMulNBits)."""
-
-    precision: VlmPrecision = "fp32"  # type: ignore[assignment]
-
-
-def vlm_file_entry(root: str | Path, relpath: str, precision: VlmPrecision = "fp32") -> VlmFileEntry:
-    """Hash a file already written in the bundle (via :func:`linecam.bundle.file_entry`)."""
-    base = file_entry(root, relpath)
-    return VlmFileEntry(**{**base.model_dump(), "precision": precision})
 
 
 class TextSpec(_Strict):
@@ -114,7 +101,7 @@ class VlmManifest(_Strict):
     text: TextSpec
     vision: QwenVisionSpec | Idefics3VisionSpec = Field(discriminator="kind")
     prompt: PromptSpec
-    files: dict[str, VlmFileEntry]
+    files: dict[str, FileEntry]
     provenance: Provenance
     #: Token agreement etc. measured at export time, keyed by role.
     quality: dict[str, Any] = Field(default_factory=dict)
