@@ -78,7 +78,7 @@ def test_dinov2_teacher_distils_end_to_end_and_the_student_reproduces_its_maps(c
     pre = Preprocessor(m.preprocess)
     teacher.fit([pre(s.image, s.bit_depth, copy=True) for s in train], progress=False)
     ev = distil_mod.eval_set(hold, m.preprocess, seed=99, n_good=len(hold), n_bad=24)
-    s_maps, _ = distil_mod.run_onnx(bundle.path("onnx_fp32"), ev.x)
+    s_maps, _ = distil_mod.run_expert(bundle.path("onnx_fp32"), ev.x)
     assert s_maps.shape[1:] == (SIZE // 8, SIZE // 8) == tuple(m.outputs.anomaly_map.shape[2:])
     t_maps = distil_mod.downsample(teacher.maps(ev.x))  # the teacher at the student's map resolution
     r = pearson(s_maps, t_maps)

@@ -37,6 +37,7 @@ from linecam.bundle import MANIFEST, Manifest, OutputsSpec, TensorSpec, file_ent
 from linecam.calibration.metrics import auroc, pearson
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
+from linecam.export.gate import run_expert
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.export.scratch import (
     AnomalySampler,
@@ -257,22 +258,6 @@ def eval_set(hold: Sequence[SourceImage], spec: PreprocessSpec, seed: int, n_goo
     return EvalSet(np.stack(xs), np.asarray(ys), np.stack(ms), kinds)
 
 
-def run_onnx(path: Path, x: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(maps [N, H, W], scores [N]) of an exported expert on ONNX Runtime CPU, one image at a time."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    maps, scores = [], np.empty(x.shape[0], np.float32)
-    for i in range(x.shape[0]):
-        m, s = sess.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: x[i:i + 1]})
-        maps.append(m[0, 0])
-        scores[i] = s.reshape(-1)[0]
-    return np.stack(maps), scores
-
-
 # --------------------------------------------------------------------------- public entry
 
 
@@ -361,7 +346,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     t = time.perf_counter()
     ev = eval_set(hold_set, spec, o.seed, o.eval_good, o.eval_bad, bad_set)
     t_maps = downsample(teacher.maps(ev.x)) / scale  # compared at the student's map resolution
-    s_maps, s_scores = run_onnx(fp32, ev.x, o.threads)
+    s_maps, s_scores = run_expert(fp32, ev.x, o.threads)
     t_scores = image_score(t_maps, o.score_pool)
     per_image = [pearson(a, b) for a, b in zip(s_maps, t_maps)]
     distillation = {
@@ -403,7 +388,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
             candidates["onnx_int8"] = q.path
             calibration = {"sha256": calib.sha256, "n_images": calib.n,
                            "source": str(Path(calib_images).resolve()) if calib_images else "training images",
-                           **{k: v for k, v in _as_dict(q).items() if k not in ("path",)}}
+                           **{k: v for k, v in q.to_dict().items() if k != "path"}}
         report = gate.compare(fp32, candidates, ev.x, ev.labels, ev.masks if ev.masks.any() else None,
                               threads=o.threads)
         try:
@@ -479,12 +464,3 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
                 thresholds.pixel)
     return DistilResult(out, distillation, gate_dict, {"image": thresholds.image, "pixel": thresholds.pixel},
                         seconds)
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    try:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(obj).items()}
-    except TypeError:
-        return dict(vars(obj))

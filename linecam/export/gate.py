@@ -232,8 +232,10 @@ class GateReport:
         return "\n".join(lines)
 
 
-def _run(path: Path, inputs: np.ndarray, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(maps [N, H, W], scores [N]) of ``path`` on ORT CPU, one image at a time."""
+def run_expert(path: Path, inputs: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(maps [N, h, w], scores [N]) of the region expert ``path`` on ORT CPU, one image at a time
+    (``inputs``: preprocessed [N, 3, H, W]). The one ORT runner of the export side: the gate,
+    distillation and threshold fitting all score models through it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -314,7 +316,7 @@ def compare(reference_onnx: str | Path, candidates: Mapping[str, str | Path], in
         raise BundleError("the gate needs at least one candidate model to compare with the reference")
 
     notes: list[str] = []
-    ref_maps, ref_scores = _run(Path(reference_onnx), x, threads)
+    ref_maps, ref_scores = run_expert(Path(reference_onnx), x, threads)
     if not (np.isfinite(ref_maps).all() and np.isfinite(ref_scores).all()):
         raise BundleError(f"the reference model {reference_onnx} gives non-finite outputs: fix it before gating")
     ref_auroc = metrics.auroc(y, ref_scores)
@@ -341,7 +343,7 @@ def compare(reference_onnx: str | Path, candidates: Mapping[str, str | Path], in
 
     results: dict[str, CandidateMetrics] = {}
     for name, path in candidates.items():
-        maps, scores = _run(Path(path), x, threads)
+        maps, scores = run_expert(Path(path), x, threads)
         errors = []
         if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
             errors.append("non-finite outputs")

@@ -297,19 +297,12 @@ def train(model: ScratchExpert, sampler: AnomalySampler, *, steps: int, batch_si
 def score_onnx(model_path: str | Path, images: Sequence[SourceImage], spec: PreprocessSpec, *,
                threads: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """(image scores, anomaly maps) of ``images`` from the exported model via onnxruntime."""
-    import onnxruntime as ort
+    from linecam.export.gate import run_expert
 
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     pre = Preprocessor(spec)
-    scores, maps = [], []
-    for s in images:
-        amap, score = sess.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: pre(s.image, s.bit_depth)})
-        scores.append(float(score.reshape(-1)[0]))
-        maps.append(amap[0, 0])
-    return np.asarray(scores), maps
+    x = np.concatenate([pre(s.image, s.bit_depth, copy=True) for s in images])
+    maps, scores = run_expert(Path(model_path), x, threads)
+    return scores, list(maps)
 
 
 # --------------------------------------------------------------------------- public entry
