@@ -260,6 +260,7 @@ class OnnxTeacher(Teacher):
             raise BundleError(f"teacher {self.path} takes input {shape}, but the declared preprocessing gives "
                               f"[N, {want[0]}, {want[1]}, {want[2]}]: fix --size / the teacher's spec")
         self.batch_fixed = isinstance(shape[0], int)
+        self.sha256 = sha256_file(self.path)  # once: describe() is asked for it at every cache key
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.output = output
         self._index: int | None = None
@@ -279,7 +280,7 @@ class OnnxTeacher(Teacher):
         return _resize_maps(m, self.spec.input_size)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "source": str(self.path.resolve()), "source_sha256": sha256_file(self.path),
+        return {"kind": self.kind, "source": str(self.path.resolve()), "source_sha256": self.sha256,
                 "output": self.output or (self.output_names[self._index] if self._index is not None else None)}
 
 
@@ -299,6 +300,7 @@ class TorchScriptTeacher(Teacher):
         except (RuntimeError, ValueError) as e:
             raise BundleError(f"cannot load {self.path} as TorchScript ({str(e).splitlines()[0][:160]}): "
                               "save it with torch.jit.script/trace + torch.jit.save") from None
+        self.sha256 = sha256_file(self.path)
         self.output = output
         self.batch_size = batch_size
 
@@ -318,7 +320,7 @@ class TorchScriptTeacher(Teacher):
         return np.concatenate(parts)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "source": str(self.path.resolve()), "source_sha256": sha256_file(self.path)}
+        return {"kind": self.kind, "source": str(self.path.resolve()), "source_sha256": self.sha256}
 
 
 class BundleTeacher(OnnxTeacher):
@@ -367,9 +369,11 @@ def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int],
     It is fitted with the same ``seed`` and ``holdout`` as the distillation, hence on the
     same training split: the held-out images stay unseen by teacher and student alike."""
     from linecam.bundle import load_bundle
-    from linecam.export.scratch import fit_scratch_expert
+    from linecam.export.scratch import fit_scratch_expert, list_images, source_hash
 
-    key = hashlib.sha256(json.dumps([str(Path(images).resolve()), list(input_size), steps, seed, holdout,
+    # Keyed by the images' content, not the folder's name: edited images must retrain the teacher.
+    content = source_hash([s.sha256 for s in list_images(images)])
+    key = hashlib.sha256(json.dumps([content, list(input_size), steps, seed, holdout,
                                      base_width]).encode()).hexdigest()[:12]
     folder = work / f"teacher-scratch-{key}"
     try:
