@@ -14,7 +14,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -105,6 +105,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def source_hash(hashes: Sequence[str]) -> str:
+    """sha256 over the sorted per-file sha256 hex digests, newline-joined: what a model was made
+    from (training images, a calibration set), independent of file order."""
+    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
 
 
 def file_entry(root: str | Path, relpath: str, backend: Backend = "onnxruntime",

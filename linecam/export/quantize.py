@@ -155,7 +155,7 @@ def calibration_batch(images: Sequence[SourceImage] | np.ndarray, spec: Preproce
         return CalibrationSet(x, array_hash(x), "array")
 
     from linecam.export.anomalies import synthesize
-    from linecam.export.scratch import source_hash
+    from linecam.bundle import source_hash
     from linecam.preprocess import Preprocessor
 
     if spec is None:

@@ -19,7 +19,6 @@ Why this design:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from linecam.bundle import (
     file_entry,
     new_provenance,
     sha256_file,
+    source_hash,
     write_manifest,
 )
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
@@ -306,11 +306,6 @@ def score_onnx(model_path: str | Path, images: Sequence[SourceImage], spec: Prep
 
 
 # --------------------------------------------------------------------------- public entry
-
-
-def source_hash(hashes: Sequence[str]) -> str:
-    """sha256 over the sorted per-file sha256 hex digests, newline-joined."""
-    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
