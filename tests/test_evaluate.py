@@ -316,13 +316,9 @@ def test_cli_error_is_one_line_with_exit_code(bundle, tmp_path):
 
 
 def test_evaluates_with_torch_blocked(bundle, data):
-    code = (
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.') or name == 'transformers':\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, _Block())\n"
+    from test_imports import BLOCK_TORCH
+
+    code = BLOCK_TORCH + (
         "from linecam.evaluate import evaluate_bundle\n"
         f"rep = evaluate_bundle({str(bundle)!r}, {str(data)!r}, progress=False)\n"
         "assert 'torch' not in sys.modules\n"

@@ -282,7 +282,7 @@ def _pixel_auroc(masks: np.ndarray | None, maps: np.ndarray) -> float | None:
 
         size = (masks.shape[2], masks.shape[1])
         maps = np.stack([cv2.resize(m, size, interpolation=cv2.INTER_LINEAR) for m in maps])
-    v = metrics.auroc(masks.reshape(-1) > 0.5, maps.reshape(-1))
+    v = metrics.pixel_auroc(masks > 0.5, maps)
     return None if math.isnan(v) else v
 
 
