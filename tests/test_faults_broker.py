@@ -13,8 +13,6 @@ restart, so what is published while it reconnects is queued for it, not missed.
 from __future__ import annotations
 
 import os
-import re
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +24,7 @@ import pytest
 import yaml
 
 from bundles import make_tiny_bundle
+from notify import NotifyListener
 from linecam import schemas
 from linecam.config import parse_config
 from linecam.runtime.service import run_service
@@ -109,40 +108,6 @@ def test_broker_outage_mid_run_every_frame_gets_its_verdict(tmp_path, tiny_bundl
         sub.close()
     finally:
         broker.close()
-
-
-class NotifyListener:
-    """Receives the daemon's sd_notify datagrams (an independent progress oracle)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.path = path
-        self.lines: list[str] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.lines.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                pass
-
-    def frames(self) -> int:
-        """Frames the daemon reported done in its latest STATUS= line."""
-        for line in reversed(self.lines):
-            m = re.search(r"STATUS=.* (\d+) frames,", line)
-            if m:
-                return int(m.group(1))
-        return 0
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join()
-        self.sock.close()
 
 
 def start_daemon(cfg_path: Path, notify: Path, log: Path) -> subprocess.Popen:

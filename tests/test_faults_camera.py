@@ -10,14 +10,13 @@ viky.cti down under the running daemon.
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from bundles import make_tiny_bundle
+from notify import NotifyListener
 from linecam import schemas
 from linecam.camera.base import FrameSource
 from linecam.camera.frame import Frame
@@ -102,38 +101,6 @@ class ScriptedCamera(FrameSource):
         return frame
 
 
-class Watchdog:
-    """Our own NOTIFY_SOCKET: records when each WATCHDOG=1 arrives."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.05)
-        self.times: list[float] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self.sock.recv(4096) == b"WATCHDOG=1":
-                    self.times.append(time.monotonic())
-            except socket.timeout:
-                pass
-
-    def between(self, t0: float, t1: float) -> list[float]:
-        return [t for t in self.times if t0 <= t <= t1]
-
-    def max_gap(self) -> float:
-        return max(b - a for a, b in zip(self.times, self.times[1:]))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join()
-        self.sock.close()
-
-
 @pytest.fixture
 def tiny_bundle(tmp_path):
     return make_tiny_bundle(tmp_path / "bundle", size=64, image_threshold=0.3, pixel_threshold=0.5)
@@ -141,7 +108,7 @@ def tiny_bundle(tmp_path):
 
 @pytest.fixture
 def watchdog(tmp_path, monkeypatch):
-    w = Watchdog(tmp_path / "notify.sock")
+    w = NotifyListener(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # keep-alive every 0.1 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
