@@ -30,7 +30,7 @@ from linecam.export.teachers import (  # noqa: E402
     greedy_coreset,
     load_spec,
 )
-from linecam.preprocess import PreprocessSpec, Preprocessor  # noqa: E402
+from linecam.preprocess import PreprocessSpec  # noqa: E402
 
 SIZE = 64
 
@@ -75,8 +75,7 @@ def test_dinov2_teacher_distils_end_to_end_and_the_student_reproduces_its_maps(c
     sources = list_images(category / "train" / "good")
     hold = [s for s in sources if s.path.name in m.provenance.details["holdout_files"]]
     train = [s for s in sources if s.path.name not in m.provenance.details["holdout_files"]]
-    pre = Preprocessor(m.preprocess)
-    teacher.fit([pre(s.image, s.bit_depth, copy=True) for s in train], progress=False)
+    teacher.fit(train, progress=False)
     ev = distil_mod.eval_set(hold, m.preprocess, seed=99, n_good=len(hold), n_bad=24)
     s_maps, _ = distil_mod.run_expert(bundle.path("onnx_fp32"), ev.x)
     assert s_maps.shape[1:] == (SIZE // 8, SIZE // 8) == tuple(m.outputs.anomaly_map.shape[2:])

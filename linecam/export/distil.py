@@ -310,11 +310,9 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     logger.info("%d good images: %d for training, %d held out", len(sources), len(train_set), len(hold_set))
 
     # 2. teacher
-    pre = Preprocessor(spec)
     t = time.perf_counter()
     teacher_key = _key(teacher.describe(), data_key)
-    teacher.fit([pre(s.image, s.bit_depth, copy=True) for s in train_set],
-                cache=work / f"teacher-{teacher_key}.pt", progress=progress)
+    teacher.fit(train_set, cache=work / f"teacher-{teacher_key}.pt", progress=progress)
     seconds["teacher_fit"] = time.perf_counter() - t
 
     # 3. pool

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import cv2
 import numpy as np
@@ -33,8 +33,11 @@ import torch.nn.functional as F
 
 from linecam.bundle import sha256_file
 from linecam.errors import BundleError
-from linecam.preprocess import PreprocessSpec
+from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
+
+if TYPE_CHECKING:
+    from linecam.export.scratch import SourceImage
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,8 @@ class Teacher(abc.ABC):
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
 
-    def fit(self, inputs: Sequence[np.ndarray], *, cache: Path | None = None, progress: bool = True) -> None:
-        """Learn from good images (preprocessed ``[1, 3, H, W]`` each). Default: nothing to learn."""
+    def fit(self, images: Sequence[SourceImage], *, cache: Path | None = None, progress: bool = True) -> None:
+        """Learn from good images (preprocessed here with ``spec``, as needed). Default: nothing to learn."""
 
     @abc.abstractmethod
     def maps(self, x: np.ndarray) -> np.ndarray:
@@ -162,7 +165,7 @@ class Dinov2Teacher(Teacher):
                               f"{self.grid[0]}x{self.grid[1]}: unsupported model variant")
         return F.normalize(tokens.float(), dim=-1)
 
-    def fit(self, inputs: Sequence[np.ndarray], *, cache: Path | None = None, progress: bool = True) -> None:
+    def fit(self, images: Sequence[SourceImage], *, cache: Path | None = None, progress: bool = True) -> None:
         if cache is not None and cache.is_file():
             self.bank = torch.load(cache, weights_only=True)
             logger.info("memory bank loaded from %s (%d features)", cache, self.bank.shape[0])
@@ -170,9 +173,10 @@ class Dinov2Teacher(Teacher):
         feats = []
         bar = make_progress(progress)
         with bar:
-            task = bar.add_task("DINOv2 features of good images", total=len(inputs), info="")
-            for i in range(0, len(inputs), self.batch_size):
-                batch = np.concatenate(inputs[i:i + self.batch_size])
+            pre = Preprocessor(self.spec)
+            task = bar.add_task("DINOv2 features of good images", total=len(images), info="")
+            for i in range(0, len(images), self.batch_size):  # preprocessed batch by batch: bounded memory
+                batch = np.concatenate([pre(s.image, s.bit_depth, copy=True) for s in images[i:i + self.batch_size]])
                 feats.append(self.features(batch).reshape(-1, self.model.config.hidden_size))
                 bar.update(task, advance=batch.shape[0])
         allf = torch.cat(feats)
