@@ -251,6 +251,10 @@ def test_headline_ratios_targets_and_shortfalls(tmp_path):
     assert h["naive_vs_ceiling"] == pytest.approx(0.6) and h["pipeline_vs_naive"] == pytest.approx(1.5)
     assert h["e2e_minus_inference_p99_ms_by_fraction"] == {"0.5": pytest.approx(1.0)}
     assert h["daemon_cpu_ms_per_frame"] == 8.0 and h["cpu_bound_limit"] == pytest.approx(0.75)  # bench thread left out
+    # 0.95 of a ceiling that keeps the cores busy leaves 6.0 * (1/0.95 - 1) ms outside session.run
+    assert h["cpu_budget_ms_per_frame"] == pytest.approx(6.0 / 19) and h["cpu_outside_run_ms_per_frame"] == 2.0
+    # 80 fps (e2e run) and 50 fps dropped nothing, 110 fps dropped 30
+    assert h["sustained_fps_zero_drops"] == 80.0 and h["sustained_vs_ceiling"] == pytest.approx(0.8)
     validate_results(r)
     rows = headline_rows(r)
     assert rows[0][3] == "**no** (short by 0.05)" and rows[1][3] == "**yes**"
@@ -258,6 +262,8 @@ def test_headline_ratios_targets_and_shortfalls(tmp_path):
     assert "| daemon pipeline throughput ÷ bare-model ceiling | 0.90 (90.0 ÷ 100.0 fps" in md
     assert "quick run" not in md
     assert "### The same at 50% of the ceiling (50.0 fps)" in md and "| the same at 50% of the ceiling" in md
+    assert "| highest offered rate with zero drops (paced runs of this table's sweep) | 80.0 fps (0.80 of the ceiling)" in md
+    assert "| 0.32 ms allowed, 2.00 ms spent |" in md
 
 
 def test_unsteady_machine_is_flagged(tmp_path):

@@ -111,6 +111,26 @@ def test_one_verdict_per_frame_schema_valid_and_status(broker, tiny_bundle, tmp_
     assert any(e.type == "metrics" for e in events)
 
 
+@pytest.mark.parametrize("threads", [None, 2])
+def test_opencv_threads_set_for_the_run_and_given_back(broker, tiny_bundle, tmp_path, threads):
+    import cv2
+
+    runtime = {} if threads is None else {"opencv_threads": threads}
+    cfg = parse_config(line_config(tiny_bundle, broker.port, tmp_path, camera={"frames": 5, "fps": None},
+                                   runtime=runtime), tmp_path / "x.yaml")
+    seen = []
+    saved = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        summary = run_service(cfg, on_daemon=lambda d: seen.append(cv2.getNumThreads()))
+        after = cv2.getNumThreads()
+    finally:
+        cv2.setNumThreads(saved)
+    assert summary.counters["frames"] == 5
+    assert seen == [threads or 1]  # default 1: the workers are the parallelism
+    assert after == 3  # process-wide setting given back
+
+
 class SlowRunner(Runner):
     """Wraps a runner and sleeps, so the line outruns inference."""
 

@@ -72,6 +72,8 @@ HEADLINE_KEYS = ("ceiling_steadiness", "ceiling_fps", "ceiling_before_fps", "cei
                  "pipeline_vs_paired_ceiling", "pipeline_fps", "pipeline_vs_ceiling",
                  "bare_path_fps", "bare_path_vs_ceiling",
                  "daemon_cpu_ms_per_frame", "bare_cpu_ms_per_call", "cpu_bound_limit",
+                 "cpu_budget_ms_per_frame", "cpu_outside_run_ms_per_frame",
+                 "sustained_fps_zero_drops", "sustained_vs_ceiling",
                  "naive_fps", "naive_vs_ceiling", "pipeline_vs_naive", "e2e_p99_ms", "inference_p99_ms",
                  "e2e_minus_inference_p99_ms", "offered_fps_at_80pct", "dropped_at_80pct")
 

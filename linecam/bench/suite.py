@@ -75,7 +75,7 @@ class BenchOptions:
     e2e_fraction: float = 0.8
     #: More e2e runs (with the subscriber process) at these fractions, to tell the transport's
     #: share of the end-to-end tail from queueing; they replace the sweep's points there.
-    e2e_extra_fractions: tuple[float, ...] = (0.5,)
+    e2e_extra_fractions: tuple[float, ...] = (0.2, 0.5)
     #: Also run the daemon with the replay unpaced (as fast as it reads; a 10-20x overload).
     unpaced: bool = True
     #: Force the daemon's settings instead of searching (workers, intra-op threads).
@@ -314,6 +314,16 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                          if c["label"] == _get(modes, "model", "best")), None)
     bare_cpu = None if best_ceiling is None else best_ceiling.get("cpu_ms_per_call")
     spread = None if not seen else min(seen) / max(seen)
+    # What the daemon sustains: the highest offered rate of any paced run with no frame dropped
+    # after its warm-up (the sweep's grid, so a lower bound of the true knee).
+    clean = [r["offered_fps"] for r in [*sweep, *(_get(modes, "e2e_more") or []),
+                                        *([modes["e2e"]] if _get(modes, "e2e") is not None else [])]
+             if r.get("offered_fps_target") is not None and r["dropped"] == 0]
+    sustained = max(clean) if clean else None
+    # CPU budget: with every core busy in the ceiling, reaching the target ratio leaves the daemon
+    # bare_cpu * (1/target - 1) ms per frame for everything but session.run.
+    target = t["pipeline_vs_ceiling_min"]
+    budget = None if bare_cpu is None else bare_cpu * (1.0 / target - 1.0)
     out: dict[str, Any] = {
         # min / max of every ceiling measurement of the run: how steady the machine was.
         "ceiling_steadiness": spread,
@@ -333,6 +343,10 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "daemon_cpu_ms_per_frame": daemon_cpu,
         "bare_cpu_ms_per_call": bare_cpu,
         "cpu_bound_limit": None if not daemon_cpu or bare_cpu is None else bare_cpu / daemon_cpu,
+        "cpu_budget_ms_per_frame": budget,
+        "cpu_outside_run_ms_per_frame": None if not daemon_cpu or bare_cpu is None else daemon_cpu - bare_cpu,
+        "sustained_fps_zero_drops": sustained,
+        "sustained_vs_ceiling": None if sustained is None or not ceiling else sustained / ceiling,
         "e2e_p99_ms": e2e_p99,
         "inference_p99_ms": inf_p99,
         "e2e_minus_inference_p99_ms": gap,

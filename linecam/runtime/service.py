@@ -16,6 +16,8 @@ import signal
 import threading
 from typing import Callable
 
+import cv2
+
 from linecam import __version__, messages
 from linecam.bundle import load_bundle
 from linecam.config import LinecamConfig
@@ -53,6 +55,18 @@ def make_describer(cfg: LinecamConfig, publish: Callable[[dict], None]):
 
 
 def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None = None) -> RunSummary:
+    # OpenCV's thread count is process-wide: set it for the daemon's life, give it back after
+    # (tests and the bench run several services in one process).
+    cv_threads = cv2.getNumThreads()
+    if cfg.runtime.opencv_threads is not None:
+        cv2.setNumThreads(cfg.runtime.opencv_threads)
+    try:
+        return _run_service(cfg, on_daemon)
+    finally:
+        cv2.setNumThreads(cv_threads)
+
+
+def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None) -> RunSummary:
     bundle = load_bundle(cfg.model.bundle)
     runner = make_runner(bundle, cfg.model.backend, cfg.model.precision, cfg.model.intra_op_threads,
                          workers=cfg.runtime.workers, cuda_graph=cfg.model.cuda_graph)
