@@ -263,6 +263,69 @@ def test_hung_inference_with_frames_waiting_starves_the_watchdog(broker, tiny_bu
     assert sorted(e.payload["frame_id"] for e in events) == list(range(250))
 
 
+class OneStuckCall(StuckRunner):
+    """StuckRunner safe for several workers: exactly the ``at``-th call hangs."""
+
+    def __init__(self, inner: Runner, at: int) -> None:
+        super().__init__(inner, at)
+        self._lock = threading.Lock()
+
+    def run(self, x):
+        with self._lock:
+            self.calls += 1
+            mine = self.calls
+        if mine == self.at:
+            self.t_stuck = time.monotonic()
+            self.release.wait(30)
+        return self.inner.run(x)
+
+
+@pytest.mark.timeout(60)
+def test_one_hung_worker_of_two_starves_the_watchdog_while_the_other_goes_on(broker, tiny_bundle, tmp_path,
+                                                                            monkeypatch, watchdog):
+    import linecam.runtime.service as service
+
+    real = service.make_runner
+    stuck: list[OneStuckCall] = []
+    judged: dict[str, int] = {}
+
+    def make(*a, **k):
+        stuck.append(OneStuckCall(real(*a, **k), at=40))
+        return stuck[0]
+
+    monkeypatch.setattr(service, "make_runner", make)
+
+    def releaser(daemon):
+        def run():
+            while stuck[0].t_stuck is None:
+                time.sleep(0.01)
+            time.sleep(0.6)
+            judged["before"] = daemon.counters.get("frames")
+            time.sleep(1.4)
+            judged["after"] = daemon.counters.get("frames")
+            stuck[0].release.set()
+        threading.Thread(target=run, daemon=True).start()
+
+    cfg = parse_config(line_config(tiny_bundle, broker.port, tmp_path, camera={"frames": 250, "fps": 50},
+                                   runtime={"inference_timeout_s": 0.5, "queue_size": 200, "workers": 2},
+                                   spool={"path": str(tmp_path / "spool.db")}), tmp_path / "x.yaml")
+    events, summary = collect(broker.port, lambda: run_service(cfg, on_daemon=releaser),
+                              types=("verdict", "status"))
+    t = stuck[0].t_stuck
+    # the other worker kept the line going (50 fps offered: ~70 frames in those 1.4 s) ...
+    assert judged["after"] - judged["before"] >= 30
+    # ... yet the stuck one is seen: no keep-alives until it moved on, then fed again
+    assert not watchdog.between(t + 0.7, t + 1.9), "a worker hung on one frame: no keep-alives"
+    assert len(watchdog.between(t - 0.5, t)) >= 3
+    assert len(watchdog.between(t + 2.2, t + 2.4 + 1.0)) >= 3
+    assert summary.counters["inference_stalls"] == 1
+    status = [e.payload for e in events if e.type == "status"]
+    stalls = [s for s in status if s["state"] == "degraded" and "infer-" in (s.get("detail") or "")]
+    assert len(stalls) == 1 and "stuck on one frame" in stalls[0]["detail"]
+    assert status.index(stalls[0]) < max(i for i, s in enumerate(status) if s["state"] == "running")  # recovered
+    assert sorted(e.payload["frame_id"] for e in events if e.type == "verdict") == list(range(250))
+
+
 # -- a real GenTL producer ---------------------------------------------------------------------------
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("teardown", ["destroy", "stop"])

@@ -153,6 +153,10 @@ class Daemon:
         self._wd_interval = 5.0
         self._last_wd = 0.0
         self._last_done = time.monotonic()  # a worker last finished a frame (watchdog: inference alive)
+        #: Per worker: monotonic time it took its current frame, 0.0 while idle. One hung call
+        #: (GPU, driver) never returns and silently takes that worker's share of capacity for
+        #: good; the watchdog check below sees it even while the other workers keep the line going.
+        self._busy_since = [0.0] * cfg.runtime.workers
         #: Set by the service when the camera could not be opened at start (absent, busy):
         #: acquisition then begins with a reconnect.
         self.initial_camera_fault: str | None = None
@@ -209,16 +213,18 @@ class Daemon:
         self.publisher.publish_status(msg)
 
     # -- threads -------------------------------------------------------------------------
-    def _worker(self) -> None:
+    def _worker(self, slot: int = 0) -> None:
         pre = Preprocessor(self.bundle.manifest.preprocess)
         post = Postprocessor(self.pixel_threshold, self.image_threshold,
                              min_area_px=self.cfg.thresholds.min_region_area_px)
         runner, stats, counters, pub, topics = self.runner, self.stats, self.counters, self.publisher, self.topics
+        busy = self._busy_since
         common = self._common()
         while True:
             frame = self._in_q.get()
             if frame is _STOP:
                 return
+            busy[slot] = time.monotonic()
             try:
                 t0 = time.monotonic_ns()
                 x = pre(frame.image, frame.bit_depth)
@@ -269,6 +275,7 @@ class Daemon:
             finally:
                 counters.inc("frames")
                 self._last_done = time.monotonic()
+                busy[slot] = 0.0
 
     def _publish_defect(self, work: _NgWork, snapshot: str | None) -> None:
         f = work.frame
@@ -422,15 +429,30 @@ class Daemon:
         now = time.monotonic()
         if now - self._last_wd < self._wd_interval:
             return
-        if self._in_q.qsize() and now - self._last_done > self.cfg.runtime.inference_timeout_s:
-            # Frames wait and no worker finished one for that long: inference hangs (GPU,
-            # driver). Starve the watchdog so that systemd restarts us.
+        timeout = self.cfg.runtime.inference_timeout_s
+        stuck = [(i, now - t) for i, t in enumerate(self._busy_since) if t and now - t > timeout]
+        waiting = self._in_q.qsize()
+        if stuck or (waiting and now - self._last_done > timeout):
+            # A worker stuck on one frame, or frames waiting and no worker finished one for that
+            # long: inference hangs (GPU, driver), and only a fresh process recovers from that.
+            # Starve the watchdog so that systemd restarts us.
             if not self._stall_said:
                 self._stall_said = True
-                logger.error("inference has not finished a frame for %.0f s with %d frame(s) waiting: "
-                             "no more watchdog keep-alives", now - self._last_done, self._in_q.qsize())
+                if stuck:
+                    why = (f"inference worker(s) {', '.join(f'infer-{i}' for i, _ in stuck)} stuck on one frame "
+                           f"for {max(d for _, d in stuck):.0f} s (runtime.inference_timeout_s={timeout:g})")
+                else:
+                    why = f"inference has not finished a frame for {now - self._last_done:.0f} s with {waiting} " \
+                          "frame(s) waiting"
+                logger.error("%s: no more watchdog keep-alives, so that systemd restarts linecam", why)
+                self.counters.inc("inference_stalls")
+                self._publish_status("degraded", detail=why)
             return
-        self._stall_said = False
+        if self._stall_said:
+            self._stall_said = False
+            logger.warning("inference moving again: watchdog keep-alives resumed")
+            if self._ready_sent and self._camera_state == "up":  # a camera fault keeps its own "degraded"
+                self._publish_status("running")
         self.notifier.watchdog()
         self._last_wd = now
 
@@ -584,7 +606,7 @@ class Daemon:
         self._t_start = time.monotonic()
         self._publish_status("starting")
         for i in range(self.cfg.runtime.workers):
-            self._threads.append(threading.Thread(target=self._worker, name=f"infer-{i}", daemon=True))
+            self._threads.append(threading.Thread(target=self._worker, args=(i,), name=f"infer-{i}", daemon=True))
         self._threads.append(threading.Thread(target=self._snapshot_worker, name="snapshots", daemon=True))
         metrics = threading.Thread(target=self._metrics_worker, name="metrics", daemon=True)
         for t in self._threads:
