@@ -598,3 +598,16 @@ def test_read_sidecar_roundtrip(bundle_dir):
     assert side.build.strongly_typed and side.build.builder_flags == []
     assert rebuild_command(bundle_dir, side.precision, side.build) == \
         f"export-engine trt --bundle {bundle_dir} --precision fp32"
+
+
+def test_cpu_only_torch_is_no_device_buffer_fallback(monkeypatch):
+    import importlib.metadata
+
+    from linecam.runtime import device
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "torch" else None)
+    for version, usable in (("2.13.0+cpu", False), ("2.13.0", True), ("2.5.0a0+872d972e41.nv24.08", True)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=version: v)
+        assert device.torch_with_cuda() is usable, version
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert device.torch_with_cuda() is False

@@ -12,6 +12,7 @@ installed is recorded so the TensorRT runner can fall back to it for device buff
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import platform
@@ -59,7 +60,8 @@ class DeviceFacts:
     #: cuda-python's runtime bindings import (device buffers, streams, CUDA graphs).
     cuda_python: bool = False
     cuda_python_error: str | None = None
-    #: torch is installed (not imported): the fallback for device buffers.
+    #: torch with CUDA is installed (not imported; a "+cpu" build does not count): the fallback
+    #: for device buffers.
     torch: bool = False
     #: ``onnxruntime.get_available_providers()``.
     ort_providers: tuple[str, ...] = ()
@@ -215,6 +217,21 @@ def tensorrt_version() -> tuple[str | None, str | None]:
     return str(getattr(trt, "__version__", "unknown")), None
 
 
+def torch_with_cuda() -> bool:
+    """torch is installed and is not a CPU-only build, judged without importing it (the
+    daemon never imports torch; a CPU wheel says so in its version, e.g. ``2.13.0+cpu``)."""
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return False
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path: give it the benefit
+        return True
+    return not version.endswith("+cpu")
+
+
 def probe_device(tegra_release: Path = TEGRA_RELEASE, *, tensorrt: bool = True) -> DeviceFacts:
     """Look at this machine; never raises. ``tensorrt=False`` skips importing TensorRT."""
     facts: dict[str, Any] = {}
@@ -234,10 +251,7 @@ def probe_device(tegra_release: Path = TEGRA_RELEASE, *, tensorrt: bool = True) 
         facts["tensorrt"], facts["tensorrt_error"] = tensorrt_version()
     else:
         facts["tensorrt_error"] = "not probed"
-    try:
-        facts["torch"] = importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):  # a broken or blocked install
-        facts["torch"] = False
+    facts["torch"] = torch_with_cuda()
     try:
         import onnxruntime as ort
 
