@@ -214,61 +214,15 @@ def test_triggered_camera_idle_line_is_not_a_fault(broker, tiny_bundle, tmp_path
 
 
 class StuckRunner(Runner):
-    """The real runner, except that the call for the ``at``-th frame hangs until released."""
+    """The real runner, except that exactly the ``at``-th call hangs until released
+    (safe with several workers)."""
 
     def __init__(self, inner: Runner, at: int) -> None:
         self.inner, self.role, self.at = inner, inner.role, at
         self.calls = 0
+        self._lock = threading.Lock()
         self.release = threading.Event()
         self.t_stuck: float | None = None
-
-    def run(self, x):
-        self.calls += 1
-        if self.calls == self.at:
-            self.t_stuck = time.monotonic()
-            self.release.wait(30)
-        return self.inner.run(x)
-
-
-@pytest.mark.timeout(60)
-def test_hung_inference_with_frames_waiting_starves_the_watchdog(broker, tiny_bundle, tmp_path, monkeypatch,
-                                                                 watchdog):
-    import linecam.runtime.service as service
-
-    real = service.make_runner
-    stuck: list[StuckRunner] = []
-
-    def make(*a, **k):
-        stuck.append(StuckRunner(real(*a, **k), at=40))
-        return stuck[0]
-
-    monkeypatch.setattr(service, "make_runner", make)
-
-    def releaser(daemon):
-        def run():
-            while stuck[0].t_stuck is None:
-                time.sleep(0.01)
-            time.sleep(2.0)
-            stuck[0].release.set()
-        threading.Thread(target=run, daemon=True).start()
-
-    cfg = parse_config(line_config(tiny_bundle, broker.port, tmp_path, camera={"frames": 250, "fps": 50},
-                                   runtime={"inference_timeout_s": 0.5, "queue_size": 200, "workers": 1},
-                                   spool={"path": str(tmp_path / "spool.db")}), tmp_path / "x.yaml")
-    events, summary = collect(broker.port, lambda: run_service(cfg, on_daemon=releaser), types=("verdict",))
-    t = stuck[0].t_stuck
-    assert not watchdog.between(t + 0.7, t + 1.9), "frames waited on a hung inference: no keep-alives"
-    assert len(watchdog.between(t - 0.5, t)) >= 3  # fed normally before
-    assert len(watchdog.between(t + 2.2, t + 2.4 + 1.0)) >= 3  # and again once inference moved on
-    assert sorted(e.payload["frame_id"] for e in events) == list(range(250))
-
-
-class OneStuckCall(StuckRunner):
-    """StuckRunner safe for several workers: exactly the ``at``-th call hangs."""
-
-    def __init__(self, inner: Runner, at: int) -> None:
-        super().__init__(inner, at)
-        self._lock = threading.Lock()
 
     def run(self, x):
         with self._lock:
@@ -280,17 +234,17 @@ class OneStuckCall(StuckRunner):
         return self.inner.run(x)
 
 
-@pytest.mark.timeout(60)
-def test_one_hung_worker_of_two_starves_the_watchdog_while_the_other_goes_on(broker, tiny_bundle, tmp_path,
-                                                                            monkeypatch, watchdog):
+def run_with_one_hung_call(monkeypatch, broker, bundle, tmp_path, workers: int, types=("verdict",)):
+    """250 frames at 50 fps; the 40th inference call hangs for 2 s. Returns (runner, events,
+    summary, frames judged by the daemon 0.6 s and 2.0 s into the hang)."""
     import linecam.runtime.service as service
 
     real = service.make_runner
-    stuck: list[OneStuckCall] = []
-    judged: dict[str, int] = {}
+    stuck: list[StuckRunner] = []
+    judged: list[int] = []
 
     def make(*a, **k):
-        stuck.append(OneStuckCall(real(*a, **k), at=40))
+        stuck.append(StuckRunner(real(*a, **k), at=40))
         return stuck[0]
 
     monkeypatch.setattr(service, "make_runner", make)
@@ -300,20 +254,38 @@ def test_one_hung_worker_of_two_starves_the_watchdog_while_the_other_goes_on(bro
             while stuck[0].t_stuck is None:
                 time.sleep(0.01)
             time.sleep(0.6)
-            judged["before"] = daemon.counters.get("frames")
+            judged.append(daemon.counters.get("frames"))
             time.sleep(1.4)
-            judged["after"] = daemon.counters.get("frames")
+            judged.append(daemon.counters.get("frames"))
             stuck[0].release.set()
         threading.Thread(target=run, daemon=True).start()
 
-    cfg = parse_config(line_config(tiny_bundle, broker.port, tmp_path, camera={"frames": 250, "fps": 50},
-                                   runtime={"inference_timeout_s": 0.5, "queue_size": 200, "workers": 2},
+    cfg = parse_config(line_config(bundle, broker.port, tmp_path, camera={"frames": 250, "fps": 50},
+                                   runtime={"inference_timeout_s": 0.5, "queue_size": 200, "workers": workers},
                                    spool={"path": str(tmp_path / "spool.db")}), tmp_path / "x.yaml")
-    events, summary = collect(broker.port, lambda: run_service(cfg, on_daemon=releaser),
-                              types=("verdict", "status"))
-    t = stuck[0].t_stuck
+    events, summary = collect(broker.port, lambda: run_service(cfg, on_daemon=releaser), types=types)
+    return stuck[0], events, summary, judged
+
+
+@pytest.mark.timeout(60)
+def test_hung_inference_with_frames_waiting_starves_the_watchdog(broker, tiny_bundle, tmp_path, monkeypatch,
+                                                                 watchdog):
+    stuck, events, summary, _ = run_with_one_hung_call(monkeypatch, broker, tiny_bundle, tmp_path, workers=1)
+    t = stuck.t_stuck
+    assert not watchdog.between(t + 0.7, t + 1.9), "frames waited on a hung inference: no keep-alives"
+    assert len(watchdog.between(t - 0.5, t)) >= 3  # fed normally before
+    assert len(watchdog.between(t + 2.2, t + 2.4 + 1.0)) >= 3  # and again once inference moved on
+    assert sorted(e.payload["frame_id"] for e in events) == list(range(250))
+
+
+@pytest.mark.timeout(60)
+def test_one_hung_worker_of_two_starves_the_watchdog_while_the_other_goes_on(broker, tiny_bundle, tmp_path,
+                                                                            monkeypatch, watchdog):
+    stuck, events, summary, judged = run_with_one_hung_call(monkeypatch, broker, tiny_bundle, tmp_path, workers=2,
+                                                            types=("verdict", "status"))
+    t = stuck.t_stuck
     # the other worker kept the line going (50 fps offered: ~70 frames in those 1.4 s) ...
-    assert judged["after"] - judged["before"] >= 30
+    assert judged[1] - judged[0] >= 30
     # ... yet the stuck one is seen: no keep-alives until it moved on, then fed again
     assert not watchdog.between(t + 0.7, t + 1.9), "a worker hung on one frame: no keep-alives"
     assert len(watchdog.between(t - 0.5, t)) >= 3

@@ -103,8 +103,6 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
         if on_daemon is not None:
             on_daemon(daemon)
         summary = daemon.run()
-        logger.info("stopped after %.1f s: %s", summary.seconds, summary.counters)
-        return summary
     finally:
         try:
             source.close()
@@ -115,3 +113,11 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
         if publisher is not None:
             publisher.stop()
         runner.close()  # device buffers / streams of GPU backends
+    assert publisher is not None  # set before daemon.run(), which is the only way here
+    # The spool writes (and, when full, drops) on its own thread: the messages of the last frames
+    # may meet it after the daemon's counters were taken. Its figures after stop() are final.
+    spool = publisher.spool_stats()
+    if spool is not None and spool.dropped:
+        summary.counters["spool_dropped"] = spool.dropped
+    logger.info("stopped after %.1f s: %s", summary.seconds, summary.counters)
+    return summary
