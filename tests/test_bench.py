@@ -102,7 +102,7 @@ def test_quick_run_numbers_are_consistent(quick_run):
 def test_quick_run_writes_markdown_and_plots(quick_run):
     out, r, proc = quick_run
     md = (out / "bench.md").read_text()
-    assert "quick run" in md and "## Headline" in md and "## e2e" in md and "not available yet" in md
+    assert "quick run" in md and "## Headline" in md and "## e2e" in md and "Not measured: no VLM bundle given" in md
     for name in ("latency_cdf.png", "throughput_vs_offered.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
@@ -227,7 +227,8 @@ def _fake_results(tmp_path: Path) -> dict:
             "pipeline": {"setting": run["setting"], "search": [], "sweep": [e2e, fast], "unpaced": None},
             "e2e": e2e,
             "e2e_more": [low],
-            "vlm": {"available": False, "reason": "not available yet"},
+            "vlm": {"available": False, "reason": "no VLM bundle given", "time_to_first_token_ms": None,
+                    "tokens_per_s": None},
         },
         "targets": dict(TARGETS),
     }
@@ -391,3 +392,66 @@ def test_cli_registered_and_rejects_half_a_setting(tmp_path):
     assert "--quick" in runner.invoke(cli, ["bench", "--help"]).output
     res = runner.invoke(cli, ["bench", "--quick", "--workers", "2", "--bundle", str(tmp_path), "--no-plots"])
     assert res.exit_code != 0 and "--intra-op-threads together" in res.output
+
+
+# -- vlm mode --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    pytest.importorskip("torch")
+    from linecam.export.vlm.export import export_vlm
+    from linecam.export.vlm.tiny import build_model_folder
+
+    work = tmp_path_factory.mktemp("vlm")
+    model = build_model_folder("qwen2_5_vl", work / "hf", size="tiny")
+    export_vlm(model, work / "bundle", quantize=("int8",), agreement_prompts=1, agreement_tokens=4)
+    return work / "bundle"
+
+
+def _line_frames(n: int = 24):
+    from linecam.camera.synthetic import SyntheticLineSource
+
+    with SyntheticLineSource(width=160, height=160, fps=None, defect_rate=0.5, seed=3, frames=n) as src:
+        return [src.read(timeout=1.0) for _ in range(n)]
+
+
+def test_vlm_mode_times_descriptions_of_ng_frames(tmp_path, tiny_vlm):
+    from linecam.bench.vlm import run_vlm
+    from linecam.bundle import load_bundle
+
+    # 0.775 splits this line roughly in half (mechanics, not accuracy): NG frames with regions occur
+    expert = load_bundle(make_tiny_bundle(tmp_path / "expert", size=64, image_threshold=0.775, pixel_threshold=0.5))
+    v = run_vlm(tiny_vlm, expert, _line_frames(), precision="int8", max_new_tokens=5, runs=3, threads=1)
+    assert v["available"] is True, v["reason"]
+    assert v["runs"] == 3 and v["new_tokens"] == 5 and v["bundle"]["decoder"] == "decoder_int8"
+    ttft, tps, vision = v["time_to_first_token_ms"], v["tokens_per_s"], v["vision_ms"]
+    assert ttft["n"] == tps["n"] == vision["n"] == 3
+    assert 0 < vision["p50"] <= ttft["p50"] and tps["p50"] > 0
+    # it lands in the results: schema, headline, markdown
+    r = _fake_results(tmp_path)
+    r["modes"]["vlm"] = v
+    r["headline"] = headline(r)
+    validate_results(r)
+    assert r["headline"]["vlm_ttft_p50_ms"] == ttft["p50"] and r["headline"]["vlm_tokens_per_s_p50"] == tps["p50"]
+    md = render_markdown(r)
+    assert "| time to first token, ms | 3 |" in md and "| tokens/s (decode) | 3 |" in md
+    assert any(row[0].startswith("compact VLM on an NG frame") for row in headline_rows(r))
+    broken = copy.deepcopy(r)
+    del broken["modes"]["vlm"]["vision_ms"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_results(broken)
+
+
+def test_vlm_mode_says_why_when_it_measures_nothing(tmp_path, tiny_vlm):
+    from linecam.bench.vlm import run_vlm
+    from linecam.bundle import load_bundle
+
+    v = run_vlm(None)
+    assert v["available"] is False and "--vlm-bundle" in v["reason"] and v["tokens_per_s"] is None
+    never_ng = load_bundle(make_tiny_bundle(tmp_path / "expert", size=64, image_threshold=1e6, pixel_threshold=0.5))
+    v = run_vlm(tiny_vlm, never_ng, _line_frames(8), runs=2, max_new_tokens=3)
+    assert v["available"] is False and "no bench frame NG" in v["reason"]
+    r = _fake_results(tmp_path)
+    r["modes"]["vlm"] = v
+    r["headline"] = headline(r)
+    validate_results(r)
+    assert "Not measured: the region expert judged no bench frame NG" in render_markdown(r)

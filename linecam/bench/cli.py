@@ -39,6 +39,11 @@ def _command_line(prefix: str) -> str:
 @click.option("--readme", type=click.Path(path_type=Path), default=None,
               help="Also regenerate the benchmark table between the bench markers of this README.")
 @click.option("--e2e-seconds", type=float, default=None, help="Measured seconds of the 80 %% / e2e run.")
+@click.option("--vlm-bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="VLM bundle for the vlm mode. Default: a reference one (SmolVLM-256M dimensions, random weights), "
+                   "built once into --workdir (needs torch); with --quick the vlm mode runs only when given.")
+@click.option("--vlm-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int8", show_default=True,
+              help="Decoder precision of the vlm mode (the daemon's default is int8).")
 def bench_command(**options: object) -> None:
     """Latency benchmarks: bare model ceiling, naive loop, daemon pipeline, end to end (see benchmarks/README.md)."""
     run_bench_cli(**options, command=_command_line(click.get_current_context().command_path))  # type: ignore[arg-type]
@@ -47,7 +52,8 @@ def bench_command(**options: object) -> None:
 def run_bench_cli(*, bundle: Path | None, demo_cache: Path, workdir: Path, out_dir: Path | None,
                   modes: tuple[str, ...], quick: bool, workers: int | None, intra_op_threads: int | None,
                   no_snapshots: bool, no_spool: bool, no_unpaced: bool, no_plots: bool, readme: Path | None,
-                  e2e_seconds: float | None, command: str) -> dict:
+                  e2e_seconds: float | None, command: str, vlm_bundle: Path | None = None,
+                  vlm_precision: str = "int8") -> dict:
     import logging
 
     from linecam.errors import LinecamError
@@ -73,11 +79,13 @@ def run_bench_cli(*, bundle: Path | None, demo_cache: Path, workdir: Path, out_d
                if workers is not None else None)
     opts = BenchOptions(bundle=bundle, demo_cache=demo_cache, workdir=workdir, modes=tuple(modes) or MODES,
                         durations=durations, setting=setting, snapshots=not no_snapshots, spool=not no_spool,
-                        quick=quick, unpaced=not no_unpaced, command=command)
+                        quick=quick, unpaced=not no_unpaced, command=command, vlm_bundle=vlm_bundle,
+                        vlm_build=not quick, vlm_precision=vlm_precision)
     if quick:
         opts.offered_fractions = (1.1,)
         opts.e2e_extra_fractions = ()
         opts.frames = 8
+        opts.vlm_tokens, opts.vlm_runs = 4, 2
     out = out_dir or (workdir / "quick" if quick else DEFAULT_OUT)
     t0 = time.monotonic()
 

@@ -80,6 +80,9 @@ def headline_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows.append(("daemon pipeline ÷ naive loop", _f(h["pipeline_vs_naive"]), "", ""))
     rows.append(("bare path (preprocess + run + postprocess, one thread) ÷ ceiling",
                  f"{_f(h['bare_path_vs_ceiling'])} ({_f(h['bare_path_fps'], 1)} fps)", "", ""))
+    if h.get("vlm_ttft_p50_ms") is not None:
+        rows.append(("compact VLM on an NG frame: time to first token p50, decode tokens/s p50 (see bench.md)",
+                     f"{_f(h['vlm_ttft_p50_ms'], 0)} ms, {_f(h['vlm_tokens_per_s_p50'], 1)} tokens/s", "", ""))
     if h.get("cpu_bound_limit") is not None:
         rows.append(("CPU per frame: bare `session.run` ÷ daemon, all threads (the most a CPU-bound daemon can "
                      "reach of a ceiling that keeps every core busy)",
@@ -249,7 +252,24 @@ def render_markdown(r: dict[str, Any]) -> str:
                       _table(["stage", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"], _stage_rows(lat)), ""]
         parts += _cpu_section(r)
     if "vlm" in modes:
-        parts += ["## vlm", "", modes["vlm"]["reason"], ""]
+        v = modes["vlm"]
+        parts += ["## vlm: the compact VLM on NG frames", ""]
+        if not v.get("available"):
+            parts += [f"Not measured: {v['reason']}.", ""]
+        else:
+            b = v["bundle"]
+            what = (f"`{b['name']}` ({b['family']}, decoder `{b['decoder']}`"
+                    + ("; the bench's reference model: real dimensions, random weights, speed only" if b.get("reference")
+                       else "") + ")")
+            parts += [f"{what}: {v['reason']}; median prompt {v['prompt_tokens_median']:.0f} tokens; warm-up "
+                      f"{_f(v['warmup_s'])} s. TTFT = call → first token (crop preprocessing, vision encoder, "
+                      "embedding, prefill); tokens/s = decode after the first token.", "",
+                      _table(["measure", "n", "p50", "p90", "p99", "max"],
+                             [[label, str(v[key]["n"]), _f(v[key]["p50"]), _f(v[key]["p90"]), _f(v[key]["p99"]),
+                               _f(v[key]["max"])]
+                              for label, key in (("time to first token, ms", "time_to_first_token_ms"),
+                                                 ("of which vision encoder, ms", "vision_ms"),
+                                                 ("tokens/s (decode)", "tokens_per_s"))]), ""]
     parts += ["Plots: `latency_cdf.png` (per-stage latency CDF and tail), `throughput_vs_offered.png`.", "",
               "How to read this and what each setting means: `benchmarks/README.md`.", ""]
     return "\n".join(parts)

@@ -85,6 +85,12 @@ class BenchOptions:
     spool: bool = True
     quick: bool = False
     command: str = "python benchmarks/run.py"
+    #: vlm mode: the VLM bundle to time; None builds (once) the reference one unless vlm_build is off.
+    vlm_bundle: Path | None = None
+    vlm_build: bool = True
+    vlm_precision: str = "int8"
+    vlm_tokens: int = 32
+    vlm_runs: int = 8
 
 
 Progress = Callable[[str], None]
@@ -110,7 +116,7 @@ def run_suite(opts: BenchOptions, say: Progress = lambda s: None) -> tuple[dict[
     from linecam.broker import MosquittoBroker, find_mosquitto
 
     from .naive import run_naive_loop
-    from .vlm import run_vlm
+    from .vlm import ensure_reference_vlm, run_vlm
     from .workload import load_frames, model_input, open_bundle, write_frames
 
     unknown = set(opts.modes) - set(MODES)
@@ -266,7 +272,14 @@ def run_suite(opts: BenchOptions, say: Progress = lambda s: None) -> tuple[dict[
             modes["model"]["ceiling_after"] = again
 
         if "vlm" in opts.modes:
-            modes["vlm"] = run_vlm()
+            vlm_bundle = opts.vlm_bundle
+            if vlm_bundle is None and opts.vlm_build:
+                vlm_bundle = ensure_reference_vlm(opts.workdir / "vlm", say)
+            say(f"vlm: {opts.vlm_runs} descriptions of NG frames, {opts.vlm_tokens} tokens each")
+            modes["vlm"] = run_vlm(vlm_bundle, bundle, mem_frames, precision=opts.vlm_precision,
+                                   max_new_tokens=opts.vlm_tokens, runs=opts.vlm_runs)
+            if vlm_bundle is not None and opts.vlm_bundle is None and modes["vlm"]["available"]:
+                modes["vlm"]["bundle"]["reference"] = True  # random weights: speed only
 
     results["headline"] = headline(results)
     results["seconds"] = round(time.monotonic() - t_begin, 1)
@@ -357,6 +370,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             for m in (_get(modes, "e2e_more") or [])
             if m["e2e"]["latency_ms"]["e2e"]["p99"] is not None and m["latency_ms"]["inference"]["p99"] is not None},
         "dropped_at_80pct": drops,
+        "vlm_ttft_p50_ms": _get(modes, "vlm", "time_to_first_token_ms", "p50"),
+        "vlm_tokens_per_s_p50": _get(modes, "vlm", "tokens_per_s", "p50"),
         "met": {
             "pipeline_vs_ceiling": None if ratio is None else ratio >= t["pipeline_vs_ceiling_min"],
             "e2e_minus_inference_p99": None if gap is None else gap <= t["e2e_minus_inference_p99_ms_max"],
