@@ -108,7 +108,8 @@ def run_vlm(vlm_bundle: Path | None, expert: Any = None, frames: Sequence[Any] =
 
 #: The reference VLM the bench builds when given none: SmolVLM-256M's real dimensions (Idefics3),
 #: random weights (speed does not depend on weight values), INT8 weight-only decoder.
-REFERENCE = {"family": "idefics3", "size": "smolvlm-256m", "seed": 0, "quantize": ["int8"]}
+REFERENCE = {"name": "bench-reference-smolvlm-256m-random", "family": "idefics3", "size": "smolvlm-256m", "seed": 0,
+             "quantize": ["int8"]}
 
 
 def ensure_reference_vlm(folder: Path, say: Any = lambda s: None) -> Path:
@@ -136,7 +137,8 @@ def ensure_reference_vlm(folder: Path, say: Any = lambda s: None) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     model = build_model_folder(REFERENCE["family"], folder / "model", size=REFERENCE["size"],  # type: ignore[arg-type]
                                seed=REFERENCE["seed"])
-    export_vlm(model, bundle, quantize=tuple(REFERENCE["quantize"]), agreement_prompts=1, agreement_tokens=4)
+    export_vlm(model, bundle, name=str(REFERENCE["name"]), quantize=tuple(REFERENCE["quantize"]),
+               agreement_prompts=1, agreement_tokens=4)
     shutil.rmtree(model, ignore_errors=True)  # the bundle is all the bench needs
     stamp.write_text(recipe)
     return bundle
