@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from linecam.broker import MosquittoBroker  # noqa: E402
+from linecam.runtime.sdnotify import NotifyListener  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGET_RSS_MB = 5.0
@@ -74,38 +74,6 @@ def machine() -> dict:
         cpu = platform.processor() or platform.machine()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "load_avg_at_start": list(os.getloadavg())}
-
-
-class Progress:
-    """The daemon's sd_notify datagrams: its STATUS= lines say how many frames are done."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.path = path
-        self.frames = 0
-        self.ready = threading.Event()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                msg = self.sock.recv(4096).decode()
-            except socket.timeout:
-                continue
-            if "READY=1" in msg.split("\n"):
-                self.ready.set()
-            m = re.search(r"STATUS=.* (\d+) frames,", msg)
-            if m:
-                self.frames = int(m.group(1))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join()
-        self.sock.close()
 
 
 class VerdictCounter:
@@ -147,12 +115,12 @@ def sample(proc: psutil.Process, frames: int, t0: float) -> dict:
                 "fds": proc.num_fds(), "threads": proc.num_threads()}
 
 
-def settled(proc: psutil.Process, progress: "Progress", t0: float, n: int = 10) -> dict:
+def settled(proc: psutil.Process, progress: NotifyListener, t0: float, n: int = 10) -> dict:
     """Ten samples over a second: the median RSS and the *fewest* fds / threads, because a
     replay image or a snapshot being written holds an fd for a moment (a leak never goes away)."""
     xs = []
     for _ in range(n):
-        xs.append(sample(proc, progress.frames, t0))
+        xs.append(sample(proc, progress.frames(), t0))
         time.sleep(0.1)
     return {"t_s": xs[0]["t_s"], "frames": xs[0]["frames"],
             "rss_mb": float(np.median([x["rss_mb"] for x in xs])),
@@ -177,7 +145,7 @@ def soak(frames: int, warmup: int, out: Path) -> dict:
     }
     cfg_path = work / "line.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    progress = Progress(work / "notify.sock")
+    progress = NotifyListener(work / "notify.sock")
     counter = VerdictCounter(broker.port, "linecam/soak/c0/verdict")
     env = dict(os.environ, NOTIFY_SOCKET=str(progress.path), PYTHONUNBUFFERED="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -190,17 +158,17 @@ def soak(frames: int, warmup: int, out: Path) -> dict:
     try:
         if not progress.ready.wait(60):
             raise RuntimeError(f"daemon not ready: {(work / 'daemon.log').read_text()[-2000:]}")
-        at_ready = sample(proc, progress.frames, t0)
-        while progress.frames < warmup:
+        at_ready = sample(proc, progress.frames(), t0)
+        while progress.frames() < warmup:
             time.sleep(0.2)
         start = settled(proc, progress, t0)
         t_start = time.monotonic()
         next_sample = time.monotonic() + 5
-        while progress.frames < start["frames"] + frames:
+        while progress.frames() < start["frames"] + frames:
             if daemon.poll() is not None:
                 raise RuntimeError(f"daemon exited: {(work / 'daemon.log').read_text()[-2000:]}")
             if time.monotonic() >= next_sample:
-                series.append(sample(proc, progress.frames, t0))
+                series.append(sample(proc, progress.frames(), t0))
                 next_sample += 5
             time.sleep(0.2)
         end = settled(proc, progress, t0)

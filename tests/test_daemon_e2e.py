@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from linecam.camera.synthetic import SyntheticLineSource
 from linecam.config import parse_config
 from linecam.events import subscribe
 from linecam.runtime.backends.base import ExpertOutput, Runner
+from linecam.runtime.sdnotify import NotifyListener
 from linecam.runtime.service import run_service
 
 
@@ -163,23 +163,8 @@ def test_overload_drops_are_reported_never_lost(broker, tiny_bundle, tmp_path, m
 
 
 def test_sd_notify_ready_watchdog_stopping(broker, tiny_bundle, tmp_path, monkeypatch):
-    sock_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(0.2)
-    got: list[str] = []
-    stop = threading.Event()
-
-    def listen():
-        while not stop.is_set():
-            try:
-                got.append(sock.recv(4096).decode())
-            except socket.timeout:
-                pass
-
-    t = threading.Thread(target=listen, daemon=True)
-    t.start()
-    monkeypatch.setenv("NOTIFY_SOCKET", sock_path)
+    listener = NotifyListener(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # 0.2 s -> keep-alive every 0.1 s
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     # 3 s of frames: READY waits for the broker, and a connection the broker resets at start (seen
@@ -187,9 +172,8 @@ def test_sd_notify_ready_watchdog_stopping(broker, tiny_bundle, tmp_path, monkey
     cfg = parse_config(line_config(tiny_bundle, broker.port, tmp_path, camera={"frames": 120}), tmp_path / "x.yaml")
     collect(broker.port, lambda: run_service(cfg), settle=0.5)
     time.sleep(0.3)
-    stop.set()
-    t.join()
-    sock.close()
+    listener.close()
+    got = listener.lines
     ready = [i for i, m in enumerate(got) if "READY=1" in m.split("\n")]
     assert len(ready) == 1, got
     assert sum(m == "WATCHDOG=1" for m in got) >= 3, got

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from bundles import make_tiny_bundle
-from notify import NotifyListener
+from linecam.runtime.sdnotify import NotifyListener
 from linecam import schemas
 from linecam.config import parse_config
 from linecam.runtime.service import run_service

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from bundles import make_tiny_bundle
-from notify import NotifyListener
+from linecam.runtime.sdnotify import NotifyListener
 from linecam import schemas
 from linecam.camera.base import FrameSource
 from linecam.camera.frame import Frame

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
+import time
 from collections.abc import Mapping
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +118,62 @@ class Notifier:
 def _one_line(text: str) -> str:
     # A newline would start a new (bogus) assignment in the datagram.
     return " ".join(str(text).splitlines())
+
+
+class NotifyListener:
+    """The other end of ``$NOTIFY_SOCKET``: binds ``path`` and records every datagram with its
+    arrival time, as systemd would see them. For tests, the soak benchmark, and checking a
+    service integration by hand; the daemon never uses it.
+
+    ``received`` holds (monotonic arrival time, datagram) pairs; ``ready`` is set on ``READY=1``.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.05)
+        self.received: list[tuple[float, str]] = []
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="notify-listener", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            self.received.append((time.monotonic(), msg))
+            if "READY=1" in msg.split("\n"):
+                self.ready.set()
+
+    @property
+    def lines(self) -> list[str]:
+        return [m for _, m in self.received]
+
+    @property
+    def times(self) -> list[float]:
+        """Arrival times of the watchdog keep-alives (``WATCHDOG=1``)."""
+        return [t for t, m in self.received if m == "WATCHDOG=1"]
+
+    def between(self, t0: float, t1: float) -> list[float]:
+        return [t for t in self.times if t0 <= t <= t1]
+
+    def max_gap(self) -> float:
+        times = self.times
+        return max(b - a for a, b in zip(times, times[1:]))
+
+    def frames(self) -> int:
+        """Frames the daemon reported done in its latest ``STATUS=`` line."""
+        for line in reversed(self.lines):
+            m = re.search(r"STATUS=.* (\d+) frames,", line)
+            if m:
+                return int(m.group(1))
+        return 0
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
+        self.sock.close()
