@@ -111,9 +111,9 @@ class RuntimeConfig(_Strict):
     #: Reopens in a row that deliver no frame before linecam exits (code 4) so that systemd
     #: restarts it: a soft-locked GenTL producer only recovers in a fresh process.
     max_silent_reopens: int = Field(default=3, ge=1)
-    #: Any worker busy on one frame for this long, or frames waiting and no inference finishing
-    #: for this long (a hung GPU or driver call), stops the systemd watchdog keep-alives, so that
-    #: systemd restarts linecam; status goes "degraded" and names the worker.
+    #: Any inference worker busy on one frame for this long (a hung GPU or driver call never
+    #: returns) stops the systemd watchdog keep-alives, so that systemd restarts linecam; status
+    #: goes "degraded" and names the worker.
     inference_timeout_s: float = Field(default=20.0, gt=0)
     #: Expected frame size [width, height]; frames of another size are skipped (SKIPPED,
     #: reason wrong_frame_size). Default: the size of the first frame.

@@ -152,7 +152,6 @@ class Daemon:
         self._t_start = time.monotonic()
         self._wd_interval = 5.0
         self._last_wd = 0.0
-        self._last_done = time.monotonic()  # a worker last finished a frame (watchdog: inference alive)
         #: Per worker: monotonic time it took its current frame, 0.0 while idle. One hung call
         #: (GPU, driver) never returns and silently takes that worker's share of capacity for
         #: good; the watchdog check below sees it even while the other workers keep the line going.
@@ -274,7 +273,6 @@ class Daemon:
                 self._publish_skipped(frame, "processing_error")
             finally:
                 counters.inc("frames")
-                self._last_done = time.monotonic()
                 busy[slot] = 0.0
 
     def _publish_defect(self, work: _NgWork, snapshot: str | None) -> None:
@@ -430,20 +428,16 @@ class Daemon:
         if now - self._last_wd < self._wd_interval:
             return
         timeout = self.cfg.runtime.inference_timeout_s
+        # A hung call (GPU, driver) never gives its worker back, so a worker busy on one frame for
+        # that long is the whole test: only a fresh process recovers. (Timing "no frame finished
+        # while frames wait" instead misfires after an idle line, when the first frames of a new
+        # batch sit queued for a moment.) Starve the watchdog so that systemd restarts us.
         stuck = [(i, now - t) for i, t in enumerate(self._busy_since) if t and now - t > timeout]
-        waiting = self._in_q.qsize()
-        if stuck or (waiting and now - self._last_done > timeout):
-            # A worker stuck on one frame, or frames waiting and no worker finished one for that
-            # long: inference hangs (GPU, driver), and only a fresh process recovers from that.
-            # Starve the watchdog so that systemd restarts us.
+        if stuck:
             if not self._stall_said:
                 self._stall_said = True
-                if stuck:
-                    why = (f"inference worker(s) {', '.join(f'infer-{i}' for i, _ in stuck)} stuck on one frame "
-                           f"for {max(d for _, d in stuck):.0f} s (runtime.inference_timeout_s={timeout:g})")
-                else:
-                    why = f"inference has not finished a frame for {now - self._last_done:.0f} s with {waiting} " \
-                          "frame(s) waiting"
+                why = (f"inference worker(s) {', '.join(f'infer-{i}' for i, _ in stuck)} stuck on one frame "
+                       f"for {max(d for _, d in stuck):.0f} s (runtime.inference_timeout_s={timeout:g})")
                 logger.error("%s: no more watchdog keep-alives, so that systemd restarts linecam", why)
                 self.counters.inc("inference_stalls")
                 self._publish_status("degraded", detail=why)

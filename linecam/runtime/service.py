@@ -56,7 +56,8 @@ def make_describer(cfg: LinecamConfig, publish: Callable[[dict], None]):
 
 def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None = None) -> RunSummary:
     # OpenCV's thread count is process-wide: set it for the daemon's life, give it back after
-    # (tests and the bench run several services in one process).
+    # (tests and the bench run several services in one process, one after another; services
+    # running at the same time in one process would restore each other's setting out of order).
     cv_threads = cv2.getNumThreads()
     if cfg.runtime.opencv_threads is not None:
         cv2.setNumThreads(cfg.runtime.opencv_threads)
