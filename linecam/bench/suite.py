@@ -131,6 +131,10 @@ def run_suite(opts: BenchOptions, say: Progress = lambda s: None) -> tuple[dict[
     bundle = open_bundle(bundle_dir)
     frames = write_frames(opts.workdir / "frames", count=opts.frames)
     mem_frames = load_frames(frames)
+    vlm_bundle = opts.vlm_bundle
+    if "vlm" in opts.modes and vlm_bundle is None and opts.vlm_build:
+        # Before minutes of measuring, not after them: a missing torch fails here.
+        vlm_bundle = ensure_reference_vlm(opts.workdir / "vlm", opts.vlm_precision, say)
     x = model_input(bundle, mem_frames[0])
     m = bundle.manifest
     cores = int(machine["cpu_usable"])
@@ -272,9 +276,6 @@ def run_suite(opts: BenchOptions, say: Progress = lambda s: None) -> tuple[dict[
             modes["model"]["ceiling_after"] = again
 
         if "vlm" in opts.modes:
-            vlm_bundle = opts.vlm_bundle
-            if vlm_bundle is None and opts.vlm_build:
-                vlm_bundle = ensure_reference_vlm(opts.workdir / "vlm", say)
             say(f"vlm: {opts.vlm_runs} descriptions of NG frames, {opts.vlm_tokens} tokens each")
             modes["vlm"] = run_vlm(vlm_bundle, bundle, mem_frames, precision=opts.vlm_precision,
                                    max_new_tokens=opts.vlm_tokens, runs=opts.vlm_runs)
@@ -329,9 +330,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     spread = None if not seen else min(seen) / max(seen)
     # What the daemon sustains: the highest offered rate of any paced run with no frame dropped
     # after its warm-up (the sweep's grid, so a lower bound of the true knee).
-    clean = [r["offered_fps"] for r in [*sweep, *(_get(modes, "e2e_more") or []),
-                                        *([modes["e2e"]] if _get(modes, "e2e") is not None else [])]
-             if r.get("offered_fps_target") is not None and r["dropped"] == 0]
+    paced = sweep or [*(_get(modes, "e2e_more") or []), *([modes["e2e"]] if _get(modes, "e2e") is not None else [])]
+    clean = [r["offered_fps"] for r in paced if r.get("offered_fps_target") is not None and r["dropped"] == 0]
     sustained = max(clean) if clean else None
     # CPU budget: with every core busy in the ceiling, reaching the target ratio leaves the daemon
     # bare_cpu * (1/target - 1) ms per frame for everything but session.run.

@@ -8,9 +8,9 @@ runs on it. Each description is generated to a fixed length (stop tokens off), s
 compares across runs and bundles. TTFT is the engine's own: call -> first token (image
 crop preprocessing, vision encoder, embedding, prefill); tokens/s is the decode after it.
 
-Without ``--vlm-bundle`` nothing is measured and the result says so (a VLM needs weights
-that a bench cannot invent; ``benchmarks/vlm_bench.py`` builds a random-weight one at real
-dimensions and compares it with transformers' ``generate``).
+Without ``--vlm-bundle`` the bench builds a reference model once (:func:`ensure_reference_vlm`:
+SmolVLM-256M's dimensions, random weights, speed only); with ``--quick`` it measures only a
+given bundle. ``benchmarks/vlm_bench.py`` compares the runtime with transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ def _unavailable(reason: str) -> dict[str, Any]:
 def ng_frames_with_regions(expert: Any, frames: Sequence[Any], limit: int) -> tuple[list[tuple[Any, list]], float]:
     """Up to ``limit`` (frame, regions) pairs the region expert judges NG, as the daemon would;
     and the image threshold (region scores are divided by it in the prompt)."""
+    from linecam.config import ThresholdsConfig
     from linecam.preprocess import Preprocessor
     from linecam.runtime.backends import make_runner
     from linecam.runtime.postprocess import Postprocessor
 
     man = expert.manifest
     pre = Preprocessor(man.preprocess)
-    post = Postprocessor(man.thresholds.pixel, man.thresholds.image)
+    post = Postprocessor(man.thresholds.pixel, man.thresholds.image,
+                         min_area_px=ThresholdsConfig().min_region_area_px)  # the daemon's default
     runner = make_runner(expert, "onnxruntime", None, 1)
     out: list[tuple[Any, list]] = []
     try:
@@ -108,20 +110,20 @@ def run_vlm(vlm_bundle: Path | None, expert: Any = None, frames: Sequence[Any] =
 
 #: The reference VLM the bench builds when given none: SmolVLM-256M's real dimensions (Idefics3),
 #: random weights (speed does not depend on weight values), INT8 weight-only decoder.
-REFERENCE = {"name": "bench-reference-smolvlm-256m-random", "family": "idefics3", "size": "smolvlm-256m", "seed": 0,
-             "quantize": ["int8"]}
+REFERENCE = {"name": "bench-reference-smolvlm-256m-random", "family": "idefics3", "size": "smolvlm-256m", "seed": 0}
 
 
-def ensure_reference_vlm(folder: Path, say: Any = lambda s: None) -> Path:
-    """The reference VLM bundle in ``folder`` (built once, reused while its recipe is unchanged).
-
-    Needs torch and transformers (the ``export`` extra), like the demo expert's first fit."""
+def ensure_reference_vlm(folder: Path, precision: str = "int8", say: Any = lambda s: None) -> Path:
+    """The reference VLM bundle in ``folder`` with a decoder at ``precision`` (built once, reused
+    while its recipe is unchanged). Needs torch and transformers (the ``export`` extra), like the
+    demo expert's first fit."""
     import json
 
     from linecam.errors import LinecamError
 
     bundle, stamp = folder / "bundle", folder / "recipe.json"
-    recipe = json.dumps(REFERENCE, sort_keys=True)
+    quantize = [precision] if precision in ("int8", "int4") else []
+    recipe = json.dumps({**REFERENCE, "quantize": quantize, "fp16": precision == "fp16"}, sort_keys=True)
     if (bundle / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == recipe:
         return bundle
     try:
@@ -137,7 +139,7 @@ def ensure_reference_vlm(folder: Path, say: Any = lambda s: None) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     model = build_model_folder(REFERENCE["family"], folder / "model", size=REFERENCE["size"],  # type: ignore[arg-type]
                                seed=REFERENCE["seed"])
-    export_vlm(model, bundle, name=str(REFERENCE["name"]), quantize=tuple(REFERENCE["quantize"]),
+    export_vlm(model, bundle, name=str(REFERENCE["name"]), quantize=tuple(quantize), fp16=precision == "fp16",
                agreement_prompts=1, agreement_tokens=4)
     shutil.rmtree(model, ignore_errors=True)  # the bundle is all the bench needs
     stamp.write_text(recipe)
