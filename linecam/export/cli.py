@@ -112,7 +112,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Cache of teacher, pool and checkpoints; a re-run resumes from it (default: <out>.work).")
 @click.option("--size", "size", type=_Size(), default="224", show_default=True,
-              help="Model input size (multiples of 16; of 14 too for DINOv2).")
+              help="Model input size (multiples of 8, at least 32; of 16 with --teacher scratch, of 14 too for DINOv2).")
 @click.option("--student", type=click.Choice(["s", "m", "l"]), default="s", show_default=True,
               help="Student size: s (fastest), m, l.")
 @click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Student training steps.")
@@ -189,7 +189,8 @@ def distil(teacher_kind: str, teacher_model: Path | None, teacher_preprocess: Pa
             if teacher_preprocess is not None:
                 spec = teachers.load_spec(teacher_preprocess)
             cls = teachers.OnnxTeacher if teacher_kind == "onnx" else teachers.TorchScriptTeacher
-            teacher = cls(teacher_model, spec, output=teacher_output)
+            extra = {"threads": threads} if cls is teachers.OnnxTeacher else {}
+            teacher = cls(teacher_model, spec, output=teacher_output, **extra)
     options = DistilOptions(student=student, steps=steps, batch_size=batch_size, lr=lr, pool_size=pool_size,
                             seed=seed, holdout=holdout, target_frr=target_frr, sensitivity=sensitivity, quantize=q,
                             int8_method=int8_method, int8_tool=int8_tool, calib_anomaly_ratio=calib_anomalies,

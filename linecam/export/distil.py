@@ -33,11 +33,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linecam.bundle import MANIFEST, Manifest, OutputsSpec, TensorSpec, file_entry, new_provenance, write_manifest
+from linecam.bundle import (
+    MANIFEST,
+    Manifest,
+    OutputsSpec,
+    TensorSpec,
+    file_entry,
+    new_provenance,
+    source_hash,
+    write_manifest,
+)
 from linecam.calibration.metrics import auroc, pearson
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
-from linecam.export.gate import run_expert
+from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
+from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.export.scratch import (
     AnomalySampler,
@@ -45,8 +55,6 @@ from linecam.export.scratch import (
     _lr_at,
     _versions,
     list_images,
-    score_onnx,
-    source_hash,
     split_holdout,
 )
 from linecam.export.student import SIZES, STRIDE, Student, downsample, image_score, map_size
@@ -83,10 +91,10 @@ class DistilOptions:
     int8_method: str | None = None
     int8_tool: str = "auto"
     #: Share of calibration images given a synthetic anomaly (see quantize.CALIBRATION_ANOMALY_RATIO).
-    calib_anomaly_ratio: float = 0.5
-    max_auroc_drop: float = 0.5
-    min_map_pearson: float = 0.9
-    max_score_diff: float = 0.1
+    calib_anomaly_ratio: float = CALIBRATION_ANOMALY_RATIO
+    max_auroc_drop: float = MAX_AUROC_DROP
+    min_map_pearson: float = MIN_PEARSON
+    max_score_diff: float = MAX_SCORE_DIFF
     force: bool = False
     checkpoint_every: int = 100
     eval_good: int = 64
@@ -384,9 +392,10 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
                 kwargs["method"] = o.int8_method
             q = quantize.to_int8(fp32, out / INT8_FILE, calib, **kwargs)
             candidates["onnx_int8"] = q.path
-            calibration = {"sha256": calib.sha256, "n_images": calib.n,
+            calibration = {**calib.describe(),
                            "source": str(Path(calib_images).resolve()) if calib_images else "training images",
-                           **{k: v for k, v in q.to_dict().items() if k != "path"}}
+                           **{k: v for k, v in q.to_dict().items()
+                              if k not in ("path", "calibration_sha256", "calibration_n")}}
         report = gate.compare(fp32, candidates, ev.x, ev.labels, ev.masks if ev.masks.any() else None,
                               threads=o.threads)
         try:
@@ -402,9 +411,11 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
         for role, path in candidates.items():
             files[role] = file_entry(out, path.name, precision=role.split("_")[1])  # type: ignore[arg-type]
 
-    # 7. thresholds on the deployed FP32 model
-    scores, maps = score_onnx(fp32, hold_set, spec, threads=o.threads)
-    bad_scores = score_onnx(fp32, bad_set, spec, threads=o.threads)[0] if bad_set else None
+    # 7. thresholds on the deployed FP32 model: its outputs on the evaluation set above, which
+    # begins with every held-out good image as it is and ends with the real defective ones.
+    n_hold = len(hold_set)
+    scores, maps = s_scores[:n_hold], list(s_maps[:n_hold])
+    bad_scores = s_scores[len(s_scores) - len(bad_set):] if bad_set else None
     thresholds = to_thresholds(
         fit_image_threshold(scores, bad_scores, target_frr=o.target_frr, sensitivity=o.sensitivity),
         fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity),

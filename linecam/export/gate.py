@@ -36,6 +36,7 @@ import numpy as np
 
 from linecam.calibration import metrics
 from linecam.errors import BundleError
+from linecam.runtime.device import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class GateReport:
         out = []
         for name, c in self.candidates.items():
             reasons = list(c.errors)
-            if self.auroc_measurable and self.reference_auroc is not None:
+            if self.auroc_measurable:
                 if c.auroc is None or c.auroc_drop is None:
                     reasons.append("image AUROC not measurable on its scores")
                 elif c.auroc_drop > self.max_auroc_drop:
@@ -245,7 +246,7 @@ def run_expert(path: Path, inputs: np.ndarray, threads: int | None = None) -> tu
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise BundleError(f"cannot load {path} on ONNX Runtime CPU: {str(e).splitlines()[0] if str(e) else e!r}") \
+        raise BundleError(f"cannot load {path} on ONNX Runtime CPU: {first_line(e)}") \
             from None
     ins = sess.get_inputs()
     if len(ins) != 1:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from linecam.errors import BundleError
+from linecam.runtime.device import first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -88,7 +89,7 @@ class CalibrationSet:
     """Model inputs for calibration, ``[N, 3, H, W]`` float32, and what they were made from."""
 
     inputs: np.ndarray
-    #: sha256 of the set: :func:`linecam.export.scratch.source_hash` over the images' file hashes
+    #: sha256 of the set: :func:`linecam.bundle.source_hash` over the images' file hashes
     #: (as bundles hash their sources), or of the array itself (``source == "array"``).
     sha256: str
     source: Literal["images", "array"] = "images"
@@ -220,10 +221,6 @@ def _session(path: str | Path) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
@@ -238,7 +235,7 @@ def _smoke_run(path: Path, what: str) -> None:
     try:
         sess = _session(path)
     except Exception as e:  # onnxruntime raises its own exception types
-        raise BundleError(f"the {what} model {path} does not load on ONNX Runtime CPU: {_first_line(e)}") from None
+        raise BundleError(f"the {what} model {path} does not load on ONNX Runtime CPU: {first_line(e)}") from None
     feeds, dynamic = {}, False
     for i in sess.get_inputs():
         dtype = _ORT_TYPES.get(i.type)
@@ -252,9 +249,9 @@ def _smoke_run(path: Path, what: str) -> None:
     except Exception as e:
         if dynamic:
             logger.warning("could not test-run the %s model %s on zeros with dynamic axes set to 1: %s",
-                           what, path, _first_line(e))
+                           what, path, first_line(e))
             return
-        raise BundleError(f"the {what} model {path} does not run on ONNX Runtime CPU: {_first_line(e)}") from None
+        raise BundleError(f"the {what} model {path} does not run on ONNX Runtime CPU: {first_line(e)}") from None
     for o, meta in zip(outs, sess.get_outputs()):
         a = np.asarray(o)
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
@@ -283,7 +280,7 @@ def to_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True,
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as e:
         raise BundleError(f"the bundle has no FP16 ONNX and deriving one needs the onnx package "
-                          f"({e.name} is missing): pip install onnx, or build with --precision fp32") from None
+                          f"({e.name} is missing): pip install onnx") from None
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
     fp16 = convert_float_to_float16(model, keep_io_types=keep_io_types, disable_shape_infer=False,
@@ -638,7 +635,7 @@ def _quantize_modelopt(src: Path, dst: Path, calib: CalibrationSet, input_name: 
     from modelopt.onnx.quantization import quantize as mo_quantize
 
     if method == "percentile":
-        raise BundleError("ModelOpt calibrates with max or entropy: use --calib-method minmax or entropy "
+        raise BundleError("ModelOpt calibrates with max or entropy: use --int8-method minmax or entropy "
                           "(or --quant-tool ort for percentile)")
     model = onnx.load(str(src))
     _name_nodes(model)

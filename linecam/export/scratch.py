@@ -300,7 +300,9 @@ def score_onnx(model_path: str | Path, images: Sequence[SourceImage], spec: Prep
     from linecam.export.gate import run_expert
 
     pre = Preprocessor(spec)
-    x = np.concatenate([pre(s.image, s.bit_depth, copy=True) for s in images])
+    x = np.empty((len(images), 3, *spec.input_size), np.float32)
+    for i, s in enumerate(images):
+        x[i] = pre(s.image, s.bit_depth)[0]  # the preprocessor's own buffer, copied in: no list of arrays
     maps, scores = run_expert(Path(model_path), x, threads)
     return scores, list(maps)
 

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linecam.bundle import sha256_file
+from linecam.bundle import sha256_file, source_hash
 from linecam.errors import BundleError
+from linecam.runtime.device import first_line
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
 
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
     from linecam.export.scratch import SourceImage
 
 logger = logging.getLogger(__name__)
-
-TEACHER_KINDS = ("dinov2", "scratch", "onnx", "torchscript")
 
 
 class Teacher(abc.ABC):
@@ -150,9 +149,9 @@ class Dinov2Teacher(Teacher):
         try:
             model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise BundleError(f"cannot load DINOv2 from {folder}: {str(e).splitlines()[0]}") from None
+            raise BundleError(f"cannot load DINOv2 from {folder}: {first_line(e)}") from None
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-        digest = hashlib.sha256("\n".join(sha256_file(p) for p in weights).encode()).hexdigest() if weights else None
+        digest = source_hash([sha256_file(p) for p in weights]) if weights else None
         return cls(model, spec, source=str(folder.resolve()), source_sha256=digest, **kwargs)
 
     @torch.no_grad()
@@ -252,7 +251,7 @@ class OnnxTeacher(Teacher):
         try:
             self.sess = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
-            raise BundleError(f"cannot load teacher {self.path}: {str(e).splitlines()[0][:200]}") from None
+            raise BundleError(f"cannot load teacher {self.path}: {first_line(e)[:200]}") from None
         inp = self.sess.get_inputs()
         if len(inp) != 1:
             raise BundleError(f"teacher {self.path} has {len(inp)} inputs; linecam teachers take one image input")
@@ -302,7 +301,7 @@ class TorchScriptTeacher(Teacher):
         try:
             self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
         except (RuntimeError, ValueError) as e:
-            raise BundleError(f"cannot load {self.path} as TorchScript ({str(e).splitlines()[0][:160]}): "
+            raise BundleError(f"cannot load {self.path} as TorchScript ({first_line(e)[:160]}): "
                               "save it with torch.jit.script/trace + torch.jit.save") from None
         self.sha256 = sha256_file(self.path)
         self.output = output
@@ -373,7 +372,7 @@ def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int],
     It is fitted with the same ``seed`` and ``holdout`` as the distillation, hence on the
     same training split: the held-out images stay unseen by teacher and student alike."""
     from linecam.bundle import load_bundle
-    from linecam.export.scratch import fit_scratch_expert, list_images, source_hash
+    from linecam.export.scratch import fit_scratch_expert, list_images
 
     # Keyed by the images' content, not the folder's name: edited images must retrain the teacher.
     content = source_hash([s.sha256 for s in list_images(images)])

@@ -221,9 +221,13 @@ def derive_fp16_onnx(src: Path, dst: Path) -> Path:
     """Cast an FP32 ONNX to FP16 (inputs and outputs kept FP32, so the runtime contract is
     unchanged) with ONNX Runtime's converter; used when the bundle holds no FP16 model.
     See :func:`linecam.export.quantize.to_fp16` (atomic write, checked on ORT CPU)."""
+    from linecam.errors import BundleError
     from linecam.export.quantize import to_fp16
 
-    return to_fp16(src, dst)
+    try:
+        return to_fp16(src, dst)
+    except BundleError as e:
+        raise BundleError(f"{e}; or build with --precision fp32") from None
 
 
 # --------------------------------------------------------------------------- TensorRT build

@@ -46,7 +46,7 @@ from linecam.export.vlm.dataset import (
 )
 from linecam.export.vlm.evaluate import Vocabulary, score
 from linecam.export.vlm.hfmodel import Device, DType, HfVlm, Quant
-from linecam.export.vlm.progress import make_progress
+from linecam.progress import make_progress
 from linecam.export.vlm.train import Example, merged_model, save_student, seed_everything, train_student
 from linecam.runtime.vlm.prompt import PromptConfig, RegionPromptBuilder
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from linecam.export.vlm.dataset import DescriptionRecord, DistilError
 from linecam.export.vlm.hfmodel import HfVlm
-from linecam.export.vlm.progress import NoProgress
+from linecam.progress import NoProgress
 from linecam.runtime.vlm.prompt import GroundedPrompt
 
 if TYPE_CHECKING:
