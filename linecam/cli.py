@@ -98,7 +98,7 @@ def demo(camera: str, frames: int, fps: float, workdir: Path, as_json: bool) -> 
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Where report.json and the plots go.  [default: eval-<bundle>-<category>]")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="Model file to run (default: the first the bundle has, fp32 first).")
+              help="Model file to run (default: ONNX Runtime fp32 first; TensorRT the fp16 engine first).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "tensorrt", "auto"]),
               default="onnxruntime", show_default=True, help="As model.backend in the line config.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,

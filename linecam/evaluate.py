@@ -16,7 +16,8 @@ input; the verdict and the NaN/Inf check are the daemon's
 publishes for the same image (a test checks it through a real broker), and ``score`` is the
 published ``score_raw / image threshold`` (1.0 = at the threshold).
 
-Ground truth meets the anomaly map at the map's resolution: :data:`MASK_RESIZE`.
+Ground truth meets the anomaly map at the *evaluation size*: the map's own, or the model input's
+when the map is coarser (a coarse map is upsampled bilinearly); masks get there by :data:`MASK_RESIZE`.
 
 Metrics (:mod:`linecam.calibration.metrics`): image AUROC, pixel AUROC and AU-PRO up to 30 %
 FPR on all test images; F1, false-reject rate (good flagged NG) and miss rate (defective
@@ -59,7 +60,7 @@ HIST_NAME = "scores_hist.png"
 FPR_LIMIT = 0.3
 GOOD = "good"
 
-#: How a ground-truth mask is brought to the anomaly map's resolution (also in report.json).
+#: How a ground-truth mask is brought to the evaluation size (also in report.json).
 MASK_RESIZE = ("mask pixels > 127 are defect (> 0 for 0/1 masks); the mask is cropped like the image "
                "(preprocess.crop), resized to the evaluation size with OpenCV INTER_AREA as a 0/1 float "
                "image, and a pixel is defect when at least half of it is covered (area >= 0.5). The "
@@ -172,7 +173,7 @@ def read_mask(sample: Sample, root: Path, image_hw: tuple[int, int]) -> np.ndarr
 
 
 def mask_to_map(mask: np.ndarray, pre: Preprocessor, map_hw: tuple[int, int]) -> np.ndarray:
-    """A source-resolution bool mask at the anomaly map's resolution (:data:`MASK_RESIZE`)."""
+    """A source-resolution bool mask at the evaluation size (:data:`MASK_RESIZE`)."""
     cropped = pre.crop(mask).astype(np.float32)
     h, w = map_hw
     if cropped.shape == (h, w):
@@ -222,7 +223,7 @@ class ImageRecord:
     #: ``score_raw / image threshold`` as published over MQTT (1.0 = at the threshold).
     score: float | None
     verdict: str | None
-    #: Defect pixels of the ground truth at the anomaly map's resolution.
+    #: Defect pixels of the ground truth at the evaluation size.
     defect_px: int
 
 
@@ -245,6 +246,8 @@ class EvalReport:
     per_defect: dict[str, Metrics]
     images: list[ImageRecord]
     seconds: float
+    #: (width, height) the pixel metrics were computed at: the map's, or the input's for a coarser map.
+    eval_size: tuple[int, int] = (0, 0)
     #: Pixel metrics exact (sort over all pixels) or histogram-approximated (see metrics.pixel_auroc).
     pixel_method: str = "exact"
     #: Images whose model output had NaN/Inf (left out of every metric, as the daemon skips them).
@@ -271,6 +274,7 @@ class EvalReport:
                         "defect_types": sorted(self.per_defect), "n_invalid_outputs": self.n_invalid,
                         "image_size": {"width": self.image_size[0], "height": self.image_size[1]},
                         "map_size": {"width": self.map_size[0], "height": self.map_size[1]},
+                        "eval_size": {"width": self.eval_size[0], "height": self.eval_size[1]},
                         "mask_resize": MASK_RESIZE},
             "metrics": {**asdict(self.metrics), "fpr_limit": FPR_LIMIT, "pixel_method": self.pixel_method},
             "per_defect": {k: asdict(v) for k, v in self.per_defect.items()},
@@ -293,7 +297,7 @@ def _json_safe(x: Any) -> Any:
 
 def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: list[np.ndarray], maps: list[np.ndarray],
                     threshold: float) -> Metrics:
-    """All metrics for one set of images (masks / maps at map resolution)."""
+    """All metrics for one set of images (masks / maps at the evaluation size)."""
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     r = rates_at(labels, scores, threshold)
@@ -328,7 +332,7 @@ def evaluate_bundle(bundle_dir: str | Path, dataset_dir: str | Path, out_dir: st
     daemon does and measure it; with ``out_dir``, write ``report.json`` and the plots there.
 
     ``backend``: onnxruntime | onnxruntime-cuda | tensorrt | auto (as ``model.backend``);
-    ``precision``: fp32 | fp16 | int8 (None: the first the bundle has, fp32 first);
+    ``precision``: fp32 | fp16 | int8 (None: ONNX Runtime takes fp32 first, TensorRT the fp16 engine first);
     ``intra_op_threads``: ONNX Runtime threads (None or 0: one per core); ``worst``: how many
     worst cases to draw. Raises :class:`~linecam.errors.LinecamError` subclasses (one line
     each) for a bad bundle, backend or dataset.
@@ -429,7 +433,7 @@ def evaluate_bundle(bundle_dir: str | Path, dataset_dir: str | Path, out_dir: st
         bundle_name=man.name, bundle_dir=str(bundle.root), model_sha256=bundle.model_sha256,
         backend=choice.backend, role=choice.role, backend_reason=choice.reason, dataset_dir=str(root),
         image_threshold=thr_img, pixel_threshold=thr_px, image_size=(first[1][1], first[1][0]),
-        map_size=(map_hw[1], map_hw[0]), metrics=overall, per_defect=per_defect, images=records,
+        map_size=(map_hw[1], map_hw[0]), eval_size=(eval_hw[1], eval_hw[0]), metrics=overall, per_defect=per_defect, images=records,
         seconds=0.0, pixel_method="exact" if n_px <= MAX_EXACT_PIXELS else "histogram",
         n_invalid=len(valid) - len(vidx))
     if out_dir is not None:
@@ -437,7 +441,7 @@ def evaluate_bundle(bundle_dir: str | Path, dataset_dir: str | Path, out_dir: st
         out.mkdir(parents=True, exist_ok=True)
         report.out_dir = str(out)
         _write_json(report, t_start)  # first: the numbers survive whatever happens to the plots
-        report.files = _write_plots(out, report, samples, scores, valid, maps, gts, pre, worst)
+        report.files = _write_plots(out, report, samples, maps, pre, worst)
     report.seconds = time.monotonic() - t_start
     if out_dir is not None:
         _write_json(report, t_start)
@@ -480,8 +484,8 @@ def _display(image: np.ndarray, bit_depth: int) -> np.ndarray:
     return img[:, :, 0] if img.shape[2] == 1 else img
 
 
-def _write_plots(out: Path, report: EvalReport, samples: list[Sample], scores: list[float], valid: list[bool],
-                 maps: list[np.ndarray], gts: list[np.ndarray], pre: Preprocessor, worst: int) -> list[str]:
+def _write_plots(out: Path, report: EvalReport, samples: list[Sample], maps: list[np.ndarray], pre: Preprocessor,
+                 worst: int) -> list[str]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -571,8 +575,7 @@ def _write_plots(out: Path, report: EvalReport, samples: list[Sample], scores: l
         if amap.max() >= report.pixel_threshold > amap.min():
             axes[1].contour(amap >= report.pixel_threshold, levels=[0.5], colors="white", linewidths=1)
         fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
-        axes[1].set_title(f"anomaly map: score {r.score:.3f} ({r.verdict})" if r.score is not None
-                          else f"anomaly map: score_raw {scores[i]:.4g}", fontsize=9)
+        axes[1].set_title(f"anomaly map: score {r.score:.3f} ({r.verdict})", fontsize=9)  # worst_cases: scored ones
         axes[2].imshow(vshown, cmap=cmap)
         if mask.any():
             axes[2].contour(mask.astype(np.uint8), levels=[0.5], colors="red", linewidths=1.2)
