@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shlex
 import shutil
 import sys
@@ -143,25 +141,16 @@ def gpu_blockers(facts: DeviceFacts, torch: dict[str, Any]) -> dict[str, str | N
 
 def device_slug(facts: DeviceFacts) -> str:
     """``h100-80gb-hbm3`` from "NVIDIA H100 80GB HBM3"; ``cpu`` without a GPU."""
-    if facts.gpu is None:
-        return "cpu"
-    s = re.sub(r"[^a-z0-9]+", "-", facts.gpu.lower()).strip("-")
-    return re.sub(r"^nvidia-", "", s)[:40].strip("-") or "gpu"
+    from linecam.export.trt import slug
+
+    return "cpu" if facts.gpu is None else slug(facts.gpu, 40)
 
 
-def cpu_model() -> str:
-    from linecam.bench.machine import cpu_model as _cpu
-
-    return _cpu()
-
-
-def versions(facts: DeviceFacts, torch: dict[str, Any]) -> dict[str, Any]:
+def versions(facts: DeviceFacts, torch: dict[str, Any], libs: dict[str, str | None]) -> dict[str, Any]:
     import onnxruntime as ort
 
     from linecam import __version__
-    from linecam.bench.machine import library_versions
 
-    libs = library_versions()
     return {"linecam": __version__, "tensorrt": facts.tensorrt, "onnxruntime": ort.__version__,
             "onnxruntime_package": "onnxruntime-gpu" if libs.get("onnxruntime-gpu") else "onnxruntime",
             "onnxruntime_providers": list(facts.ort_providers), "torch": torch.get("version"),
@@ -309,16 +298,11 @@ def time_calls(fn: Callable[[], Any], warmup_s: float, calls: int, min_warmup: i
 
 
 def _engine_role(bundle: Any, precision: str, facts: DeviceFacts) -> str | None:
-    """The bundle's TensorRT engine of ``precision`` built for this device, if any."""
-    from linecam.runtime.backends.sidecar import check_engine, engine_roles
+    """The bundle's TensorRT engine of ``precision`` built for this device, if any (the
+    daemon's own pick, :func:`linecam.runtime.backends.select._pick_engine`)."""
+    from linecam.runtime.backends.select import _pick_engine
 
-    for role in engine_roles(bundle, precision):
-        try:
-            check_engine(bundle, role, facts)
-        except BundleError:
-            continue
-        return role
-    return None
+    return _pick_engine(bundle, precision, facts)[0]
 
 
 def trt_engine(bundle: Any, precision: str, facts: DeviceFacts, args: argparse.Namespace, images: Path | None,
@@ -622,12 +606,12 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "quick": args.quick,
         "command": shlex.join(["python", "benchmarks/engine_bench.py", *raw]),
-        "device": {"name": facts.gpu or f"CPU only ({cpu_model()})", "slug": slug, "gpu": facts.gpu,
+        "device": {"name": facts.gpu or f"CPU only ({machine['cpu_model']})", "slug": slug, "gpu": facts.gpu,
                    "compute_capability": facts.compute_capability, "described": facts.describe(),
                    "facts": asdict(facts)},
-        "cpu": {"model": cpu_model(), "cores": os.cpu_count()},
+        "cpu": {"model": machine["cpu_model"], "cores": machine["cpu_logical"]},
         "machine": machine,
-        "versions": versions(facts, tinfo),
+        "versions": versions(facts, tinfo, machine["libraries"]),
         "input": [1, 3, h, w],
         "model": model,
         "timing": {"warmup_s": args.warmup_s, "calls": args.calls, "threads": args.threads, "backends": args.backends,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,16 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ort_session(path: Path, threads: int):
@@ -70,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
+    import onnxruntime as ort
     import torch
     from transformers import Dinov2Config, Dinov2Model
+
+    from linecam.bench.machine import cpu_model
 
     from linecam.export.onnx_export import INPUT_NAME, export_onnx
     from linecam.export.quantize import calibration_batch, to_int8
@@ -100,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
+        calib = calibration_batch(rng.standard_normal((32, 3, size, size)).astype(np.float32), spec)  # one for all
         for s in sizes:
             st = Student(s).eval()
             fp32 = export_onnx(st, Path(tmp) / f"{s}.onnx", (size, size))
-            calib = calibration_batch(rng.standard_normal((32, 3, size, size)).astype(np.float32), spec)
             files[s] = (fp32, to_int8(fp32, Path(tmp) / f"{s}_int8.onnx", calib).path)
         for threads in thread_counts:
             torch.set_num_threads(threads)
@@ -136,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         gate = json.loads((args.bundle / "gate.json").read_text())
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": thread_counts,
-        "device": "CPU only (no GPU)",
+        "device": "ONNX Runtime and torch on the CPU",
         "quick": args.quick,
         "teacher": teacher_name,
         "input": [size, size],
@@ -147,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "runs": runs,
         "gate": gate,
-        "gate_bundle": str(args.bundle) if args.bundle else None,
-        "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
+        "gate_bundle": args.bundle.resolve().name if args.bundle else None,  # a name: paths are machine-local
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "region_expert_quick" if args.quick else "region_expert"

@@ -167,7 +167,8 @@ def profile_shapes(name: str, onnx_shape: Sequence[int | str | None], manifest_s
     return Profile(tuple(lo), tuple(opt), tuple(hi))
 
 
-def _slug(text: str, n: int = 24) -> str:
+def slug(text: str, n: int = 24) -> str:
+    """A file-name-safe short form of a GPU name: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"."""
     s = re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
     s = re.sub(r"^nvidia-", "", s)
     return s[:n].strip("-") or "gpu"
@@ -177,7 +178,7 @@ def device_slug(facts: DeviceFacts) -> str:
     """e.g. ``h100-80gb-hbm3_sm90_trt10.13.0``: names engines and timing caches per device."""
     trt = ".".join((facts.tensorrt or "unknown").split(".")[:3])
     cc = (facts.compute_capability or "unknown").replace(".", "")
-    return f"{_slug(facts.gpu or 'unknown')}_sm{cc}_trt{trt}"
+    return f"{slug(facts.gpu or 'unknown')}_sm{cc}_trt{trt}"
 
 
 def engine_role(precision: str, facts: DeviceFacts, dla_core: int | None = None) -> str:
