@@ -187,14 +187,13 @@ def random_student_bundle(root: Path, size: int, student: str, *, n_images: int,
     ``root.parent / "images"``. Returns what it made (for the results)."""
     import torch
 
-    from linecam.bundle import Manifest, OutputsSpec, TensorSpec, Thresholds, file_entry, new_provenance, \
-        write_manifest
+    from linecam.bundle import Thresholds, file_entry, new_provenance, write_manifest
     from linecam.bench.machine import library_versions
     from linecam.export import quantize
-    from linecam.export.distil import FP16_FILE, FP32_FILE, INT8_FILE
+    from linecam.export.distil import FP16_FILE, FP32_FILE, INT8_FILE, student_manifest
     from linecam.export.gate import run_expert
-    from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
-    from linecam.export.student import SIZES, Student, map_size
+    from linecam.export.onnx_export import export_onnx
+    from linecam.export.student import Student
     from linecam.preprocess import PreprocessSpec, Preprocessor, read_image
 
     spec = PreprocessSpec(input_size=(size, size))
@@ -225,20 +224,13 @@ def random_student_bundle(root: Path, size: int, student: str, *, n_images: int,
                                                               "synthetic images"})
     files = {"onnx_fp32": file_entry(root, FP32_FILE), "onnx_fp16": file_entry(root, FP16_FILE, precision="fp16"),
              "onnx_int8": file_entry(root, INT8_FILE, precision="int8")}
-    manifest = Manifest(
-        name=f"engine-bench-student-{student}-{size}",
-        input=TensorSpec(name=INPUT_NAME, shape=[1, 3, size, size], dtype="float32", layout="NCHW"),
-        preprocess=spec,
-        outputs=OutputsSpec(anomaly_map=TensorSpec(name=MAP_NAME, shape=[1, 1, *map_size((size, size))],
-                                                   dtype="float32", layout="NCHW"),
-                            image_score=TensorSpec(name=SCORE_NAME, shape=[1], dtype="float32")),
-        thresholds=thresholds, files=files,
-        provenance=new_provenance(tool_versions={k: v for k, v in library_versions().items() if v},
-                                  details={"purpose": "benchmarks/engine_bench.py: random weights, speed only",
-                                           "images": str(images.resolve()),
-                                           "holdout_files": sorted(p.name for p in images.glob("*.png"))}),
-        extra={"expert": "student", "student_size": student, "base_width": SIZES[student],
-               "score_pool": model.score_pool, "random_weights": True})
+    manifest = student_manifest(
+        f"engine-bench-student-{student}-{size}", spec, student, model.score_pool, thresholds, files,
+        new_provenance(tool_versions={k: v for k, v in library_versions().items() if v},
+                       details={"purpose": "benchmarks/engine_bench.py: random weights, speed only",
+                                "images": str(images.resolve()),
+                                "holdout_files": sorted(p.name for p in images.glob("*.png"))}),
+        random_weights=True)
     write_manifest(root, manifest)
     return {"source": "random-weight student", "student": student, "bundle": None, "images": str(images),
             "int8": {k: v for k, v in q.to_dict().items() if k != "path"}}

@@ -266,6 +266,35 @@ def eval_set(hold: Sequence[SourceImage], spec: PreprocessSpec, seed: int, n_goo
     return EvalSet(np.stack(xs), np.asarray(ys), np.stack(ms), kinds)
 
 
+def student_manifest(name: str, spec: PreprocessSpec, student: str, score_pool: int, thresholds: Any,
+                     files: dict[str, Any], provenance: Any, **extra: Any) -> Manifest:
+    """The manifest of a student bundle (the ONNX contract every student shares); ``extra`` adds
+    to the manifest's ``extra`` (teacher, gate, ...)."""
+    h, w = spec.input_size
+    return Manifest(
+        name=name,
+        input=TensorSpec(name=INPUT_NAME, shape=[1, 3, h, w], dtype="float32", layout="NCHW"),
+        preprocess=spec,
+        outputs=OutputsSpec(
+            anomaly_map=TensorSpec(name=MAP_NAME, shape=[1, 1, *map_size((h, w))], dtype="float32",
+                                   layout="NCHW"),
+            image_score=TensorSpec(name=SCORE_NAME, shape=[1], dtype="float32"),
+        ),
+        thresholds=thresholds,
+        files=files,
+        provenance=provenance,
+        extra={
+            "expert": "student",
+            "architecture": "plain conv regression student, map at 1/8 resolution",
+            "student_size": student,
+            "base_width": SIZES[student],
+            "score_pool": score_pool,
+            "score": f"max of the {score_pool}x{score_pool} mean-pooled anomaly map",
+            **extra,
+        },
+    )
+
+
 # --------------------------------------------------------------------------- public entry
 
 
@@ -436,32 +465,14 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
         "calibration": calibration,
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 20):])),
     }
-    manifest = Manifest(
-        name=o.name or out.resolve().name,
-        input=TensorSpec(name=INPUT_NAME, shape=[1, 3, h, w], dtype="float32", layout="NCHW"),
-        preprocess=spec,
-        outputs=OutputsSpec(
-            anomaly_map=TensorSpec(name=MAP_NAME, shape=[1, 1, *map_size((h, w))], dtype="float32",
-                                   layout="NCHW"),
-            image_score=TensorSpec(name=SCORE_NAME, shape=[1], dtype="float32"),
-        ),
-        thresholds=thresholds,
-        files=files,
-        provenance=new_provenance(tool_versions=_versions(),
-                                  source_sha256=source_hash([s.sha256 for s in sources + bad_set]),
-                                  details=details),
-        extra={
-            "expert": "student",
-            "architecture": "plain conv regression student, map at 1/8 resolution",
-            "student_size": o.student,
-            "base_width": SIZES[o.student],
-            "score_pool": o.score_pool,
-            "score": f"max of the {o.score_pool}x{o.score_pool} mean-pooled anomaly map",
-            "map_unit": f"teacher map / {scale:.6g} (the teacher's {SCALE_QUANTILE:.1%} good-pixel quantile)",
-            "teacher": teacher.describe(),
-            "calibration_sha256": calibration["sha256"] if calibration else None,
-            "gate": {k: gate_dict[k] for k in ("passed", "forced", "bounds")} if gate_dict else None,
-        },
+    manifest = student_manifest(
+        o.name or out.resolve().name, spec, o.student, o.score_pool, thresholds, files,
+        new_provenance(tool_versions=_versions(), source_sha256=source_hash([s.sha256 for s in sources + bad_set]),
+                       details=details),
+        map_unit=f"teacher map / {scale:.6g} (the teacher's {SCALE_QUANTILE:.1%} good-pixel quantile)",
+        teacher=teacher.describe(),
+        calibration_sha256=calibration["sha256"] if calibration else None,
+        gate={k: gate_dict[k] for k in ("passed", "forced", "bounds")} if gate_dict else None,
     )
     seconds["total"] = time.perf_counter() - t0
     (out / REPORT_FILE).write_text(json.dumps({
