@@ -38,11 +38,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _ort_session(path: Path, threads: int):
-    import onnxruntime as ort
+    from linecam.runtime.session import make_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return make_session(path, intra_op_threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -580,7 +580,7 @@ def test_runtime_side_imports_without_tensorrt_and_torch():
         "            raise ImportError(name + ' is blocked in this test')\n"
         "sys.meta_path.insert(0, _Block())\n"
         "import linecam.runtime.backends.tensorrt, linecam.runtime.backends.select, linecam.runtime.device\n"
-        "import linecam.runtime.backends.ort_cuda, linecam.export.trt, linecam.export.trt_verify\n"
+        "import linecam.runtime.backends.onnxruntime, linecam.export.trt, linecam.export.trt_verify\n"
         "from linecam.runtime.device import probe_device\n"
         "f = probe_device()\n"
         "assert f.tensorrt is None and not f.cuda_python, f\n"

@@ -25,7 +25,7 @@ from linecam.preprocess import Preprocessor
 from linecam.runtime.postprocess import Postprocessor
 from linecam.runtime.stats import percentile_summary
 
-from .workload import make_session
+from .workload import bundle_session
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def measure_ceiling(bundle: Bundle, x: np.ndarray, setting: SessionSetting, warm
                     duration_s: float) -> tuple[dict[str, Any], np.ndarray]:
     """Throughput and per-call latency of bare ``session.run`` with one setting
     (the result, and the per-call latencies in ms)."""
-    sess = make_session(bundle, setting.intra_op_threads)
+    sess = bundle_session(bundle, setting.intra_op_threads)
     m = bundle.manifest
     feeds = {m.input.name: x}
     outputs = [m.outputs.anomaly_map.name, m.outputs.image_score.name]
@@ -108,7 +108,7 @@ def measure_bare_path(bundle: Bundle, frames: list[Frame], intra_op_threads: int
                       duration_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Preprocess → run → postprocess, sequential, frames from memory, one thread
     (the result, and per-stage latencies in ms)."""
-    sess = make_session(bundle, intra_op_threads)
+    sess = bundle_session(bundle, intra_op_threads)
     m = bundle.manifest
     pre = Preprocessor(m.preprocess)
     post = Postprocessor(m.thresholds.pixel, m.thresholds.image,

@@ -20,6 +20,7 @@ from linecam.bundle import Bundle, load_bundle
 from linecam.camera.frame import Frame
 from linecam.camera.replay import ReplaySource
 from linecam.errors import LinecamError
+from linecam.runtime.session import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,10 @@ def load_frames(frames: FrameSet) -> list[Frame]:
     return out
 
 
-def make_session(bundle: Bundle, intra_op_threads: int, role: str | None = None) -> ort.InferenceSession:
+def bundle_session(bundle: Bundle, intra_op_threads: int, role: str | None = None) -> ort.InferenceSession:
     """A bare ONNX Runtime session with the runner's own settings (same file, same options)."""
     role = role or bundle.pick("onnxruntime", None)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra_op_threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(bundle.path(role)), sess_options=opts, providers=["CPUExecutionProvider"])
+    return make_session(bundle.path(role), intra_op_threads=intra_op_threads)
 
 
 def model_input(bundle: Bundle, frame: Frame) -> np.ndarray:

@@ -237,14 +237,10 @@ def run_expert(path: Path, inputs: np.ndarray, threads: int | None = None) -> tu
     """(maps [N, h, w], scores [N]) of the region expert ``path`` on ORT CPU, one image at a time
     (``inputs``: preprocessed [N, 3, H, W]). The one ORT runner of the export side: the gate,
     distillation and threshold fitting all score models through it."""
-    import onnxruntime as ort
+    from linecam.runtime.session import make_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads = threads
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = make_session(path, intra_op_threads=threads or 0, log_severity_level=3)
     except Exception as e:
         raise BundleError(f"cannot load {path} on ONNX Runtime CPU: {first_line(e)}") \
             from None

@@ -214,11 +214,9 @@ def _save_atomic(model: onnx.ModelProto, dst: Path) -> Path:
 
 
 def _session(path: str | Path) -> Any:
-    import onnxruntime as ort
+    from linecam.runtime.session import make_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return make_session(path, log_severity_level=3)
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

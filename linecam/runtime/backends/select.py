@@ -105,7 +105,7 @@ def choose_backend(bundle: Bundle, requested: str, precision: str | None, facts:
         return Choice("tensorrt", role, reason, dla_core=_dla_core(bundle, role))
 
     if requested == "onnxruntime-cuda":
-        from linecam.runtime.backends.ort_cuda import ORT_GPU_HINT, ort_cuda_missing_message
+        from linecam.runtime.backends.onnxruntime import ORT_GPU_HINT, ort_cuda_missing_message
 
         if CUDA_EP not in facts.ort_providers:
             raise BackendUnavailable(ort_cuda_missing_message())
@@ -180,9 +180,9 @@ def _construct(bundle: Bundle, c: Choice, intra_op_threads: int, workers: int, c
         return TensorRTRunner(path, bundle.manifest, c.role, slots=workers, cuda_graph=cuda_graph,
                               dla_core=c.dla_core)
     if c.backend == "onnxruntime-cuda":
-        from linecam.runtime.backends.ort_cuda import OrtCudaRunner
+        from linecam.runtime.backends.onnxruntime import OrtRunner, cuda_providers
 
-        return OrtCudaRunner(path, bundle.manifest, role=c.role)
+        return OrtRunner(path, bundle.manifest, role=c.role, providers=cuda_providers())
     from linecam.runtime.backends.onnxruntime import OrtRunner
 
     return OrtRunner(path, bundle.manifest, intra_op_threads=intra_op_threads, role=c.role)

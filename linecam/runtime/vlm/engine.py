@@ -23,6 +23,7 @@ import onnxruntime as ort
 from linecam.errors import BundleError
 from linecam.runtime.vlm import image as vimg
 from linecam.runtime.vlm import rope
+from linecam.runtime.session import make_session
 from linecam.runtime.vlm.bundle import Idefics3VisionSpec, QwenVisionSpec, VlmBundle, load_vlm_bundle
 
 logger = logging.getLogger(__name__)
@@ -73,15 +74,7 @@ def available_providers(device: Literal["cpu", "cuda", "auto"] = "auto") -> list
 
 
 def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"ONNX Runtime cannot load {path}: {first}; re-export the VLM bundle") from None
+    return make_session(path, providers=providers, intra_op_threads=threads, hint="re-export the VLM bundle")
 
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
