@@ -45,11 +45,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from linecam.broker import MosquittoBroker  # noqa: E402
-from linecam.camera.linescan import SyntheticWebSource  # noqa: E402
+from linecam.camera.synthetic_web import SyntheticWebSource  # noqa: E402
 from linecam.config import parse_config  # noqa: E402
 from linecam.events import subscribe  # noqa: E402
 from linecam.runtime.service import run_service  # noqa: E402
-from linecam.runtime.web import tile_columns  # noqa: E402
+from linecam.runtime.linescan import tile_columns  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

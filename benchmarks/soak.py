@@ -236,8 +236,10 @@ def _spool_rows(path: Path) -> int | None:
 # -- the spool's cost per message -----------------------------------------------------------------
 def spool_cost(out: Path, n: int = 20_000) -> dict:
     from linecam import messages
-    from linecam.runtime.publisher import MqttPublisher, MqttSettings
-    from linecam.runtime.spool import Spool, SpoolSettings
+    from linecam.config import MqttSettings
+    from linecam.runtime.publisher import MqttPublisher
+    from linecam.config import SpoolSettings
+    from linecam.runtime.spool import Spool
 
     work = Path(tempfile.mkdtemp(prefix="linecam-spoolcost-"))
     msg = messages.verdict(line="l", camera="c", frame_id=1, verdict="OK", score=0.5, score_raw=0.1, threshold=0.2,

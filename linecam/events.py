@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from linecam import schemas
 from linecam.errors import BrokerError, LinecamError
-from linecam.runtime.publisher import paho_logger
+from linecam.paho_log import paho_logger
 
 logger = logging.getLogger(__name__)
 

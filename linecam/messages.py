@@ -161,7 +161,7 @@ def verdict(
     ``"queue_full"``). ``latency_ms`` keys: queue, preprocess, inference, postprocess,
     total (frame ready on the host -> publish); a SKIPPED verdict may carry only some.
     ``tile`` (line-scan mode only; the key is absent otherwise): where the tile lies on the
-    web, see :func:`linecam.runtime.web.LineScanSession`.
+    web, see :func:`linecam.runtime.linescan.LineScanSession`.
     """
     msg = _header("verdict", line, camera)
     msg.update(

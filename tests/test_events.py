@@ -14,7 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from linecam import messages
 from linecam.broker import free_port
 from linecam.events import Event, events_command, subscribe
-from linecam.runtime.publisher import MqttPublisher, MqttSettings
+from linecam.config import MqttSettings
+from linecam.runtime.publisher import MqttPublisher
 from linecam.schemas import validate
 
 MODEL = {"name": "expert", "sha256": "1" * 64}

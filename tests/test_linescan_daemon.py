@@ -16,7 +16,7 @@ from rich.console import Console
 
 from bundles import make_tiny_bundle
 from linecam import schemas
-from linecam.camera.linescan import SyntheticWebSource
+from linecam.camera.synthetic_web import SyntheticWebSource
 from linecam.config import parse_config
 from linecam.errors import CameraError
 from linecam.events import EventTable, subscribe

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from linecam.camera.linescan import EncoderSettings, GenICamLineScan
-from linecam.config import parse_config
+from linecam.camera.genicam_linescan import apply_linescan, linescan_setup, plan_linescan
+from linecam.config import EncoderSettings, GenICamLineScan, LineScanSettings, parse_config
 from linecam.errors import ConfigError
 from linecam.runtime.daemon import open_source
-from linecam.runtime.web import LineScanSession, LineScanSettings
+from linecam.runtime.linescan import LineScanSession
 
 HAVE_GENICAM = all(importlib.util.find_spec(m) is not None for m in ("genicam", "harvesters"))
 LINESCAN_NODES = {"Height", "TriggerSelector", "TriggerMode", "TriggerSource", "TriggerActivation",
@@ -23,20 +23,20 @@ LINESCAN_NODES = {"Height", "TriggerSelector", "TriggerMode", "TriggerSource", "
 
 
 def test_free_run_line_rate_prefers_sfnc_name_then_basler_abs():
-    writes, missing = GenICamLineScan(line_rate_hz=20000).plan(LINESCAN_NODES.__contains__)
+    writes, missing = plan_linescan(GenICamLineScan(line_rate_hz=20000), LINESCAN_NODES.__contains__)
     assert missing == []
     assert writes == [("TriggerSelector", "LineStart"), ("TriggerMode", "Off"), ("AcquisitionLineRate", 20000.0)]
     basler = {"AcquisitionLineRateAbs", "AcquisitionLineRateEnable"}
-    writes, missing = GenICamLineScan(line_rate_hz=5000).plan(basler.__contains__)
+    writes, missing = plan_linescan(GenICamLineScan(line_rate_hz=5000), basler.__contains__)
     assert writes == [("AcquisitionLineRateEnable", True), ("AcquisitionLineRateAbs", 5000.0)] and missing == []
-    writes, missing = GenICamLineScan().plan(set().__contains__)  # free run at the camera's own rate
+    writes, missing = plan_linescan(GenICamLineScan(), set().__contains__)  # free run at the camera's own rate
     assert writes == [] and missing == []
 
 
 def test_encoder_trigger_plan_order_and_defaults():
     ls = GenICamLineScan(trigger="encoder", encoder=EncoderSettings(mode="FourPhase", divider=4,
                                                                     output_mode="PositionUp"))
-    writes, missing = ls.plan(LINESCAN_NODES.__contains__)
+    writes, missing = plan_linescan(ls, LINESCAN_NODES.__contains__)
     assert missing == []
     assert writes == [
         ("EncoderSelector", "Encoder0"), ("EncoderSourceA", "Line1"), ("EncoderSourceB", "Line2"),
@@ -45,9 +45,9 @@ def test_encoder_trigger_plan_order_and_defaults():
         ("TriggerSelector", "LineStart"), ("TriggerMode", "On"), ("TriggerSource", "Encoder0"),
     ]
     # trigger: encoder alone configures a default encoder
-    writes, _ = GenICamLineScan(trigger="encoder").plan(LINESCAN_NODES.__contains__)
+    writes, _ = plan_linescan(GenICamLineScan(trigger="encoder"), LINESCAN_NODES.__contains__)
     assert writes[0] == ("EncoderSelector", "Encoder0") and writes[-1] == ("TriggerSource", "Encoder0")
-    writes, _ = GenICamLineScan(trigger="line", trigger_source="Line3").plan(LINESCAN_NODES.__contains__)
+    writes, _ = plan_linescan(GenICamLineScan(trigger="line", trigger_source="Line3"), LINESCAN_NODES.__contains__)
     assert writes == [("TriggerSelector", "LineStart"), ("TriggerMode", "On"), ("TriggerSource", "Line3"),
                       ("TriggerActivation", "RisingEdge")]
 
@@ -81,16 +81,16 @@ def test_viky_lacks_line_scan_nodes_and_says_which(cti):
 
     ls = GenICamLineScan(trigger="encoder", encoder=EncoderSettings(divider=2))
     with pytest.raises(CameraError) as e:
-        GenICamSource(cti, serial="0", setup=ls.apply).open()
+        GenICamSource(cti, serial="0", setup=linescan_setup(ls)).open()
     msg = str(e.value)
     assert "\n" not in msg
     for node in ("EncoderSelector", "EncoderSourceA", "EncoderSourceB", "EncoderDivider", "EncoderReset",
                  "TriggerSelector", "TriggerMode", "TriggerSource"):
         assert node in msg
     with pytest.raises(CameraError, match="AcquisitionLineRate or AcquisitionLineRateAbs"):
-        GenICamSource(cti, serial="0", setup=GenICamLineScan(line_rate_hz=5000).apply).open()
+        GenICamSource(cti, serial="0", setup=linescan_setup(GenICamLineScan(line_rate_hz=5000))).open()
     # the failed opens released the camera: it opens again, free-running with 100 lines per frame
-    with GenICamSource(cti, serial="0", height=100, pixel_format="Mono8", setup=GenICamLineScan().apply,
+    with GenICamSource(cti, serial="0", height=100, pixel_format="Mono8", setup=linescan_setup(GenICamLineScan()),
                        features={"AcquisitionFrameRate": 100.0}) as src:
         f = src.read(timeout=2.0)
     assert f.image.shape == (100, 400, 1)
@@ -154,10 +154,10 @@ def test_apply_writes_in_plan_order_and_skips_a_frame_only_trigger():
     written = []
     nm = _NodeMap({"TriggerSelector": _Node("FrameStart", ["FrameStart"]), "TriggerMode": _Node("Off", ["On", "Off"]),
                    "AcquisitionLineRateAbs": _Node(1000.0), "ResultingLineRateAbs": _Node(7999.5)})
-    back = GenICamLineScan(line_rate_hz=8000).apply(nm, lambda n, v: written.append((n, v)))
+    back = apply_linescan(GenICamLineScan(line_rate_hz=8000), nm, lambda n, v: written.append((n, v)))
     assert written == [("AcquisitionLineRateAbs", 8000.0)]  # no LineStart to switch off on this camera
     assert back["ResultingLineRateAbs"] == 7999.5
     written.clear()
     nm.nodes["TriggerSelector"] = _Node("FrameStart", ["FrameStart", "LineStart"])
-    GenICamLineScan(line_rate_hz=8000).apply(nm, lambda n, v: written.append((n, v)))
+    apply_linescan(GenICamLineScan(line_rate_hz=8000), nm, lambda n, v: written.append((n, v)))
     assert written == [("TriggerSelector", "LineStart"), ("TriggerMode", "Off"), ("AcquisitionLineRateAbs", 8000.0)]

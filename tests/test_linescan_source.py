@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from linecam.camera.base import SourceExhausted
-from linecam.camera.linescan import DEFECT_LEVEL, SyntheticWebSource, WebDefectSpec
-from linecam.config import parse_config
+from linecam.camera.synthetic_web import DEFECT_LEVEL, SyntheticWebSource
+from linecam.config import WebDefectSpec, parse_config
 from linecam.errors import CameraError
 from linecam.runtime.daemon import open_source
 

@@ -22,7 +22,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from linecam import messages
 from linecam.broker import MosquittoBroker
 from linecam.errors import ConfigError
-from linecam.runtime.publisher import MqttPublisher, MqttSettings
+from linecam.config import MqttSettings
+from linecam.runtime.publisher import MqttPublisher
 from linecam.schemas import validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +149,8 @@ def test_retained_status_is_seen_by_late_subscribers_and_clean_stop_says_offline
 
 _CRASHER = textwrap.dedent("""
     import sys, time
-    from linecam.runtime.publisher import MqttPublisher, MqttSettings
+    from linecam.config import MqttSettings
+    from linecam.runtime.publisher import MqttPublisher
     pub = MqttPublisher(MqttSettings(port=int(sys.argv[1]), protocol=sys.argv[2]), "L1", "cam0", "0.1.0", None)
     pub.start()
     assert pub.wait_connected(10)

@@ -21,8 +21,10 @@ from paho.mqtt.properties import Properties
 from linecam import messages
 from linecam.broker import MosquittoBroker
 from linecam.errors import ConfigError
-from linecam.runtime.publisher import MqttPublisher, MqttSettings
-from linecam.runtime.spool import Spool, SpoolSettings
+from linecam.config import MqttSettings
+from linecam.runtime.publisher import MqttPublisher
+from linecam.config import SpoolSettings
+from linecam.runtime.spool import Spool
 
 MODEL = {"name": "expert", "sha256": "0" * 64}
 LAT = {"total": 0.7}

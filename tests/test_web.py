@@ -14,19 +14,13 @@ from hypothesis import strategies as st
 
 from linecam import schemas
 from linecam.camera.frame import Frame
-from linecam.camera.linescan import SyntheticWebSource, WebDefectSpec
+from linecam.camera.synthetic_web import SyntheticWebSource
+from linecam.config import LineScanSettings, WebDefectSpec
 from linecam.errors import ConfigError
 from linecam.preprocess import Geometry
 from linecam.runtime.postprocess import Postprocessor
 from linecam.runtime.stats import Counters
-from linecam.runtime.web import (
-    DownWeb,
-    LineScanSession,
-    LineScanSettings,
-    WebBuffer,
-    WebMap,
-    tile_columns,
-)
+from linecam.runtime.linescan import DownWeb, LineScanSession, WebBuffer, WebMap, tile_columns
 
 EID = "00000000-0000-4000-8000-000000000000"
 

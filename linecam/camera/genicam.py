@@ -89,7 +89,7 @@ class GenICamSource(FrameSource):
 
     ``setup``, when given, is called after those settings with the camera's node map and
     a checked setter ``set_node(name, value)`` (the one ``features`` use): camera-specific
-    configuration such as :meth:`linecam.camera.linescan.GenICamLineScan.apply`.
+    configuration such as :func:`linecam.camera.genicam_linescan.linescan_setup`.
 
     Attributes: ``dropped`` counts frames lost between two reads (gaps in the
     camera's frame ids), ``model`` is the camera model once open,

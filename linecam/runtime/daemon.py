@@ -51,7 +51,7 @@ from linecam.runtime.postprocess import Postprocessor, Region
 from linecam.runtime.sdnotify import Notifier
 from linecam.runtime.snapshots import SnapshotWriter
 from linecam.runtime.stats import Counters, LatencyStats
-from linecam.runtime.web import LineScanSession, tile_fields
+from linecam.runtime.linescan import LineScanSession, tile_fields
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ _STOP = object()  # queue sentinel
 def open_source(cam: GenICamCamera | ReplayCamera | SyntheticCamera | Any) -> FrameSource:
     """Build (not open) the frame source a config section describes."""
     if cam.kind == "synthetic_web":
-        from linecam.camera.linescan import SyntheticWebSource
+        from linecam.camera.synthetic_web import SyntheticWebSource
 
         return SyntheticWebSource.from_config(cam)
     if isinstance(cam, SyntheticCamera):
@@ -74,13 +74,14 @@ def open_source(cam: GenICamCamera | ReplayCamera | SyntheticCamera | Any) -> Fr
 
         return ReplaySource(cam.path, fps=cam.fps, loop=cam.loop)
     from linecam.camera.genicam import GenICamSource, viky_cti_path
+    from linecam.camera.genicam_linescan import linescan_setup
 
     cti = viky_cti_path() if cam.cti == "viky" else cam.cti
     return GenICamSource(cti, serial=cam.serial, device_id=cam.device_id, index=cam.index,
                          num_buffers=cam.num_buffers, buffer_handling=cam.buffer_handling,
                          pixel_format=cam.pixel_format, width=cam.width, height=cam.height,
                          features=cam.features, fetch_timeout=cam.fetch_timeout_s,
-                         setup=cam.linescan.apply if cam.linescan is not None else None)
+                         setup=linescan_setup(cam.linescan) if cam.linescan is not None else None)
 
 
 @dataclass(slots=True)
@@ -493,7 +494,7 @@ class Daemon:
             return True
         return False
 
-    # -- line-scan mode (linecam.runtime.web) --------------------------------------------
+    # -- line-scan mode (linecam.runtime.linescan) --------------------------------------------
     def _start_linescan(self) -> LineScanSession | None:
         from linecam.config import state_dir
         from linecam.errors import ConfigError

@@ -34,375 +34,28 @@ its verdict, SKIPPED included).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from linecam import messages
 from linecam.camera.frame import Frame
+from linecam.config import LineScanSettings
 from linecam.errors import ConfigError
+from linecam.runtime.linescan.groups import Break, Group
+from linecam.runtime.linescan.tiles import DownWeb, GapReason, Tile, WebBuffer, tile_columns
+from linecam.runtime.linescan.webmap import WebMap
 
 logger = logging.getLogger(__name__)
-
-GapReason = Literal["frame_gap", "invalid_frame", "camera_reconnect", "frame_id_reset"]
-
-
-# --- settings -------------------------------------------------------------------------------
-class EncoderScale(BaseModel):
-    """Down-web position from encoder counts carried by the frames (``meta["encoder_count"]``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    mm_per_count: float = Field(gt=0)
-
-
-class WebMapSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    #: Default: $LINECAM_STATE_DIR/webmaps (or ./linecam-state/webmaps).
-    dir: Path | None = None
-    #: The web's width on the map at most (the web is downsampled by a whole factor).
-    max_width_px: int = Field(default=1024, ge=16)
-    #: When the map grows longer, its down-web scale is halved (the PNG stays bounded).
-    max_height_px: int = Field(default=16384, ge=64)
-    #: Also rewrite the map this often during a run (null: only at the end).
-    every_s: float | None = Field(default=60.0, gt=0)
-
-
-class LineScanSettings(BaseModel):
-    """Config section ``linescan:`` (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = False
-    #: [width, height] of an inspection tile in web pixels; default: the model's input size.
-    tile_size: tuple[int, int] | None = None
-    #: Overlap of neighbouring tiles, both directions: at least the largest defect expected.
-    overlap_px: int = Field(default=32, ge=0)
-    mm_per_px_cross: float = Field(default=0.1, gt=0)
-    mm_per_line: float = Field(default=0.1, gt=0)
-    encoder: EncoderScale | None = None
-    #: Detections this close (pixels) or closer are one defect.
-    merge_gap_px: int = Field(default=1, ge=0)
-    web_map: WebMapSettings = Field(default_factory=WebMapSettings)
-
-
-# --- geometry -------------------------------------------------------------------------------
-def tile_columns(web_width: int, tile_width: int, overlap: int) -> list[int]:
-    """Left edges of the tiles across a web: every ``tile_width - overlap`` pixels, the last
-    one flush with the right edge (so the whole width is covered)."""
-    if tile_width > web_width:
-        raise ValueError(f"tile width {tile_width} > web width {web_width}")
-    stride = tile_width - overlap
-    xs = list(range(0, web_width - tile_width + 1, stride))
-    if xs[-1] != web_width - tile_width:
-        xs.append(web_width - tile_width)
-    return xs
-
-
-@dataclass(frozen=True, slots=True)
-class Tile:
-    """One inspection tile: web pixels ``[x, x + width) x [line, line + height)``.
-
-    ``valid_height`` < ``height`` only for the tail of a segment shorter than a tile (the
-    rest is edge-padded and ignored). ``fields`` is the verdict's ``tile`` object.
-    """
-
-    id: int
-    segment: int
-    row: int
-    col: int
-    x: int
-    line: int
-    width: int
-    height: int
-    valid_height: int
-    frames: tuple[int, int]
-    fields: dict[str, Any] = field(compare=False, hash=False)
-
-
-def tile_fields(frame: Frame) -> dict[str, Any] | None:
-    """The verdict's ``tile`` object for a tile frame; None for an ordinary frame."""
-    tile = frame.meta.get("tile") if frame.meta else None
-    return tile.fields if isinstance(tile, Tile) else None
-
-
-class DownWeb:
-    """Web line -> down-web millimetres from the run's first line, and -> camera frame id.
-
-    Anchors are the frames' first lines. Without an encoder, mm = line x ``mm_per_line``.
-    With ``mm_per_count`` and frames that carry counts, counts are interpolated linearly
-    between frame anchors (extrapolated past the last one with the last slope).
-    """
-
-    def __init__(self, mm_per_line: float, mm_per_count: float | None = None, keep: int = 65536) -> None:
-        self.mm_per_line = float(mm_per_line)
-        self.mm_per_count = mm_per_count
-        self.keep = keep
-        self._lock = threading.Lock()
-        self._lines: list[int] = []
-        self._frames: list[int] = []
-        self._counts: list[float] = []  # encoder mode only
-        self._count0: float | None = None
-        self.source: Literal["lines", "encoder"] = "lines"
-        self._mode_known = False
-
-    def add_frame(self, line0: int, frame_id: int, encoder_count: float | None) -> None:
-        with self._lock:
-            if not self._mode_known:
-                self._mode_known = True
-                if self.mm_per_count is not None:
-                    if encoder_count is None:
-                        logger.warning("linescan.encoder is set but frames carry no encoder count: down-web "
-                                       "positions come from mm_per_line")
-                    else:
-                        self.source = "encoder"
-                        self._count0 = float(encoder_count)
-            if self.source == "encoder" and encoder_count is None:
-                encoder_count = self._count_at(line0)  # a frame without a count: keep the line's estimate
-            self._lines.append(int(line0))
-            self._frames.append(int(frame_id))
-            if self.source == "encoder":
-                self._counts.append(float(encoder_count))  # type: ignore[arg-type]
-            if len(self._lines) > 2 * self.keep:  # positions of long-gone lines are not asked for
-                del self._lines[: self.keep], self._frames[: self.keep]
-                if self._counts:
-                    del self._counts[: self.keep]
-
-    def _count_at(self, line: float) -> float:
-        lines, counts = self._lines, self._counts
-        n = len(counts)
-        per_line = self.mm_per_line / float(self.mm_per_count)  # type: ignore[arg-type]
-        if n == 0:
-            return float(self._count0 or 0.0)
-        i = max(0, bisect.bisect_right(lines, line) - 1)
-        if i + 1 < n:
-            slope = (counts[i + 1] - counts[i]) / max(lines[i + 1] - lines[i], 1)
-        elif n >= 2:
-            slope = (counts[-1] - counts[-2]) / max(lines[-1] - lines[-2], 1)
-        else:
-            slope = per_line
-        return counts[i] + (line - lines[i]) * slope
-
-    def mm(self, line: float) -> float:
-        if self.source == "lines":
-            return float(line) * self.mm_per_line
-        per_count = float(self.mm_per_count or 0.0)
-        with self._lock:
-            return (self._count_at(line) - float(self._count0 or 0.0)) * per_count
-
-    def frame_at(self, line: int) -> int:
-        """The camera frame id that delivered web line ``line``."""
-        with self._lock:
-            i = max(0, bisect.bisect_right(self._lines, line) - 1)
-            return self._frames[i] if self._frames else 0
-
-
-class WebBuffer:
-    """The recent web lines of the current segment, contiguous in memory.
-
-    Lines ``[start_line, end_line)`` are held. :meth:`append` adds a frame below the last
-    line; lines before ``keep_from`` may be dropped to make room (moved, not reallocated,
-    so a tile is always one slice).
-    """
-
-    def __init__(self, width: int, channels: int, dtype: np.dtype, capacity_lines: int) -> None:
-        self._buf = np.empty((capacity_lines, width, channels), dtype=dtype)
-        self.start_line = 0
-        self.end_line = 0
-
-    def reset(self, line0: int) -> None:
-        self.start_line = self.end_line = int(line0)
-
-    def append(self, image: np.ndarray, keep_from: int) -> None:
-        h = image.shape[0]
-        keep_from = min(max(keep_from, self.start_line), self.end_line)
-        n = self.end_line - self.start_line
-        cap = self._buf.shape[0]
-        if n + h > cap:
-            drop = keep_from - self.start_line
-            kept = n - drop
-            if kept + h > cap:  # a frame taller than expected: grow once
-                grown = np.empty((2 * (kept + h),) + self._buf.shape[1:], dtype=self._buf.dtype)
-                grown[:kept] = self._buf[drop:n]
-                self._buf = grown
-            elif kept:
-                self._buf[:kept] = self._buf[drop:n]  # overlapping move: numpy copies via a temporary
-            self.start_line = keep_from
-            n = kept
-        self._buf[n : n + h] = image
-        self.end_line += h
-
-    def view(self, line0: int, line1: int, x0: int, x1: int) -> np.ndarray:
-        a, b = line0 - self.start_line, line1 - self.start_line
-        if a < 0 or b > self.end_line - self.start_line:
-            raise IndexError(f"lines {line0}..{line1} not held (have {self.start_line}..{self.end_line})")
-        return self._buf[a:b, x0:x1]
-
-
-class WebMap:
-    """A downsampled grey image of the web, with defect boxes, gaps and skipped tiles drawn
-    on it by :meth:`render`. Web pixels are averaged in ``sx`` x ``sy`` blocks, ``sy`` chosen
-    so that a map pixel covers about as many mm down-web as across."""
-
-    GAP_ROWS = 6
-    #: Boxes kept for drawing at most (a run with more draws the first ones only).
-    MAX_BOXES = 50_000
-
-    def __init__(self, web_width: int, mm_per_px_cross: float, mm_per_line: float, max_width: int = 1024,
-                 max_height: int = 16384) -> None:
-        self.sx = max(1, math.ceil(web_width / max_width))
-        self.sy = max(1, round(self.sx * mm_per_px_cross / mm_per_line))
-        self.width = math.ceil(web_width / self.sx)
-        self.max_height = max_height
-        self._lock = threading.Lock()
-        self._chunks: list[np.ndarray] = []
-        self._rows = 0
-        self._carry: np.ndarray | None = None
-        self._seg_lines: list[int] = []  # first web line of each segment
-        self._seg_rows: list[float] = []  # its map row
-        self._gaps: list[tuple[int, int]] = []  # map rows [a, b)
-        self._boxes: list[tuple[int, int, int, int, str]] = []  # web px x0, y0, x1, y1, label
-        self._skipped: list[tuple[int, int, int, int]] = []
-
-    @staticmethod
-    def _grey(image: np.ndarray, bit_depth: int) -> np.ndarray:
-        img = image
-        if img.dtype != np.uint8:
-            img = (img >> max(bit_depth - 8, 0)).astype(np.uint8)
-        if img.ndim == 3 and img.shape[2] == 3:
-            return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-        return img.reshape(img.shape[0], img.shape[1])
-
-    def add(self, image: np.ndarray, bit_depth: int, line0: int, new_segment: bool) -> None:
-        grey = self._grey(image, bit_depth)
-        with self._lock:
-            if new_segment:
-                self._carry = None  # a partial block never spans a gap
-                if self._seg_lines:
-                    self._append(np.zeros((self.GAP_ROWS, self.width), np.uint8))
-                    self._gaps.append((self._rows - self.GAP_ROWS, self._rows))
-                self._seg_lines.append(int(line0))
-                self._seg_rows.append(float(self._rows))
-            data = grey if self._carry is None else np.concatenate([self._carry, grey])
-            n = data.shape[0] // self.sy
-            if n:
-                block = data[: n * self.sy]
-                self._append(cv2.resize(block, (self.width, n), interpolation=cv2.INTER_AREA))
-            self._carry = data[n * self.sy :].copy() if data.shape[0] % self.sy else None
-            if self._rows > self.max_height:
-                self._halve()
-
-    def _append(self, rows: np.ndarray) -> None:
-        self._chunks.append(rows)
-        self._rows += rows.shape[0]
-
-    def _halve(self) -> None:
-        img = np.concatenate(self._chunks)
-        img = cv2.resize(img, (self.width, max(1, img.shape[0] // 2)), interpolation=cv2.INTER_AREA)
-        self._chunks, self._rows = [img], img.shape[0]
-        self.sy *= 2
-        self._seg_rows = [r / 2 for r in self._seg_rows]
-        self._gaps = [(a // 2, max(a // 2 + 1, b // 2)) for a, b in self._gaps]
-        self._carry = None
-
-    def _row(self, line: float) -> float:
-        i = max(0, bisect.bisect_right(self._seg_lines, line) - 1)
-        if not self._seg_lines:
-            return 0.0
-        return self._seg_rows[i] + (line - self._seg_lines[i]) / self.sy
-
-    def box(self, x0: int, y0: int, x1: int, y1: int, label: str = "") -> None:
-        with self._lock:
-            if len(self._boxes) < self.MAX_BOXES:
-                self._boxes.append((x0, y0, x1, y1, label))
-
-    def skipped(self, x0: int, y0: int, x1: int, y1: int) -> None:
-        with self._lock:
-            if len(self._skipped) < self.MAX_BOXES:
-                self._skipped.append((x0, y0, x1, y1))
-
-    def render(self) -> np.ndarray:
-        """The map as a BGR uint8 image: defects red, skipped (uninspected) tiles blue, gaps yellow."""
-        with self._lock:
-            chunks = list(self._chunks)
-            boxes, skipped, gaps = list(self._boxes), list(self._skipped), list(self._gaps)
-            rows = [(self._row(y0), self._row(y1), x0, x1, lab) for x0, y0, x1, y1, lab in boxes]
-            srows = [(self._row(y0), self._row(y1), x0, x1) for x0, y0, x1, y1 in skipped]
-        grey = np.concatenate(chunks) if chunks else np.zeros((1, self.width), np.uint8)
-        img = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-        for a, b in gaps:
-            img[a:b] = (0, 220, 255)
-        for r0, r1, x0, x1 in srows:
-            cv2.rectangle(img, (int(x0 / self.sx), int(r0)), (max(int(x0 / self.sx), math.ceil(x1 / self.sx) - 1),
-                                                               max(int(r0), math.ceil(r1) - 1)), (255, 80, 0), 1)
-        for r0, r1, x0, x1, lab in rows:
-            p0 = (int(x0 / self.sx) - 2, int(r0) - 2)
-            p1 = (math.ceil(x1 / self.sx) + 1, math.ceil(r1) + 1)
-            cv2.rectangle(img, p0, p1, (0, 0, 255), 1)
-            if lab:
-                cv2.putText(img, lab, (p1[0] + 2, max(p0[1] + 8, 8)), cv2.FONT_HERSHEY_PLAIN, 0.7, (0, 0, 255), 1)
-        return img
-
-    def write(self, path: Path) -> Path:
-        """Encode the map as PNG and replace ``path`` atomically."""
-        ok, data = cv2.imencode(".png", self.render())
-        if not ok:
-            raise OSError(f"PNG encoding of the web map failed ({path})")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_bytes(data.tobytes())
-        os.replace(tmp, path)
-        return path
-
-
-# --- aggregation ------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _Group:
-    """Detections (web pixel boxes) already merged into one web defect."""
-
-    segment: int
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    score: float
-    tiles: set[int]
-    verdicts: set[str]
-    pieces: int = 1
-
-    def touches(self, x0: int, y0: int, x1: int, y1: int, gap: int) -> bool:
-        return x0 < self.x1 + gap and self.x0 < x1 + gap and y0 < self.y1 + gap and self.y0 < y1 + gap
-
-    def absorb(self, o: _Group) -> None:
-        self.x0, self.y0 = min(self.x0, o.x0), min(self.y0, o.y0)
-        self.x1, self.y1 = max(self.x1, o.x1), max(self.y1, o.y1)
-        self.score = max(self.score, o.score)
-        self.tiles |= o.tiles
-        self.verdicts |= o.verdicts
-        self.pieces += o.pieces
-
-
-@dataclass(slots=True)
-class _Break:
-    """A web gap being measured: from the end of the last segment to the next good frame."""
-
-    reason: GapReason
-    last_frame_id: int | None
-    from_line: int
-    missing: int | None  # frames known lost; None when unknown
-
 
 Publish = Callable[[str, dict[str, Any]], None]
 
@@ -457,14 +110,14 @@ class LineScanSession:
         self._rows = 0
         self._tile_id = 0
         self._last_ts: tuple[int, str, int, int] = (0, "host_monotonic", 0, 8)  # ts, clock, host_ns, bit depth
-        self._break: _Break | None = None
+        self._break: Break | None = None
         self._warned: set[str] = set()
         # shared with the workers (under _lock)
         self._lock = threading.Lock()
         self._pending: dict[int, Tile] = {}
         self._floor: dict[int, int] = {}  # segment -> no future tile starts above this line
         self._closed_segments: set[int] = set()
-        self._groups: list[_Group] = []
+        self._groups: list[Group] = []
         self._finished = False
         self._all_done = False
         self._defect_seq = 0
@@ -574,7 +227,7 @@ class LineScanSession:
                 y1 = min(by + bh, tile.valid_height)
                 if y1 <= by:
                     continue  # only in the padding of a short tail tile
-                g = _Group(tile.segment, tile.x + bx, tile.line + by, tile.x + bx + bw, tile.line + y1,
+                g = Group(tile.segment, tile.x + bx, tile.line + by, tile.x + bx + bw, tile.line + y1,
                            float(r.max_score) / self.image_threshold, {tile.id}, {verdict_event_id})
                 touching = [o for o in self._groups
                             if o.segment == g.segment and o.touches(g.x0, g.y0, g.x1, g.y1, gap)]
@@ -666,7 +319,7 @@ class LineScanSession:
 
     def _start_break(self, reason: GapReason) -> None:
         if self._break is None and self._last_id is not None and self._seg >= 0:  # a gap after some web
-            self._break = _Break(reason, self._last_id, self._next_line, 0)
+            self._break = Break(reason, self._last_id, self._next_line, 0)
 
     def _open_segment(self, line0: int, frame_id: int) -> None:
         brk, self._break = self._break, None
@@ -747,7 +400,7 @@ class LineScanSession:
         self._count("tiles", len(out))
         return out
 
-    def _collect_final(self) -> list[_Group]:
+    def _collect_final(self) -> list[Group]:
         """Groups no pending or future tile can touch any more (call under _lock)."""
         if not self._groups:
             return []
@@ -763,14 +416,14 @@ class LineScanSession:
         self._groups = keep
         return final
 
-    def _final_if_all_done(self) -> list[_Group]:
+    def _final_if_all_done(self) -> list[Group]:
         if not self._finished or self._pending or self._all_done:
             return []
         self._all_done = True
         rest, self._groups = self._groups, []
         return rest
 
-    def _emit(self, groups: list[_Group]) -> None:
+    def _emit(self, groups: list[Group]) -> None:
         for g in sorted(groups, key=lambda g: (g.segment, g.y0, g.x0)):
             with self._lock:
                 did = self._defect_seq

@@ -1,21 +1,17 @@
-"""Line-scan cameras: a synthetic web source, and GenICam line-scan configuration.
+"""A simulated line-scan camera: a long web as frames of ``lines_per_frame`` lines.
 
 A line-scan camera delivers one line of ``width`` pixels at a time, grouped into frames of
 ``Height`` lines; the material (steel strip, paper, film, foil) moves past it, so
 consecutive frames are consecutive stretches of one continuous *web*. Down-web position
 is ``(frame index x Height + row) x mm per line`` (or encoder counts x mm per count);
-cross-web position is ``column x mm per pixel``. :mod:`linecam.runtime.web` turns such
+cross-web position is ``column x mm per pixel``. :mod:`linecam.runtime.linescan` turns such
 frames into inspection tiles and maps detections back to millimetres.
 
 :class:`SyntheticWebSource` generates a long web (bright textured material with dark
 defects at known millimetre positions, some across frame boundaries) and delivers it as
 frames of ``lines_per_frame`` lines at a set line rate, optionally dropping frames (a
 gap in frame ids, as a camera losing buffers does). ``source.defects`` is the ground truth.
-
-:class:`GenICamLineScan` configures a real line-scan camera through its GenICam nodes
-(``AcquisitionLineRate`` / ``AcquisitionLineRateAbs``, ``TriggerSelector=LineStart`` with a
-line or encoder source, ``Encoder*``); every node it needs is checked first and one
-error names all that the camera lacks. Pass ``settings.apply`` as ``GenICamSource(setup=...)``.
+Its settings are :class:`linecam.config.SyntheticWebCamera`.
 """
 
 from __future__ import annotations
@@ -25,41 +21,26 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from linecam.camera.base import FrameSource, SourceExhausted
 from linecam.camera.frame import Frame
 from linecam.camera.replay import Pacer
+from linecam.config import SyntheticWebCamera, WebDefectSpec
 from linecam.errors import CameraError
 
 logger = logging.getLogger(__name__)
 
-DefectKind = Literal["spot", "scratch", "streak"]
 DEFECT_KINDS: tuple[str, ...] = ("spot", "scratch", "streak")
-
 #: Grey level of the bright web and of a defect's core (0..255): dark defects on a bright web.
 WEB_LEVEL = 200.0
 DEFECT_LEVEL = 40
 _BANK_ROWS = 2048  # rows of pre-computed texture, cycled down-web
-
-
-# --- synthetic web ------------------------------------------------------------------------
-class WebDefectSpec(BaseModel):
-    """A defect placed on the synthetic web, in millimetres from the web's first line (down)
-    and its left edge (cross); ``width_mm`` across, ``length_mm`` along the web."""
-
-    model_config = ConfigDict(extra="forbid")
-    cross_mm: float = Field(ge=0)
-    down_mm: float = Field(ge=0)
-    width_mm: float = Field(gt=0)
-    length_mm: float = Field(gt=0)
-    kind: DefectKind = "spot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,40 +60,6 @@ class PlacedDefect:
     def lines(self) -> tuple[int, int]:
         """Web lines ``[first, last)`` the defect touches."""
         return math.floor(self.box_px[1] + 1e-9), math.ceil(self.box_px[3] - 1e-9)
-
-
-class SyntheticWebCamera(BaseModel):
-    """Config section ``camera: {kind: synthetic_web, ...}`` (see :class:`SyntheticWebSource`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["synthetic_web"]
-    width: int = Field(default=1024, ge=16, le=16384)
-    lines_per_frame: int = Field(default=256, ge=1, le=65536)
-    #: Lines per second (frames come at line_rate_hz / lines_per_frame); null: as fast as read.
-    line_rate_hz: float | None = Field(default=10000.0, gt=0)
-    #: Stop after this many frames (null: an endless web).
-    frames: int | None = Field(default=None, gt=0)
-    mm_per_px_cross: float = Field(default=0.1, gt=0)
-    mm_per_line: float = Field(default=0.1, gt=0)
-    #: Explicit defects (mm positions) ...
-    defects: list[WebDefectSpec] = Field(default_factory=list)
-    #: ... plus random ones: expected number starting in each frame.
-    defect_rate: float = Field(default=0.0, ge=0, le=1)
-    #: Size range of random defects, pixels (keep linescan.overlap_px at least the maximum).
-    defect_size_px: tuple[int, int] = (6, 24)
-    #: Frame indices the "camera" loses (a gap in frame ids: a web gap downstream).
-    drop_frames: list[int] = Field(default_factory=list)
-    seed: int = 0
-    mono: bool = True
-    #: Simulated encoder: meta["encoder_count"] = counts at each frame's first line.
-    encoder_counts_per_line: float | None = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _sizes(self) -> SyntheticWebCamera:
-        lo, hi = self.defect_size_px
-        if not 1 <= lo <= hi:
-            raise ValueError("defect_size_px must be [min, max] with 1 <= min <= max")
-        return self
 
 
 @functools.lru_cache(maxsize=4)  # a pure function of its arguments: memoised, not shared state
@@ -340,143 +287,3 @@ def _draw_defect(img: np.ndarray, d: PlacedDefect, line0: int) -> None:
     a = alpha[r0 - py : r1 - py, c0 - px : c1 - px]
     region = img[r0 - line0 : r1 - line0, c0:c1]
     region[:] = np.rint(region * (1.0 - a) + DEFECT_LEVEL * a).astype(np.uint8)
-
-
-# --- GenICam line-scan configuration --------------------------------------------------------
-class EncoderSettings(BaseModel):
-    """A quadrature encoder on the conveyor (SFNC ``Encoder*`` nodes). ``null`` leaves a node
-    as the camera has it."""
-
-    model_config = ConfigDict(extra="forbid")
-    selector: str = "Encoder0"
-    source_a: str = "Line1"
-    source_b: str | None = "Line2"
-    #: e.g. FourPhase, HighResolution
-    mode: str | None = None
-    #: Encoder counts per line trigger.
-    divider: int | None = Field(default=None, ge=1)
-    #: e.g. PositionUp, DirectionUp, Motion
-    output_mode: str | None = None
-    #: Execute EncoderReset at start (position counting from the start of the run).
-    reset: bool = True
-
-
-class GenICamLineScan(BaseModel):
-    """Config ``camera: {kind: genicam, linescan: {...}}``: line-scan camera settings.
-
-    ``trigger``: ``free_run`` (the camera's own line rate, ``line_rate_hz``), ``line`` (a line
-    trigger on ``trigger_source``, default Line1) or ``encoder`` (each line started by the
-    encoder, ``trigger_source`` default Encoder0, configured by ``encoder``). Lines per frame
-    is the camera's ``height``.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    trigger: Literal["free_run", "line", "encoder"] = "free_run"
-    #: Lines per second (free_run): AcquisitionLineRate, or AcquisitionLineRateAbs (Basler GigE).
-    line_rate_hz: float | None = Field(default=None, gt=0)
-    trigger_source: str | None = None
-    trigger_activation: str | None = "RisingEdge"
-    encoder: EncoderSettings | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GenICamLineScan:
-        if self.trigger != "free_run" and self.line_rate_hz is not None:
-            raise ValueError(f"line_rate_hz applies to trigger free_run only (the {self.trigger} trigger sets the "
-                             "line rate): remove it")
-        if self.trigger == "encoder" and self.encoder is None:
-            self.encoder = EncoderSettings()
-        return self
-
-    def plan(self, has_node: Callable[[str], bool]) -> tuple[list[tuple[str, object]], list[str]]:
-        """The node writes, in order, for a camera with the nodes ``has_node`` says it has,
-        and the nodes (or alternatives, "A or B") it lacks. A value ``None`` executes a command node."""
-        writes: list[tuple[str, object]] = []
-        missing: list[str] = []
-
-        def need(name: str, value: object) -> None:
-            if has_node(name):
-                writes.append((name, value))
-            else:
-                missing.append(name)
-
-        def either(names: Sequence[str], value: object) -> None:
-            for n in names:
-                if has_node(n):
-                    writes.append((n, value))
-                    return
-            missing.append(" or ".join(names))
-
-        if self.trigger == "free_run":
-            # Line triggers off, so that the camera's own line rate applies (no node: free-running already).
-            if has_node("TriggerSelector") and has_node("TriggerMode"):
-                writes += [("TriggerSelector", "LineStart"), ("TriggerMode", "Off")]
-            if self.line_rate_hz is not None:
-                if has_node("AcquisitionLineRateEnable"):
-                    writes.append(("AcquisitionLineRateEnable", True))
-                either(("AcquisitionLineRate", "AcquisitionLineRateAbs"), float(self.line_rate_hz))
-        if self.encoder is not None:
-            e = self.encoder
-            need("EncoderSelector", e.selector)
-            need("EncoderSourceA", e.source_a)
-            if e.source_b is not None:
-                need("EncoderSourceB", e.source_b)
-            if e.mode is not None:
-                need("EncoderMode", e.mode)
-            if e.divider is not None:
-                need("EncoderDivider", int(e.divider))
-            if e.output_mode is not None:
-                need("EncoderOutputMode", e.output_mode)
-            if e.reset:
-                need("EncoderReset", None)
-        if self.trigger != "free_run":
-            source = self.trigger_source or ("Encoder0" if self.trigger == "encoder" else "Line1")
-            need("TriggerSelector", "LineStart")
-            need("TriggerMode", "On")
-            need("TriggerSource", source)
-            if self.trigger_activation is not None and self.trigger != "encoder":
-                need("TriggerActivation", self.trigger_activation)
-        return writes, missing
-
-    def apply(self, node_map: Any, set_node: Callable[[str, object], None]) -> dict[str, object]:
-        """Write the plan to ``node_map`` with ``set_node(name, value)`` (GenICamSource's
-        checked setter). Raises :class:`CameraError` naming every node the camera lacks before
-        writing anything. Returns what the camera reports back (e.g. ``ResultingLineRate``)."""
-        writes, missing = self.plan(node_map.has_node)
-        if missing:
-            model = _value(node_map, "DeviceModelName") or "camera"
-            raise CameraError(
-                f"{model} lacks the line-scan feature(s) {', '.join(missing)} needed for "
-                f"camera.linescan (trigger {self.trigger}): is it a line-scan camera? check its manual for "
-                "the names and set them under camera.features instead"
-            )
-        if self.trigger == "free_run" and "LineStart" not in (_symbolics(node_map, "TriggerSelector") or ()):
-            # An area-scan style trigger only (FrameStart ...): no line trigger to switch off.
-            writes = [w for w in writes if w[0] not in ("TriggerSelector", "TriggerMode")]
-        for name, value in writes:
-            set_node(name, value)
-        readback = {}
-        for name in ("Height", "ResultingLineRate", "ResultingLineRateAbs", "AcquisitionLineRate",
-                     "AcquisitionLineRateAbs", "TriggerSource", "EncoderValue"):
-            v = _value(node_map, name)
-            if v is not None:
-                readback[name] = v
-        logger.info("line-scan settings applied (%s): %s", self.trigger, readback)
-        return readback
-
-
-def _value(node_map: Any, name: str) -> object:
-    try:
-        return node_map.get_node(name).value if node_map.has_node(name) else None
-    except Exception:  # for messages and logs only
-        return None
-
-
-def _symbolics(node_map: Any, name: str) -> tuple[str, ...] | None:
-    """The values an enumeration node offers (None: no such node, or not an enumeration)."""
-    try:
-        if not node_map.has_node(name):
-            return None
-        values = getattr(node_map.get_node(name), "symbolics", None)
-        return None if values is None else tuple(str(v) for v in values)
-    except Exception:  # a node we cannot inspect: treat as absent
-        return None

@@ -1,34 +1,20 @@
-"""The daemon's YAML config, validated with pydantic.
-
-One file per camera (``/etc/linecam/<instance>.yaml`` under systemd). Unknown keys
-are errors: a typo in a hand-edited config must not silently fall back to a default.
-Paths may use ``~`` and ``$VARIABLES`` (e.g. ``$CREDENTIALS_DIRECTORY/mqtt-password``);
-relative ones are resolved against the config file's folder.
-"""
+"""The smaller sections of a line config: camera kinds, model, thresholds, runtime, output, VLM."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from linecam.camera.linescan import GenICamLineScan, SyntheticWebCamera
-from linecam.errors import ConfigError
-from linecam.runtime.publisher import MqttSettings
-from linecam.runtime.spool import SpoolSettings
-from linecam.runtime.web import LineScanSettings
-
-_ID = r"^[A-Za-z0-9_.-]+$"  # safe inside an MQTT topic level and a file name
+from linecam.config.linescan import GenICamLineScan, SyntheticWebCamera
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class GenICamCamera(_Strict):
+class GenICamCamera(StrictModel):
     kind: Literal["genicam"]
     #: Path to a GenTL producer (.cti), or "viky" for the virtual camera in the genicam wheel.
     cti: str
@@ -47,7 +33,7 @@ class GenICamCamera(_Strict):
     linescan: GenICamLineScan | None = None
 
 
-class ReplayCamera(_Strict):
+class ReplayCamera(StrictModel):
     kind: Literal["replay"]
     #: A folder of images or a video file.
     path: Path
@@ -55,7 +41,7 @@ class ReplayCamera(_Strict):
     loop: bool = False
 
 
-class SyntheticCamera(_Strict):
+class SyntheticCamera(StrictModel):
     kind: Literal["synthetic"]
     width: int = Field(default=320, ge=64, le=4096)
     height: int = Field(default=320, ge=64, le=4096)
@@ -70,7 +56,7 @@ CameraConfig = Annotated[Union[GenICamCamera, ReplayCamera, SyntheticCamera, Syn
                          Field(discriminator="kind")]
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     bundle: Path
     #: onnxruntime (CPU, the default: runs anywhere), onnxruntime-cuda, tensorrt (an engine in the
     #: bundle built on this device), or auto: TensorRT if such an engine exists, else ONNX Runtime
@@ -84,7 +70,7 @@ class ModelConfig(_Strict):
     cuda_graph: bool = False
 
 
-class ThresholdsConfig(_Strict):
+class ThresholdsConfig(StrictModel):
     """Overrides of the bundle's fitted thresholds (raw model units)."""
 
     image: float | None = None
@@ -93,7 +79,7 @@ class ThresholdsConfig(_Strict):
     min_region_area_px: int = Field(default=16, ge=0)
 
 
-class RuntimeConfig(_Strict):
+class RuntimeConfig(StrictModel):
     #: Frames waiting for inference. Acquisition never blocks: when full, a frame is dropped
     #: (policy below) and gets a SKIPPED verdict, so every frame still gets exactly one verdict.
     queue_size: int = Field(default=8, ge=1, le=1024)
@@ -131,7 +117,7 @@ class RuntimeConfig(_Strict):
         return self
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     #: Annotated JPEGs of NG frames. Default: $LINECAM_STATE_DIR/snapshots (systemd's StateDirectory)
     #: or ./linecam-state/snapshots.
     snapshots_dir: Path | None = None
@@ -141,7 +127,7 @@ class OutputConfig(_Strict):
     snapshots: bool = True
 
 
-class VlmConfig(_Strict):
+class VlmConfig(StrictModel):
     """The compact VLM that describes NG frames (off unless ``bundle`` is set).
 
     It runs in its own thread at a lower CPU priority and never delays verdicts; when
@@ -159,117 +145,3 @@ class VlmConfig(_Strict):
     region_template: str | None = None
     crop_margin: float = Field(default=0.5, ge=0)
     nice: int = Field(default=10, ge=0, le=19)
-
-
-class LinecamConfig(_Strict):
-    line: Annotated[str, Field(pattern=_ID)] = "line1"
-    camera_id: Annotated[str, Field(pattern=_ID)] = "cam0"
-    camera: CameraConfig
-    model: ModelConfig
-    mqtt: MqttSettings = Field(default_factory=MqttSettings)
-    thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-    spool: SpoolSettings = Field(default_factory=SpoolSettings)
-    #: Line-scan mode: tiles, overlap, mm positions, web gaps, web map (linecam.runtime.web).
-    linescan: LineScanSettings = Field(default_factory=LineScanSettings)
-    vlm: VlmConfig = Field(default_factory=VlmConfig)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @field_validator("camera", mode="before")
-    @classmethod
-    def _camera_kind_first(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "kind" not in v:
-            raise ValueError("missing 'kind' (one of: genicam, replay, synthetic, synthetic_web)")
-        return v
-
-    def snapshots_dir(self) -> Path:
-        if self.output.snapshots_dir is not None:
-            return self.output.snapshots_dir
-        return state_dir() / "snapshots"
-
-    def spool_settings(self) -> SpoolSettings:
-        """The spool section with its path filled in: one spool per line/camera, so two
-        daemons sharing a state directory never re-send each other's messages."""
-        if self.spool.path is not None:
-            return self.spool
-        return self.spool.model_copy(update={"path": state_dir() / f"spool-{self.line}-{self.camera_id}.db"})
-
-
-def state_dir() -> Path:
-    """``$LINECAM_STATE_DIR`` (systemd's StateDirectory) or ``./linecam-state``."""
-    state = os.environ.get("LINECAM_STATE_DIR")
-    return Path(state) if state else Path("linecam-state")
-
-
-def _printable(text: str) -> str:
-    """One line: a key with a newline or a control character in it must not break the message."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
-def _format_error(path: Path, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see the README's config reference)"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    more = err.error_count() - 1
-    tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
-    return _printable(f"{path}: key '{loc or '(top level)'}': {msg}{tail}")
-
-
-def _resolve_paths(cfg: LinecamConfig, base: Path) -> LinecamConfig:
-    def fix(p: Path | None) -> Path | None:
-        if p is None:
-            return None
-        # $VARIABLES too: systemd hands credentials over in $CREDENTIALS_DIRECTORY.
-        p = Path(os.path.expandvars(str(p))).expanduser()
-        return p if p.is_absolute() else (base / p)
-
-    cfg.model.bundle = fix(cfg.model.bundle)  # type: ignore[assignment]
-    cfg.output.snapshots_dir = fix(cfg.output.snapshots_dir)
-    cfg.spool.path = fix(cfg.spool.path)
-    cfg.linescan.web_map.dir = fix(cfg.linescan.web_map.dir)
-    cfg.vlm.bundle = fix(cfg.vlm.bundle)
-    if isinstance(cfg.camera, ReplayCamera):
-        cfg.camera.path = fix(cfg.camera.path)  # type: ignore[assignment]
-    if isinstance(cfg.camera, GenICamCamera) and cfg.camera.cti != "viky":
-        cfg.camera.cti = str(fix(Path(cfg.camera.cti)))
-    for name in ("password_file", "ca_file", "cert_file", "key_file"):
-        if getattr(cfg.mqtt, name, None) is not None:
-            setattr(cfg.mqtt, name, fix(getattr(cfg.mqtt, name)))
-    return cfg
-
-
-def parse_config(data: Any, source: Path, base: Path | None = None) -> LinecamConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys (camera:, model:, mqtt: ...)")
-    try:
-        cfg = LinecamConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(source, e)) from None
-    except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a linecam config: check the file") from None
-    return _resolve_paths(cfg, base if base is not None else source.parent)
-
-
-def load_config(path: str | Path) -> LinecamConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found: pass --config with the path to your YAML file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(_printable(f"cannot read config file {path}: {e}")) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(_printable(f"{path}{where}: YAML syntax error: {problem}")) from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a linecam config: check the file") from None
-    return parse_config(data, path)
