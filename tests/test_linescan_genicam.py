@@ -13,7 +13,7 @@ import pytest
 from linecam.camera.genicam_linescan import apply_linescan, linescan_setup, plan_linescan
 from linecam.config import EncoderSettings, GenICamLineScan, LineScanSettings, parse_config
 from linecam.errors import ConfigError
-from linecam.runtime.daemon import open_source
+from linecam.runtime.sources import open_source
 from linecam.runtime.linescan import LineScanSession
 
 HAVE_GENICAM = all(importlib.util.find_spec(m) is not None for m in ("genicam", "harvesters"))

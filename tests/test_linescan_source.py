@@ -12,7 +12,7 @@ from linecam.camera.base import SourceExhausted
 from linecam.camera.synthetic_web import DEFECT_LEVEL, SyntheticWebSource
 from linecam.config import WebDefectSpec, parse_config
 from linecam.errors import CameraError
-from linecam.runtime.daemon import open_source
+from linecam.runtime.sources import open_source
 
 DEFECTS = [
     WebDefectSpec(cross_mm=5.0, down_mm=9.6, width_mm=1.2, length_mm=1.6),  # across the frame 0/1 boundary

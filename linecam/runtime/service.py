@@ -23,7 +23,8 @@ from linecam.bundle import load_bundle
 from linecam.config import LinecamConfig
 from linecam.errors import CameraError
 from linecam.runtime.backends import make_runner
-from linecam.runtime.daemon import Daemon, RunSummary, open_source
+from linecam.runtime.daemon import Daemon, RunSummary
+from linecam.runtime.sources import open_source
 from linecam.runtime.publisher import MqttPublisher
 from linecam.runtime.sdnotify import Notifier
 

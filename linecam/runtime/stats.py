@@ -52,6 +52,20 @@ class LatencyStats:
             ring.pos = (ring.pos + 1) % self.capacity
             ring.total += 1
 
+    def add_all(self, stages: Sequence[str], values: Sequence[float]) -> None:
+        """One sample for each of ``stages`` (same order as ``values``) under one lock: the
+        daemon's per-frame call (five stages, one lock instead of five)."""
+        cap = self.capacity
+        with self._lock:
+            rings = self._rings
+            for stage, ms in zip(stages, values):
+                ring = rings.get(stage)
+                if ring is None:
+                    ring = rings[stage] = _Ring(cap)
+                ring.buf[ring.pos] = ms
+                ring.pos = (ring.pos + 1) % cap
+                ring.total += 1
+
     def count(self, stage: str) -> int:
         """Samples ever added to ``stage`` (not just those in the window)."""
         with self._lock:
@@ -111,6 +125,13 @@ class Counters:
             v = self._values.get(name, 0) + n
             self._values[name] = v
             return v
+
+    def inc_all(self, names: Sequence[str]) -> None:
+        """Add one to each of ``names`` under one lock (a frame's verdict and its frame count)."""
+        with self._lock:
+            values = self._values
+            for name in names:
+                values[name] = values.get(name, 0) + 1
 
     def set(self, name: str, value: int) -> None:
         with self._lock:

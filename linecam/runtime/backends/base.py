@@ -25,6 +25,9 @@ class Runner(abc.ABC):
     name: str = "runner"
     #: Bundle role of the model file, e.g. "onnx_fp32".
     role: str = ""
+    #: True when ``run`` returns views of buffers the next call overwrites (keep a copy to hold
+    #: a result past it). ONNX Runtime's ``run`` and the TensorRT runner return fresh arrays.
+    reuses_buffers: bool = False
 
     @abc.abstractmethod
     def run(self, x: np.ndarray) -> ExpertOutput: ...
