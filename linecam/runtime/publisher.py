@@ -36,7 +36,8 @@ from linecam import messages
 from linecam.paho_log import paho_logger
 from linecam.errors import ConfigError
 from linecam.config import MqttSettings, SpoolSettings
-from linecam.runtime.spool import Spool, SpoolForwarder, SpoolStats
+from linecam.runtime.forwarder import SpoolForwarder
+from linecam.runtime.spool import Spool, SpoolStats
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ connect; metrics are disposable)::
 * A message is *accepted* once its row is committed (the forwarder commits whatever
   queued up in one transaction, so a verdict costs one INSERT, not one fsync); only
   committed rows are handed to paho, so nothing reaches the broker that a crash could
-  forget. A row is deleted only when the broker's PUBACK for it arrives.
+  forget (handed over from memory, not read back). A row is deleted only when the broker's
+  PUBACK for it arrives. The forwarder thread is :mod:`linecam.runtime.forwarder`.
 * paho's in-memory queue holds at most ``window`` spooled messages, and nothing new is
   handed over while disconnected: with the broker down, the spool is the buffer.
 * Across reconnects paho re-sends its in-flight QoS 1 messages itself, with the same
@@ -37,17 +38,14 @@ watchdog); ``full`` also a power cut, for an fsync per transaction.
 
 from __future__ import annotations
 
-import collections
 import logging
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from paho.mqtt.enums import MQTTErrorCode
 
 from linecam.errors import ConfigError
 
@@ -79,6 +77,8 @@ class Row:
     topic: str
     payload: bytes
     qos: int
+    #: Bytes it counts for against ``max_mb``: topic + payload.
+    size: int = 0
 
 
 _SCHEMA = """
@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS spool (
 
 _CHUNK = 64
 _MARKS = ",".join("?" * _CHUNK)
-_SIZE_OF_IDS = f"SELECT COUNT(*), COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0) FROM spool WHERE id IN ({_MARKS})"
+_SIZE_OF_IDS = f"SELECT COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0) FROM spool WHERE id IN ({_MARKS})"
 _DELETE_IDS = f"DELETE FROM spool WHERE id IN ({_MARKS})"
 
 
@@ -140,18 +140,24 @@ class Spool:
 
     # -- writes (each one transaction) --------------------------------------------------------
     def append(self, items: Sequence[tuple[str, bytes, int]]) -> tuple[list[int], list[int]]:
+        """:meth:`append_rows`, returning the new rows' ids."""
+        rows, dropped = self.append_rows(items)
+        return [r.id for r in rows], dropped
+
+    def append_rows(self, items: Sequence[tuple[str, bytes, int]]) -> tuple[list[Row], list[int]]:
         """Insert ``(topic, payload, qos)`` items, then drop the oldest rows while over a cap;
-        returns (new ids, dropped ids), in one transaction."""
-        added = sum(len(t) + len(p) for t, p, _ in items)
+        returns (the new rows, dropped ids), in one transaction. The rows carry their payload
+        and size, so that the forwarder hands them to paho from memory (no re-read)."""
+        sizes = [len(t) + len(p) for t, p, _ in items]
+        added = sum(sizes)
         db = self._db
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            ids = []
-            for topic, payload, qos in items:
-                cur = db.execute("INSERT INTO spool (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
-                                 (topic, payload, qos, now))
-                ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
+            db.executemany("INSERT INTO spool (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
+                           [(t, p, q, now) for t, p, q in items])
+            # AUTOINCREMENT ids of one writer's batch are consecutive: the last one names them all.
+            last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
             dropped: list[int] = []
             freed = 0
             over_rows = self.rows + len(items) - self.max_rows
@@ -163,9 +169,11 @@ class Spool:
         except BaseException:
             self._rollback()
             raise
+        first = last - len(items) + 1
+        rows = [Row(first + k, t, p, q, n) for k, ((t, p, q), n) in enumerate(zip(items, sizes))]
         self.rows += len(items) - len(dropped)
         self.bytes += added - freed
-        return ids, dropped
+        return rows, dropped
 
     def _oldest(self, n_rows: int, n_bytes: int) -> tuple[list[int], int]:
         ids: list[int] = []
@@ -177,28 +185,30 @@ class Spool:
             freed += int(size)
         return ids, freed
 
-    def delete(self, ids: Sequence[int]) -> None:
+    def delete(self, ids: Sequence[int], size: int | None = None) -> None:
+        """Delete rows (unknown ids are ignored). ``size``: their bytes (topic + payload) when the
+        caller carries them in memory, as the forwarder does (then no size query per delete)."""
         if not ids:
             return
         db = self._db
-        n = freed = 0
+        n = 0
+        freed = 0
         db.execute("BEGIN IMMEDIATE")
         try:
             for k in range(0, len(ids), _CHUNK):
-                # Always _CHUNK parameters (padded with an id that never exists): two prepared
-                # statements for the life of the process, not one per batch size.
+                # Always _CHUNK parameters (padded with an id that never exists): one prepared
+                # statement for the life of the process, not one per batch size.
                 chunk = list(ids[k:k + _CHUNK])
                 chunk += [-1] * (_CHUNK - len(chunk))
-                cnt, size = db.execute(_SIZE_OF_IDS, chunk).fetchone()
-                db.execute(_DELETE_IDS, chunk)
-                n += int(cnt)  # rows the cap dropped meanwhile are simply not there
-                freed += int(size)
+                if size is None:
+                    freed += int(db.execute(_SIZE_OF_IDS, chunk).fetchone()[0])
+                n += db.execute(_DELETE_IDS, chunk).rowcount
             db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
         self.rows -= n
-        self.bytes -= freed
+        self.bytes -= freed if size is None else size
 
     def _rollback(self) -> None:
         try:
@@ -210,11 +220,7 @@ class Spool:
     def read_after(self, after_id: int, limit: int) -> list[Row]:
         cur = self._db.execute("SELECT id, topic, payload, qos FROM spool WHERE id > ? ORDER BY id LIMIT ?",
                                (after_id, limit))
-        return [Row(int(i), str(t), bytes(p), int(q)) for i, t, p, q in cur]
-
-    def get(self, row_id: int) -> Row | None:
-        r = self._db.execute("SELECT id, topic, payload, qos FROM spool WHERE id = ?", (row_id,)).fetchone()
-        return None if r is None else Row(int(r[0]), str(r[1]), bytes(r[2]), int(r[3]))
+        return [Row(int(i), str(t), bytes(p), int(q), len(t) + len(p)) for i, t, p, q in cur]
 
     def close(self) -> None:
         try:
@@ -228,306 +234,3 @@ class Spool:
 
 
 #: ``send(topic, payload, qos) -> (rc, mid, info)``: hand one message to the MQTT client.
-SendFn = Callable[[str, bytes, int], "tuple[MQTTErrorCode, int, Any]"]
-
-
-@dataclass(slots=True)
-class _InFlight:
-    row_id: int | None  # None: not in the spool (sent directly after a spool write error)
-    info: Any  # paho MQTTMessageInfo
-    handed_at: float
-    dropped: bool = False  # the cap removed its row meanwhile: its ack changes no count
-
-
-def _confirmed(info: Any) -> bool:
-    """True when paho marked this very message published (PUBACK received)."""
-    try:
-        if info.is_published():
-            return True
-        # on_publish runs just before paho flags the message: give it a moment.
-        info.wait_for_publish(0.05)
-        return bool(info.is_published())
-    except (RuntimeError, ValueError):
-        # Its hand-over rc was NO_CONN (queued during a reconnect): paho never updates that
-        # rc, so it cannot be checked; mids are unique among paho's pending messages anyway.
-        return True
-
-
-class SpoolForwarder:
-    """The thread between the spool and paho (see the module docstring).
-
-    ``send`` hands a message to paho; ``is_connected`` says whether it is connected;
-    ``direct_ack(rejected)`` is called for acks that are not for a spooled message (status,
-    metrics); ``on_drop(n, total)`` when the cap dropped ``n`` oldest messages.
-    """
-
-    def __init__(
-        self,
-        spool: Spool,
-        send: SendFn,
-        is_connected: Callable[[], bool],
-        *,
-        window: int = 256,
-        resend_after_s: float = 60.0,
-        direct_ack: Callable[[bool], None] | None = None,
-        on_drop: Callable[[int, int], None] | None = None,
-        max_unwritten: int = 4096,
-        tick_s: float = 0.5,
-    ) -> None:
-        self.spool = spool
-        self._send = send
-        self._is_connected = is_connected
-        self.window = int(window)
-        self.resend_after_s = float(resend_after_s)
-        self._direct_ack = direct_ack or (lambda rejected: None)
-        self.on_drop = on_drop
-        self.max_unwritten = int(max_unwritten)
-        self.tick_s = float(tick_s)
-
-        self._cond = threading.Condition()
-        self._unwritten: collections.deque[tuple[str, bytes, int]] = collections.deque()
-        self._acks: collections.deque[tuple[int, bool]] = collections.deque()  # appended by paho's thread
-        self._wake = False
-        self._closing = False
-        self._thread: threading.Thread | None = None
-        self._writing = 0  # items taken from _unwritten, not yet committed
-
-        # Owned by the forwarder thread.
-        self._cursor = 0  # highest row id handed to paho
-        self._inflight: dict[int, _InFlight] = {}  # mid -> entry
-        self._row_mid: dict[int, int] = {}  # row id -> mid (for rows in flight)
-        self._retired: set[int] = set()  # mids replaced by a re-send: their late ack is ignored
-        self._connected_at: float | None = None
-        self._last_warn: dict[str, float] = {}
-        self._memory_only = 0  # sent without the spool after a write error, not yet confirmed
-
-        # Counters (written by the forwarder thread; read anywhere).
-        self.inserted = self.acked = self.dropped = self.rejected = self.resent = self.errors = 0
-        self.leftover_at_start = spool.rows
-
-    # -- any thread -----------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is None:
-            if self.leftover_at_start:
-                logger.info("spool %s holds %d message(s) from a previous run: sending them first",
-                            self.spool.path, self.leftover_at_start)
-            self._thread = threading.Thread(target=self._run, name="mqtt-spool", daemon=True)
-            self._thread.start()
-
-    def submit(self, topic: str, payload: bytes, qos: int) -> None:
-        """Queue one message for the spool. Returns at once unless ``max_unwritten`` messages
-        are still waiting for the disk (a stalled disk then stalls the caller, and with it the
-        systemd watchdog, instead of growing memory)."""
-        with self._cond:
-            while len(self._unwritten) >= self.max_unwritten and not self._closing and self._alive():
-                self._cond.wait(0.5)
-            self._unwritten.append((topic, payload, qos))
-            self._wake = True
-            self._cond.notify_all()
-
-    def on_ack(self, mid: int, rejected: bool) -> None:
-        """paho's on_publish (its network thread): just queue it for the forwarder."""
-        self._acks.append((mid, rejected))
-        with self._cond:
-            self._wake = True
-            self._cond.notify_all()
-
-    def on_connected(self) -> None:
-        with self._cond:
-            self._connected_at = time.monotonic()
-            self._wake = True
-            self._cond.notify_all()
-
-    @property
-    def pending(self) -> int:
-        """Messages not yet confirmed by the broker (queued for the disk or in the spool)."""
-        return len(self._unwritten) + self._writing + self.spool.rows + self._memory_only
-
-    def stats(self) -> SpoolStats:
-        return SpoolStats(rows=self.spool.rows, bytes=self.spool.bytes, unwritten=len(self._unwritten) + self._writing,
-                          inserted=self.inserted, acked=self.acked, dropped=self.dropped, rejected=self.rejected,
-                          resent=self.resent, leftover_at_start=self.leftover_at_start, errors=self.errors)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, apply the acks received so far, stop the thread, close the file."""
-        with self._cond:
-            self._closing = True
-            self._wake = True
-            self._cond.notify_all()
-        t = self._thread
-        if t is not None:
-            t.join(timeout)
-            if t.is_alive():
-                logger.warning("spool thread did not finish within %.0f s", timeout)
-                return
-        else:  # never started: still write what was submitted
-            self._step(hand=False)
-        self.spool.close()
-
-    def _alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    # -- the forwarder thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if not (self._wake or self._closing):
-                    self._cond.wait(self.tick_s)
-                self._wake = False
-                closing = self._closing
-            try:
-                self._step(hand=not closing)
-            except Exception:  # never let the thread die: the spool would stop silently
-                self.errors += 1
-                logger.exception("spool forwarder step failed")
-                time.sleep(0.1)
-            if closing and not self._unwritten:
-                self._apply_acks()
-                return
-
-    def _step(self, hand: bool) -> None:
-        self._write()
-        self._apply_acks()
-        if hand and self._is_connected():
-            self._resend_stale()
-            self._hand_over()
-
-    def _write(self) -> None:
-        with self._cond:
-            if not self._unwritten:
-                return
-            n = min(len(self._unwritten), 2048)
-            batch = [self._unwritten.popleft() for _ in range(n)]
-            self._writing = n
-            self._cond.notify_all()  # room for blocked submitters
-        try:
-            try:
-                ids, dropped = self.spool.append(batch)
-            except sqlite3.Error as e:
-                self._write_failed(batch, e)
-                return
-            self.inserted += len(ids)
-            if dropped:
-                self._dropped(dropped)
-        finally:
-            self._writing = 0
-
-    def _dropped(self, row_ids: list[int]) -> None:
-        self.dropped += len(row_ids)
-        for rid in row_ids:
-            mid = self._row_mid.pop(rid, None)
-            if mid is not None and mid in self._inflight:
-                self._inflight[mid].dropped = True
-        self._warn("drop", "spool %s full (max_rows=%d, max_mb=%.0f): dropped the %d oldest unsent message(s), "
-                   "%d in total", self.spool.path, self.spool.max_rows, self.spool.max_bytes / 1e6,
-                   len(row_ids), self.dropped)
-        if self.on_drop is not None:
-            try:
-                self.on_drop(len(row_ids), self.dropped)
-            except Exception:
-                logger.exception("spool on_drop callback failed")
-
-    def _write_failed(self, batch: list[tuple[str, bytes, int]], err: Exception) -> None:
-        # Disk full, I/O error: these messages cannot be made durable. Hand them to paho
-        # directly (kept in memory while the broker is reachable) rather than dropping them.
-        self.errors += 1
-        self._warn("write", "spool %s: cannot write (%s): sending %d message(s) without the spool",
-                   self.spool.path, err, len(batch))
-        for topic, payload, qos in batch:
-            rc, mid, info = self._send_safe(topic, payload, qos)
-            if rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                self._inflight[mid] = _InFlight(None, info, time.monotonic())
-                self._memory_only += 1
-            else:
-                self.dropped += 1
-        self.inserted += len(batch)
-
-    def _apply_acks(self) -> None:
-        done: list[int] = []
-        while self._acks:
-            mid, rejected = self._acks.popleft()
-            entry = self._inflight.get(mid)
-            if entry is None or not _confirmed(entry.info):
-                if mid in self._retired:
-                    self._retired.discard(mid)
-                else:
-                    self._direct_ack(rejected)
-                continue
-            del self._inflight[mid]
-            if entry.row_id is not None:
-                self._row_mid.pop(entry.row_id, None)
-                done.append(entry.row_id)
-            else:
-                self._memory_only -= 1
-            if entry.dropped:
-                continue
-            self.acked += 1
-            if rejected:
-                # Resending cannot help (ACL, quota): the row goes, the publisher warns.
-                self.rejected += 1
-        if done:
-            try:
-                self.spool.delete(done)
-            except sqlite3.Error as e:  # rows stay: re-sent at the next start (duplicates, no loss)
-                self.errors += 1
-                self._warn("delete", "spool %s: cannot delete confirmed messages (%s)", self.spool.path, e)
-
-    def _hand_over(self) -> None:
-        room = self.window - len(self._inflight)
-        if room <= 0:
-            return
-        rows = self.spool.read_after(self._cursor, room)
-        for row in rows:
-            rc, mid, info = self._send_safe(row.topic, row.payload, row.qos)
-            if rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                self._inflight[mid] = _InFlight(row.id, info, time.monotonic())
-                self._row_mid[row.id] = mid
-                self._cursor = row.id
-                if row.id <= self.spool.leftover_last_id:
-                    self.resent += 1
-            elif rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                break  # paho's queue is full (or a mid collision): next round
-            else:
-                # Can never be sent (payload too large for the broker, bad topic): drop it loudly.
-                self._warn("unsendable", "spooled message to %s cannot be sent (%s): dropped", row.topic, rc)
-                self._cursor = row.id
-                self.spool.delete([row.id])
-                self.dropped += 1
-
-    def _resend_stale(self) -> None:
-        if not self._inflight or self._connected_at is None:
-            return
-        now = time.monotonic()
-        limit = self.resend_after_s
-        stale = [(mid, e) for mid, e in self._inflight.items()
-                 if now - max(e.handed_at, self._connected_at) > limit and e.row_id is not None]
-        for mid, entry in stale:
-            row = self.spool.get(entry.row_id)  # type: ignore[arg-type]
-            if row is None:
-                continue
-            rc, new_mid, info = self._send_safe(row.topic, row.payload, row.qos)
-            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                break
-            del self._inflight[mid]
-            self._retired.add(mid)
-            if len(self._retired) > 65536:  # ids that paho dropped never ack: do not keep them forever
-                self._retired.clear()
-            self._inflight[new_mid] = _InFlight(row.id, info, now)
-            self._row_mid[row.id] = new_mid
-            self.resent += 1
-        if stale:
-            self._warn("stale", "%d message(s) unconfirmed %.0f s into the connection: re-sent from the spool",
-                       len(stale), limit)
-
-    def _send_safe(self, topic: str, payload: bytes, qos: int) -> tuple[Any, int, Any]:
-        try:
-            return self._send(topic, payload, qos)
-        except ValueError as e:  # paho: bad topic, payload too large
-            return str(e), -1, None
-
-    def _warn(self, kind: str, fmt: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_warn.get(kind, -1e18) < _WARN_EVERY_S:
-            return
-        self._last_warn[kind] = now
-        logger.warning(fmt, *args)
