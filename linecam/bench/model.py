@@ -21,8 +21,6 @@ import numpy as np
 from linecam.bundle import Bundle
 from linecam.camera.frame import Frame
 from linecam.config import ThresholdsConfig
-from linecam.preprocess import Preprocessor
-from linecam.runtime.postprocess import Postprocessor
 from linecam.runtime.stats import percentile_summary
 
 from .workload import bundle_session
@@ -108,33 +106,23 @@ def measure_bare_path(bundle: Bundle, frames: list[Frame], intra_op_threads: int
                       duration_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Preprocess → run → postprocess, sequential, frames from memory, one thread
     (the result, and per-stage latencies in ms)."""
-    sess = bundle_session(bundle, intra_op_threads)
-    m = bundle.manifest
-    pre = Preprocessor(m.preprocess)
-    post = Postprocessor(m.thresholds.pixel, m.thresholds.image,
-                         min_area_px=ThresholdsConfig().min_region_area_px)  # the daemon's default
-    outputs = [m.outputs.anomaly_map.name, m.outputs.image_score.name]
+    from linecam.runtime.backends import make_runner
+    from linecam.runtime.inspector import Inspector, Thresholds
+
+    # The daemon's own inspection, with the default thresholds section (min_region_area_px).
+    inspector = Inspector(bundle, make_runner(bundle, "onnxruntime", None, intra_op_threads),
+                          Thresholds.of(bundle, ThresholdsConfig()))
     stages: dict[str, list[float]] = {"preprocess": [], "inference": [], "postprocess": [], "total": []}
     n_ng = 0
 
     def one(frame: Frame, record: bool) -> bool:
-        t0 = time.perf_counter_ns()
-        x = pre(frame.image, frame.bit_depth)
-        t1 = time.perf_counter_ns()
-        amap, score = sess.run(outputs, {m.input.name: x})
-        t2 = time.perf_counter_ns()
-        s = float(score.reshape(-1)[0])
-        verdict = post.verdict(s)
-        if verdict == "NG":
-            post.regions(amap.reshape(amap.shape[-2:]), pre.geometry(frame.height, frame.width),
-                         (frame.height, frame.width))
-        t3 = time.perf_counter_ns()
+        ins = inspector.inspect(frame.image, frame.bit_depth)
         if record:
-            stages["preprocess"].append((t1 - t0) / 1e6)
-            stages["inference"].append((t2 - t1) / 1e6)
-            stages["postprocess"].append((t3 - t2) / 1e6)
-            stages["total"].append((t3 - t0) / 1e6)
-        return verdict == "NG"
+            stages["preprocess"].append(ins.preprocess_ms)
+            stages["inference"].append(ins.inference_ms)
+            stages["postprocess"].append(ins.postprocess_ms)
+            stages["total"].append((ins.t3_ns - ins.t0_ns) / 1e6)
+        return ins.verdict == "NG"
 
     i = 0
     warm_end = time.perf_counter() + warmup_s

@@ -36,28 +36,22 @@ def ng_frames_with_regions(expert: Any, frames: Sequence[Any], limit: int) -> tu
     """Up to ``limit`` (frame, regions) pairs the region expert judges NG, as the daemon would;
     and the image threshold (region scores are divided by it in the prompt)."""
     from linecam.config import ThresholdsConfig
-    from linecam.preprocess import Preprocessor
     from linecam.runtime.backends import make_runner
-    from linecam.runtime.postprocess import Postprocessor
+    from linecam.runtime.inspector import Inspector, Thresholds
 
     man = expert.manifest
-    pre = Preprocessor(man.preprocess)
-    post = Postprocessor(man.thresholds.pixel, man.thresholds.image,
-                         min_area_px=ThresholdsConfig().min_region_area_px)  # the daemon's default
-    runner = make_runner(expert, "onnxruntime", None, 1)
+    # The daemon's default thresholds section: the bundle's thresholds, its min_region_area_px.
+    inspector = Inspector(expert, make_runner(expert, "onnxruntime", None, 1), Thresholds.of(expert, ThresholdsConfig()))
     out: list[tuple[Any, list]] = []
     try:
         for f in frames:
-            res = runner.run(pre(f.image, f.bit_depth))
-            if post.verdict(res.score) != "NG":
-                continue
-            regions = post.regions(res.anomaly_map, pre.geometry(f.height, f.width), (f.height, f.width))
-            if regions:
-                out.append((f, regions))
+            ins = inspector.inspect(f.image, f.bit_depth)
+            if ins.verdict == "NG" and ins.regions:
+                out.append((f, ins.regions))
             if len(out) >= limit:
                 break
     finally:
-        runner.close()
+        inspector.close()
     return out, man.thresholds.image
 
 

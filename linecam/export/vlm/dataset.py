@@ -29,8 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from linecam.bundle import load_bundle, sha256_file
 from linecam.errors import BundleError, ConfigError
-from linecam.preprocess import Preprocessor, read_image
-from linecam.runtime.postprocess import Postprocessor
+from linecam.preprocess import read_image
 from linecam.runtime.vlm.prompt import GroundedPrompt, RegionPromptBuilder
 
 logger = logging.getLogger(__name__)
@@ -162,32 +161,30 @@ def split_of(record_id: str, holdout: float, seed: int) -> Literal["train", "hol
 
 
 class RegionLocator:
-    """The region expert as the daemon runs it: frame -> (verdict, normalised score, regions)."""
+    """The region expert as the daemon runs it (its :class:`~linecam.runtime.inspector.Inspector`):
+    frame -> (verdict, normalised score, regions)."""
 
     def __init__(self, bundle: str | Path, *, image_threshold: float | None = None,
                  pixel_threshold: float | None = None, min_area_px: int = 16, backend: str = "onnxruntime",
                  precision: str | None = None) -> None:
         from linecam.runtime.backends import make_runner
+        from linecam.runtime.inspector import Inspector, Thresholds
 
         self.bundle = load_bundle(bundle)
-        man = self.bundle.manifest
-        self.runner = make_runner(self.bundle, backend, precision)
-        self.pre = Preprocessor(man.preprocess)
-        self.image_threshold = man.thresholds.image if image_threshold is None else image_threshold
-        pixel = man.thresholds.pixel if pixel_threshold is None else pixel_threshold
-        self.post = Postprocessor(pixel, self.image_threshold, min_area_px=min_area_px)
+        t = Thresholds.of(self.bundle)
+        thresholds = Thresholds(t.image if image_threshold is None else float(image_threshold),
+                                t.pixel if pixel_threshold is None else float(pixel_threshold), int(min_area_px))
+        self.inspector = Inspector(self.bundle, make_runner(self.bundle, backend, precision), thresholds)
+        self.image_threshold = thresholds.image
         self.sha256 = self.bundle.model_sha256
 
     def locate(self, image: np.ndarray, bit_depth: int = 8) -> tuple[str, float, list[dict[str, Any]]]:
-        out = self.runner.run(self.pre(image, bit_depth))
-        if not (self.post.is_valid(out.anomaly_map) and np.isfinite(out.score)):
+        ins = self.inspector.inspect(image, bit_depth)
+        if ins.verdict is None:
             raise BundleError(f"region expert {self.bundle.root} gives NaN/Inf on this image: the bundle is "
                               f"broken; re-export it")
-        verdict = self.post.verdict(out.score)
-        h, w = image.shape[:2]
-        geometry = self.pre.geometry(h, w)
-        regions = self.post.regions(out.anomaly_map, geometry, (h, w)) if verdict == "NG" else []
-        return verdict, out.score / self.image_threshold, [r.to_dict(self.image_threshold) for r in regions]
+        thr = self.image_threshold
+        return ins.verdict, ins.score_raw / thr, [r.to_dict(thr) for r in ins.regions]
 
 
 def grounded(record: DescriptionRecord, builder: RegionPromptBuilder) -> GroundedPrompt:

@@ -137,9 +137,9 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: 
 
 def _check(path: Path, feeds: dict[str, np.ndarray], expect: list[np.ndarray], what: str,
            atol: float = PARITY_ATOL) -> float:
-    import onnxruntime as ort
+    from linecam.runtime.session import make_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = make_session(path, hint="the exported graph does not load: a bug in the export")
     outs = sess.run(None, feeds)
     worst = 0.0
     for o, e in zip(outs, expect):
