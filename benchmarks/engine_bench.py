@@ -141,7 +141,7 @@ def gpu_blockers(facts: DeviceFacts, torch: dict[str, Any]) -> dict[str, str | N
 
 def device_slug(facts: DeviceFacts) -> str:
     """``h100-80gb-hbm3`` from "NVIDIA H100 80GB HBM3"; ``cpu`` without a GPU."""
-    from linecam.export.trt import slug
+    from linecam.export.trt_plan import slug
 
     return "cpu" if facts.gpu is None else slug(facts.gpu, 40)
 
