@@ -98,6 +98,7 @@ class Preprocessor:
         # Channel index in the resized RGB image feeding each model channel.
         self._src_channel = (0, 1, 2) if spec.color_order == "RGB" else (2, 1, 0)
         self._coef: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._resized: dict[tuple[int, np.dtype], np.ndarray] = {}
 
     def _coefficients(self, bit_depth: int) -> tuple[np.ndarray, np.ndarray]:
         # (x / maxv - mean) / std folded into one multiply-add: x * a + b.
@@ -132,8 +133,16 @@ class Preprocessor:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] not in (1, 3):
             raise ValueError(f"expected an (H, W, 1|3) image, got shape {image.shape}")
-        resized = cv2.resize(self.crop(image), self._dsize, interpolation=self._interp)
-        if resized.ndim == 2:  # cv2 drops a singleton channel axis
+        src = self.crop(image)
+        # Resize into a buffer kept per (channels, dtype): no allocation per frame (cv2 reuses a
+        # dst of the right shape and type; it drops a singleton channel axis, so mono is 2-D).
+        key = (src.shape[2], src.dtype)
+        buf = self._resized.get(key)
+        if buf is None:
+            h, w = self._dsize[1], self._dsize[0]
+            buf = self._resized[key] = np.empty((h, w) if src.shape[2] == 1 else (h, w, src.shape[2]), src.dtype)
+        resized = cv2.resize(src, self._dsize, dst=buf, interpolation=self._interp)
+        if resized.ndim == 2:
             resized = resized[:, :, None]
         a, b = self._coefficients(bit_depth)
         out = self._out

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -12,44 +11,13 @@ import numpy as np
 import pytest
 
 from bundles import make_tiny_bundle
+from helpers import collect, line_config
 from linecam import schemas
 from linecam.camera.synthetic import SyntheticLineSource
 from linecam.config import parse_config
-from linecam.events import subscribe
 from linecam.runtime.backends.base import ExpertOutput, Runner
 from linecam.runtime.sdnotify import NotifyListener
 from linecam.runtime.service import run_service
-
-
-def line_config(bundle: Path, port: int, tmp: Path, **over) -> dict:
-    cam = {"kind": "synthetic", "width": 320, "height": 320, "fps": 40.0, "defect_rate": 0.3, "seed": 3,
-           "frames": 60}
-    cam.update(over.pop("camera", {}))
-    cfg = {
-        "line": "t", "camera_id": "c0", "camera": cam,
-        "model": {"bundle": str(bundle)},
-        "mqtt": {"host": "127.0.0.1", "port": port},
-        "runtime": {"queue_size": 64, "metrics_interval_s": 0.5},
-        "output": {"snapshots_dir": str(tmp / "snaps"), "snapshots_max_files": 50},
-        "spool": {"path": str(tmp / "spool.db")},  # never share a spool between test runs
-    }
-    for k, v in over.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    return cfg
-
-
-def collect(port: int, run, types=("verdict", "defect", "status", "metrics"), settle: float = 1.5):
-    """Subscribe, run ``run()`` in this thread, then drain until quiet. Returns (events, result)."""
-    events = []
-    with subscribe("127.0.0.1", port, prefix="linecam/t/c0", types=types, validate=False) as sub:
-        result = run()
-        deadline = time.monotonic() + settle
-        while time.monotonic() < deadline:
-            ev = sub.poll(timeout=0.2)
-            if ev is not None:
-                events.append(ev)
-                deadline = time.monotonic() + settle
-    return events, result
 
 
 def truths(seed: int, frames: int, defect_rate: float, width: int = 320, height: int = 320) -> dict[int, bool]:

@@ -15,7 +15,7 @@ from bundles import make_tiny_bundle  # noqa: E402
 from linecam import schemas  # noqa: E402
 from linecam.config import parse_config  # noqa: E402
 from linecam.runtime.service import run_service  # noqa: E402
-from test_daemon_e2e import collect, line_config  # noqa: E402
+from helpers import collect, line_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -316,7 +316,7 @@ def test_cli_error_is_one_line_with_exit_code(bundle, tmp_path):
 
 
 def test_evaluates_with_torch_blocked(bundle, data):
-    from test_imports import BLOCK_TORCH
+    from helpers import BLOCK_TORCH
 
     code = BLOCK_TORCH + (
         "from linecam.evaluate import evaluate_bundle\n"

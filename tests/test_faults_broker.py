@@ -28,7 +28,7 @@ from linecam.runtime.sdnotify import NotifyListener
 from linecam import schemas
 from linecam.config import parse_config
 from linecam.runtime.service import run_service
-from test_spool import DurableSubscriber, persistent_broker, spool_rows
+from helpers import DurableSubscriber, persistent_broker, spool_rows
 
 REPO = Path(__file__).resolve().parents[1]
 

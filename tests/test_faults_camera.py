@@ -26,7 +26,7 @@ from linecam.config import parse_config
 from linecam.errors import CameraError
 from linecam.runtime.backends.base import Runner
 from linecam.runtime.service import run_service
-from test_daemon_e2e import collect, line_config
+from helpers import collect, line_config
 
 
 class ScriptedCamera(FrameSource):

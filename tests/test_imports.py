@@ -5,15 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BLOCK_TORCH = (
-    "import sys\n"
-    "class _Block:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name == 'torch' or name.startswith('torch.') or name == 'transformers':\n"
-    "            raise ImportError('torch is blocked in this test')\n"
-    "sys.meta_path.insert(0, _Block())\n"
-)
-
+from helpers import BLOCK_TORCH
 
 def test_daemon_side_imports_without_torch():
     code = BLOCK_TORCH + (

@@ -29,7 +29,7 @@ from linecam.config import LinecamConfig, load_config, parse_config
 from linecam.errors import BundleError, ConfigError
 from linecam.runtime.backends.base import ExpertOutput, Runner
 from linecam.runtime.service import run_service
-from test_daemon_e2e import collect, line_config
+from helpers import collect, line_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

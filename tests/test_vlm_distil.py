@@ -196,7 +196,7 @@ def test_distilled_student_runs_in_the_daemon(distilled, broker, tmp_path):
     from linecam import schemas
     from linecam.config import parse_config
     from linecam.runtime.service import run_service
-    from test_daemon_e2e import collect, line_config
+    from helpers import collect, line_config
 
     images = distilled["root"] / "images"
     cfg = line_config(distilled["expert"], broker.port, tmp_path)

@@ -1,12 +1,14 @@
 """The thread between the durable spool and paho (see :mod:`linecam.runtime.spool`).
 
-Hot path, per batch of messages: one transaction (``executemany`` INSERT), the new rows are
-handed to paho *from memory* (the payload just written is never read back), acks are applied
-without blocking (an ack whose message paho has not flagged yet is looked at again on the
-next round, not waited for), and each confirmed row's size travels with it in memory, so a
-delete is one statement per 64 rows. The rows not yet handed over are kept in memory up to
-``memory_rows``; beyond that (broker away for long) the forwarder falls back to reading them
-from the spool, so memory stays bounded while the spool is the buffer.
+Hot path, per round (one wake-up: a message was submitted, or the ``tick_s`` tick): one
+transaction that deletes the rows the broker confirmed since the last round and inserts the
+new messages (``executemany``); the new rows are handed to paho *from memory* (the payload just
+written is never read back); acks wake nobody (paho's thread only queues them) and are applied
+without blocking (an ack whose message paho has not flagged yet is looked at again next round,
+not waited for); each row's size travels with it in memory, so no size query per delete. The
+rows not yet handed over are kept in memory up to ``memory_rows``; beyond that (broker away
+for long) the forwarder falls back to reading them from the spool, so memory stays bounded
+while the spool is the buffer.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class SpoolForwarder:
     def __init__(self, spool: Spool, send: SendFn, is_connected: Callable[[], bool], *, window: int = 256,
                  resend_after_s: float = 60.0, direct_ack: Callable[[bool], None] | None = None,
                  on_drop: Callable[[int, int], None] | None = None, max_unwritten: int = 4096,
-                 tick_s: float = 0.5, memory_rows: int = 4096) -> None:
+                 tick_s: float = 0.1, memory_rows: int = 4096) -> None:
         self.spool = spool
         self._send = send
         self._is_connected = is_connected
@@ -129,10 +131,14 @@ class SpoolForwarder:
     def on_ack(self, mid: int, rejected: bool) -> None:
         """paho's on_publish (its network thread): just queue it for the forwarder."""
         self._acks.append((mid, rejected, time.monotonic()))
-        with self._cond:
-            if not self._wake:
-                self._wake = True
-                self._cond.notify_all()
+        # No wake-up per ack: acks are applied (and their rows deleted in the same transaction as
+        # the next messages' insert) at the next round: the next message, or the tick. Only a
+        # window filling up with confirmed messages is worth a round of its own.
+        if len(self._acks) >= self.window // 2:
+            with self._cond:
+                if not self._wake:
+                    self._wake = True
+                    self._cond.notify_all()
 
     def on_connected(self) -> None:
         with self._cond:
@@ -174,8 +180,7 @@ class SpoolForwarder:
         while True:
             with self._cond:
                 if not (self._wake or self._closing):
-                    # An ack paho has not flagged yet is looked at again very soon, not waited for.
-                    self._cond.wait(0.002 if self._waiting else self.tick_s)
+                    self._cond.wait(self.tick_s)
                 self._wake = False
                 closing = self._closing
             try:
@@ -185,28 +190,43 @@ class SpoolForwarder:
                 logger.exception("spool forwarder step failed")
                 time.sleep(0.1)
             if closing and not self._unwritten:
-                self._apply_acks(final=True)
+                self._confirm(*self._apply_acks(final=True))
                 return
 
     def _step(self, hand: bool) -> None:
-        self._write()
-        self._apply_acks()
+        done, freed = self._apply_acks()
+        self._write(done, freed)
         if hand and self._is_connected():
             self._resend_stale()
             self._hand_over()
 
-    def _write(self) -> None:
+    def _confirm(self, done: list[int], freed: int) -> None:
+        if not done:
+            return
+        try:
+            self.spool.delete(done, freed)
+        except sqlite3.Error as e:  # rows stay: re-sent at the next start (duplicates, no loss)
+            self.errors += 1
+            self._warn("delete", "spool %s: cannot delete confirmed messages (%s)", self.spool.path, e)
+
+    def _write(self, done: list[int], freed: int) -> None:
+        """One transaction: delete the confirmed rows ``done`` and insert what was submitted."""
         with self._cond:
             if not self._unwritten:
-                return
-            n = min(len(self._unwritten), 2048)
-            batch = [self._unwritten.popleft() for _ in range(n)]
-            self._writing = n
-            self._cond.notify_all()  # room for blocked submitters
+                batch = None
+            else:
+                n = min(len(self._unwritten), 2048)
+                batch = [self._unwritten.popleft() for _ in range(n)]
+                self._writing = n
+                self._cond.notify_all()  # room for blocked submitters
+        if batch is None:
+            self._confirm(done, freed)
+            return
         try:
             try:
-                rows, dropped = self.spool.append_rows(batch)
+                rows, dropped = self.spool.commit(batch, done, freed)
             except sqlite3.Error as e:
+                self._confirm(done, freed)
                 self._write_failed(batch, e)
                 return
             self.inserted += len(rows)
@@ -254,7 +274,9 @@ class SpoolForwarder:
                 self.dropped += 1
         self.inserted += len(batch)
 
-    def _apply_acks(self, final: bool = False) -> None:
+    def _apply_acks(self, final: bool = False) -> tuple[list[int], int]:
+        """Match the acks received so far to messages in flight; returns the rows to delete
+        and their bytes (deleted by the caller, with the round's insert)."""
         done: list[int] = []
         freed = 0
         now = time.monotonic()
@@ -294,12 +316,7 @@ class SpoolForwarder:
             if rejected:
                 # Resending cannot help (ACL, quota): the row goes, the publisher warns.
                 self.rejected += 1
-        if done:
-            try:
-                self.spool.delete(done, freed)
-            except sqlite3.Error as e:  # rows stay: re-sent at the next start (duplicates, no loss)
-                self.errors += 1
-                self._warn("delete", "spool %s: cannot delete confirmed messages (%s)", self.spool.path, e)
+        return done, freed
 
     def _next_rows(self, room: int) -> list[Row]:
         if self._mem_ok:

@@ -148,20 +148,34 @@ class Spool:
         """Insert ``(topic, payload, qos)`` items, then drop the oldest rows while over a cap;
         returns (the new rows, dropped ids), in one transaction. The rows carry their payload
         and size, so that the forwarder hands them to paho from memory (no re-read)."""
+        return self.commit(items, (), 0)
+
+    def commit(self, items: Sequence[tuple[str, bytes, int]], confirmed: Sequence[int],
+               confirmed_size: int) -> tuple[list[Row], list[int]]:
+        """One transaction for the forwarder's round: delete the ``confirmed`` rows (their bytes
+        ``confirmed_size``, carried in memory), insert ``items``, drop the oldest rows while over
+        a cap. Returns (the new rows, dropped ids)."""
         sizes = [len(t) + len(p) for t, p, _ in items]
         added = sum(sizes)
         db = self._db
         now = time.time()
+        deleted = 0
+        last = 0
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO spool (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
-                           [(t, p, q, now) for t, p, q in items])
-            # AUTOINCREMENT ids of one writer's batch are consecutive: the last one names them all.
-            last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
+            for k in range(0, len(confirmed), _CHUNK):
+                chunk = list(confirmed[k:k + _CHUNK])
+                chunk += [-1] * (_CHUNK - len(chunk))  # one prepared statement, whatever the count
+                deleted += db.execute(_DELETE_IDS, chunk).rowcount
+            if items:
+                db.executemany("INSERT INTO spool (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
+                               [(t, p, q, now) for t, p, q in items])
+                # AUTOINCREMENT ids of one writer's batch are consecutive: the last one names them all.
+                last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
             dropped: list[int] = []
             freed = 0
-            over_rows = self.rows + len(items) - self.max_rows
-            over_bytes = self.bytes + added - self.max_bytes
+            over_rows = self.rows - deleted + len(items) - self.max_rows
+            over_bytes = self.bytes - confirmed_size + added - self.max_bytes
             if over_rows > 0 or over_bytes > 0:
                 dropped, freed = self._oldest(max(over_rows, 0), max(over_bytes, 0))
                 db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in dropped])
@@ -171,8 +185,8 @@ class Spool:
             raise
         first = last - len(items) + 1
         rows = [Row(first + k, t, p, q, n) for k, ((t, p, q), n) in enumerate(zip(items, sizes))]
-        self.rows += len(items) - len(dropped)
-        self.bytes += added - freed
+        self.rows += len(items) - len(dropped) - deleted
+        self.bytes += added - freed - confirmed_size
         return rows, dropped
 
     def _oldest(self, n_rows: int, n_bytes: int) -> tuple[list[int], int]:
