@@ -39,7 +39,7 @@ def quick_run(tmp_path_factory):
     bundle = make_tiny_bundle(tmp / "bundle", size=64, image_threshold=0.3, pixel_threshold=0.5)
     out = tmp / "out"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--bundle", str(bundle),
+        [sys.executable, "-m", "linecam", "bench", "--quick", "--bundle", str(bundle),
          "--workdir", str(tmp / "work"), "--out", str(out), "--no-unpaced"],
         capture_output=True, text=True, timeout=240, cwd=ROOT,
     )
@@ -50,7 +50,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_schema_valid_results(quick_run):
     out, r, _ = quick_run
     validate_results(r)  # raises on any missing / mistyped field
-    assert r["quick"] is True and r["command"].startswith("python benchmarks/run.py --quick")
+    assert r["quick"] is True and r["command"].startswith("linecam bench --quick")
     assert set(r["modes"]) == {"model", "naive", "pipeline", "e2e", "e2e_more", "vlm"}
     assert r["modes"]["e2e_more"] == []  # --quick runs the 80 % e2e run only
     m = r["machine"]
@@ -328,11 +328,11 @@ def test_readme_without_markers_or_file_fails_clearly(tmp_path):
     assert readme.read_text() == "# no markers\n"
 
 
-def test_update_readme_script(tmp_path, quick_run):
+def test_bench_readme_command(tmp_path, quick_run):
     out, r, _ = quick_run
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{START}\n{END}\nb\n")
-    script = [sys.executable, str(ROOT / "benchmarks" / "update_readme.py"), "--readme", str(readme)]
+    script = [sys.executable, "-m", "linecam", "bench", "readme", "--readme", str(readme)]
     quick = subprocess.run([*script, "--results", str(out / "bench.json")], capture_output=True, text=True,
                            timeout=60)
     assert quick.returncode != 0 and "--quick run" in quick.stderr  # a quick run never lands in the README

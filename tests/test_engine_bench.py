@@ -1,4 +1,4 @@
-"""benchmarks/engine_bench.py: the engine benchmark's machinery (issue 4).
+"""``linecam bench engines`` (linecam/bench/engines.py): the engine benchmark's machinery (issue 4).
 
 On a machine without a GPU: the CPU rows are measured for real, every GPU backend is recorded as
 skipped with its reason, the headline says "not measured", the files are written, and bad input
@@ -8,7 +8,6 @@ the same tests hold on a GPU box; the full GPU run is ``test_full_run_on_the_gpu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,11 +19,10 @@ from bundles import make_tiny_bundle
 from linecam.bundle import file_entry, load_bundle, write_manifest
 from linecam.runtime.device import DeviceFacts, probe_device
 
+from linecam.bench import engines as eb
+
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "engine_bench.py"
-_spec = importlib.util.spec_from_file_location("engine_bench", SCRIPT)
-eb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eb)
+COMMAND = [sys.executable, "-m", "linecam", "bench", "engines"]
 
 FACTS = probe_device()
 TORCH = eb.torch_info()
@@ -140,7 +138,7 @@ def test_quick_run_has_every_row_and_measures_the_cpu(quick):
     for b in ("torch-cpu", "torch-cuda"):
         assert _row(data, b, "int8")["status"] == "not applicable"
     assert data["input"] == [1, 3, 64, 64] and data["quick"] is True
-    assert data["command"] == "python benchmarks/engine_bench.py --quick --size 64 --out " + str(
+    assert data["command"] == "linecam bench engines --quick --size 64 --out " + str(
         quick[0].parent)
     v = data["versions"]
     assert v["onnxruntime"] and v["torch"] == TORCH["version"] and v["tensorrt"] == FACTS.tensorrt
@@ -209,7 +207,7 @@ def test_a_bundle_is_benchmarked_from_a_copy_and_not_changed(tmp_path):
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
 
 

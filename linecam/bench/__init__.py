@@ -1,4 +1,4 @@
-"""Latency benchmarks a plant engineer can trust (``linecam bench``, ``benchmarks/run.py``).
+"""Latency benchmarks a plant engineer can trust (``linecam bench``; results in ``benchmarks/results/``).
 
 Modes (one run, one broker, one bundle; ratios come from numbers of that one run):
 

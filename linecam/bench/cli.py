@@ -1,4 +1,12 @@
-"""``linecam bench`` / ``python benchmarks/run.py``: one command, every mode, files out.
+"""``linecam bench``: every benchmark in one home; results go to ``benchmarks/results/``.
+
+``linecam bench [options]`` runs the latency suite (ceiling, naive loop, the daemon, end to
+end, the VLM on NG frames); its subcommands run the other benchmarks, each with its own
+options (``linecam bench <name> --help``): ``engines`` (the student on TensorRT / ORT CUDA /
+torch / CPU), ``region-expert`` (DINOv2 teacher vs students), ``linescan`` (lines/s),
+``vlm-compare`` (linecam's VLM vs transformers' generate), ``soak`` (100k frames, RSS/fds;
+``--spool-cost``) and ``readme`` (the README's table from a results file). Run them from the
+checkout: paths default to ``benchmarks/results``, ``.cache/demo`` and ``.cache/bench`` there.
 
 Imports nothing heavy at module level: ``linecam --help`` must stay fast and torch-free.
 """
@@ -16,10 +24,14 @@ DEFAULT_OUT = Path("benchmarks/results")
 
 
 def _command_line(prefix: str) -> str:
-    return " ".join([prefix, *(shlex.quote(a) for a in sys.argv[1:])])
+    """What was typed after ``bench``, behind ``prefix`` (``linecam bench``), for the results."""
+    args = sys.argv[1:]
+    if "bench" in args:
+        args = args[args.index("bench") + 1:]
+    return " ".join([prefix, *(shlex.quote(a) for a in args)])
 
 
-@click.command("bench")
+@click.group("bench", invoke_without_command=True)
 @click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Bundle to benchmark. Default: the demo expert (fitted once into --demo-cache; needs torch).")
 @click.option("--demo-cache", type=click.Path(path_type=Path), default=Path(".cache/demo"), show_default=True)
@@ -44,9 +56,67 @@ def _command_line(prefix: str) -> str:
                    "built once into --workdir (needs torch); with --quick the vlm mode runs only when given.")
 @click.option("--vlm-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int8", show_default=True,
               help="Decoder precision of the vlm mode (the daemon's default is int8).")
-def bench_command(**options: object) -> None:
-    """Latency benchmarks: bare model ceiling, naive loop, daemon pipeline, end to end (see benchmarks/README.md)."""
-    run_bench_cli(**options, command=_command_line(click.get_current_context().command_path))  # type: ignore[arg-type]
+@click.pass_context
+def bench_command(ctx: click.Context, **options: object) -> None:
+    """Latency benchmarks: bare model ceiling, naive loop, daemon pipeline, end to end (see benchmarks/README.md).
+
+    Subcommands run the other benchmarks (each has --help)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    run_bench_cli(**options, command=_command_line(ctx.command_path))  # type: ignore[arg-type]
+
+
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+def _script(name: str, module: str, doc: str) -> None:
+    """A subcommand handing its arguments to ``linecam.bench.<module>.main(argv)`` (argparse)."""
+
+    @bench_command.command(name, context_settings=_PASS_THROUGH, add_help_option=False, help=doc)
+    @click.pass_context
+    def _run(ctx: click.Context) -> None:
+        import importlib
+
+        from linecam.errors import LinecamError
+
+        main = importlib.import_module(f"linecam.bench.{module}").main
+        sys.argv = [f"linecam bench {name}", *ctx.args]  # what the results record as the command
+        try:
+            rc = main(list(ctx.args))
+        except LinecamError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        ctx.exit(int(rc or 0))
+
+
+_script("engines", "engines", "The student region expert on TensorRT, ONNX Runtime CUDA, torch and the CPU.")
+_script("region-expert", "region_expert", "The DINOv2 memory-bank teacher vs the distilled students on the CPU.")
+_script("linescan", "linescan", "Line-scan throughput: web lines/s processed vs offered.")
+_script("vlm-compare", "vlm_compare", "linecam's ONNX Runtime VLM vs transformers' generate.")
+_script("soak", "soak", "The daemon for 100k frames: RSS, fds, threads (--spool-cost: the spool per message).")
+
+
+@bench_command.command("readme")
+@click.option("--results", type=click.Path(path_type=Path), default=DEFAULT_OUT / "bench.json", show_default=True)
+@click.option("--readme", type=click.Path(path_type=Path), default=Path("README.md"), show_default=True)
+def readme_command(results: Path, readme: Path) -> None:
+    """Regenerate the README's benchmark table (between the bench markers) from a results file."""
+    from linecam.errors import LinecamError
+
+    from .readme import replace_block
+    from .report import load_results, readme_block
+
+    try:
+        if not results.is_file():
+            raise LinecamError(f"{results} not found: run `linecam bench` first")
+        data = load_results(results)
+        if data["quick"]:
+            raise LinecamError(f"{results} is a --quick run (measures nothing): run the full benchmark first")
+        replace_block(readme, readme_block(data))
+    except LinecamError as e:  # bad input: one line, exit status 2
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    click.echo(f"updated the benchmark table in {readme} from {results}")
 
 
 def run_bench_cli(*, bundle: Path | None, demo_cache: Path, workdir: Path, out_dir: Path | None,

@@ -143,7 +143,7 @@ def cpu_ms_per_frame(before: dict[int, tuple[str, float]], after: dict[int, tupl
 def _start_subscriber(port: int, prefix: str, out: Path) -> subprocess.Popen[str]:
     import linecam
 
-    # The same linecam as this process, installed or not (benchmarks/run.py from a checkout).
+    # The same linecam as this process, installed or not (linecam bench from a checkout).
     root = str(Path(linecam.__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen([sys.executable, "-m", "linecam.bench.subscriber", "--port", str(port),

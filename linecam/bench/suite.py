@@ -84,7 +84,7 @@ class BenchOptions:
     snapshots: bool = True
     spool: bool = True
     quick: bool = False
-    command: str = "python benchmarks/run.py"
+    command: str = "linecam bench"
     #: vlm mode: the VLM bundle to time; None builds (once) the reference one unless vlm_build is off.
     vlm_bundle: Path | None = None
     vlm_build: bool = True

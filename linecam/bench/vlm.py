@@ -10,7 +10,7 @@ crop preprocessing, vision encoder, embedding, prefill); tokens/s is the decode 
 
 Without ``--vlm-bundle`` the bench builds a reference model once (:func:`ensure_reference_vlm`:
 SmolVLM-256M's dimensions, random weights, speed only); with ``--quick`` it measures only a
-given bundle. ``benchmarks/vlm_bench.py`` compares the runtime with transformers' ``generate``.
+given bundle. ``linecam bench vlm-compare`` compares the runtime with transformers' ``generate``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """VLM speed on this machine: linecam's ONNX Runtime VLM (FP32 / INT8 / INT4) vs Hugging Face ``generate``.
 
-    python benchmarks/vlm_bench.py                      # SmolVLM-256M dimensions, random weights
-    python benchmarks/vlm_bench.py --size tiny --new-tokens 8 --repeats 1   # seconds: checks the machinery
+    linecam bench vlm-compare                      # SmolVLM-256M dimensions, random weights
+    linecam bench vlm-compare --size tiny --new-tokens 8 --repeats 1   # seconds: checks the machinery
 
 One run, same inputs for every engine: one image (one 512x512 tile -> 64 image tokens)
 and a region-grounded prompt, greedy decoding of exactly ``--new-tokens`` tokens (stop
@@ -19,14 +18,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+#: Results folder, relative to where the command runs (the checkout), as for `linecam bench`.
+RESULTS = Path("benchmarks/results")
+
 
 
 def _hf_run(model, kw: dict, n_new: int) -> tuple[float, float, list[int]]:
@@ -56,15 +54,16 @@ def _hf_run(model, kw: dict, n_new: int) -> tuple[float, float, list[int]]:
     return ttft, tps, out[0, kw["input_ids"].shape[1]:].tolist()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="linecam bench vlm-compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="smolvlm-256m", choices=["smolvlm-256m", "tiny"])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for both sides (0: all cores)")
     ap.add_argument("--work", type=Path, default=None, help="Folder for the model + bundle (default: temp)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vlm_bench")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=RESULTS / "vlm_bench")
+    args = ap.parse_args(argv)
 
     import numpy as np
     import onnxruntime as ort

@@ -14,9 +14,9 @@ subscriber in this process receives every verdict. For each rate:
 The last run is unpaced (the source as fast as it renders, drop_newest): the most lines/s this
 pipeline processes on this machine, whatever is dropped.
 
-    python benchmarks/linescan_bench.py                   # -> benchmarks/results/linescan.{json,md}
-    python benchmarks/linescan_bench.py --quick           # a few seconds, checks the machinery
-    python benchmarks/linescan_bench.py --width 4096 --tile 256 --rates 10000 20000
+    linecam bench linescan                   # -> benchmarks/results/linescan.{json,md}
+    linecam bench linescan --quick           # a few seconds, checks the machinery
+    linecam bench linescan --width 4096 --tile 256 --rates 10000 20000
 
 Model: the torch-free "darkness" test bundle (tests/bundles.py) at the tile size: the point is
 the line-scan machinery (tiling, buffer, aggregation, MQTT), not a particular model's speed;
@@ -27,7 +27,6 @@ rescaled for a real model: tiles/s needed = line rate x tiles per line.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -41,25 +40,22 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from linecam.broker import MosquittoBroker  # noqa: E402
-from linecam.camera.synthetic_web import SyntheticWebSource  # noqa: E402
-from linecam.config import parse_config  # noqa: E402
-from linecam.events import subscribe  # noqa: E402
-from linecam.runtime.service import run_service  # noqa: E402
-from linecam.runtime.linescan import tile_columns  # noqa: E402
+from linecam.broker import MosquittoBroker
+from linecam.camera.synthetic_web import SyntheticWebSource
+from linecam.config import parse_config
+from linecam.events import subscribe
+from linecam.runtime.service import run_service
+from linecam.runtime.linescan import tile_columns
 
-RESULTS = REPO / "benchmarks" / "results"
+#: Results folder, relative to where the command runs (the checkout), as for `linecam bench`.
+RESULTS = Path("benchmarks/results")
 
 
 def tiny_bundle(root: Path, size: int) -> Path:
-    spec = importlib.util.spec_from_file_location("linecam_test_bundles", REPO / "tests" / "bundles.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod.make_tiny_bundle(root, size=size, image_threshold=0.3, pixel_threshold=0.5)
+    from linecam.bench.darkness import make_tiny_bundle
+
+    return make_tiny_bundle(root, size=size, image_threshold=0.3, pixel_threshold=0.5)
 
 
 def model_ms_per_tile(bundle: Path, tile: int, n: int = 200) -> float:
@@ -220,8 +216,9 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="linecam bench linescan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--lines-per-frame", type=int, default=512)
     ap.add_argument("--tile", type=int, default=256)
@@ -235,7 +232,7 @@ def main() -> int:
                     help="sizes the unpaced run: lines = this x seconds")
     ap.add_argument("--quick", action="store_true", help="two short runs; writes to a temp folder")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
         args.rates, args.seconds, args.unpaced_rate_guess = [5000], 1.0, 20000.0

@@ -2,9 +2,9 @@
 replay source at full speed through a real mosquitto, and its RSS, file descriptors and
 threads are compared between the start (after a warm-up) and the end.
 
-    python benchmarks/soak.py                      # 100k frames -> benchmarks/results/soak.json
-    python benchmarks/soak.py --frames 20000 --out /tmp/soak.json
-    python benchmarks/soak.py --spool-cost         # the spool's cost per message -> results/soak_spool.json
+    linecam bench soak                      # 100k frames -> benchmarks/results/soak.json
+    linecam bench soak --frames 20000 --out /tmp/soak.json
+    linecam bench soak --spool-cost         # the spool's cost per message -> results/soak_spool.json
 
 Small frames (96x96 PNGs) and the torch-free "darkness" test bundle keep the run short:
 the point is what a long run does to the process, not the model's speed. A subscriber in
@@ -16,7 +16,6 @@ unchanged.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -35,23 +34,21 @@ import numpy as np
 import psutil
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from linecam.broker import MosquittoBroker  # noqa: E402
-from linecam.runtime.sdnotify import NotifyListener  # noqa: E402
+import linecam
+from linecam.broker import MosquittoBroker
+from linecam.runtime.sdnotify import NotifyListener
 
-RESULTS = REPO / "benchmarks" / "results"
+#: Results folder, relative to where the command runs (the checkout), as for `linecam bench`.
+RESULTS = Path("benchmarks/results")
 TARGET_RSS_MB = 5.0
 
 
 def tiny_bundle(root: Path) -> Path:
-    """The torch-free darkness bundle the tests use (tests/bundles.py, loaded by path)."""
-    spec = importlib.util.spec_from_file_location("linecam_test_bundles", REPO / "tests" / "bundles.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod.make_tiny_bundle(root, size=64, image_threshold=0.3, pixel_threshold=0.5)
+    """The torch-free darkness bundle (:mod:`linecam.bench.darkness`)."""
+    from linecam.bench.darkness import make_tiny_bundle
+
+    return make_tiny_bundle(root, size=64, image_threshold=0.3, pixel_threshold=0.5)
 
 
 def replay_folder(root: Path, n: int = 16, size: int = 96) -> Path:
@@ -148,7 +145,7 @@ def soak(frames: int, warmup: int, out: Path) -> dict:
     progress = NotifyListener(work / "notify.sock")
     counter = VerdictCounter(broker.port, "linecam/soak/c0/verdict")
     env = dict(os.environ, NOTIFY_SOCKET=str(progress.path), PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(Path(linecam.__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(work / "daemon.log", "wb")
     daemon = subprocess.Popen([sys.executable, "-m", "linecam", "run", "--config", str(cfg_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
@@ -309,13 +306,14 @@ def spool_cost(out: Path, n: int = 20_000) -> dict:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="linecam bench soak", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=100_000)
     ap.add_argument("--warmup", type=int, default=3000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--spool-cost", action="store_true", help="measure the spool's cost per message instead")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.spool_cost:
         r = spool_cost(a.out or RESULTS / "soak_spool.json")
         print(json.dumps({k: r[k] for k in ("storage_us_per_msg", "publisher", "spool_extra_cpu_us_per_msg")},

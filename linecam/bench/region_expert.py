@@ -15,8 +15,8 @@ per round and their median reported, next to the median ms/image of each model.
 Accuracy at these speeds (the "<= 0.5 point AUROC loss" target) is not measured here but by
 the accuracy gate of every export; ``--bundle`` copies a bundle's gate figures into the table.
 
-    python benchmarks/region_expert_bench.py               # -> benchmarks/results/region_expert.{json,md}
-    python benchmarks/region_expert_bench.py --quick       # a few seconds, checks the machinery
+    linecam bench region-expert               # -> benchmarks/results/region_expert.{json,md}
+    linecam bench region-expert --quick       # a few seconds, checks the machinery
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-RESULTS = ROOT / "benchmarks" / "results"
+#: Results folder, relative to where the command runs (the checkout), as for `linecam bench`.
+RESULTS = Path("benchmarks/results")
 
 
 def _ort_session(path: Path, threads: int):
@@ -44,7 +43,7 @@ def _ort_session(path: Path, threads: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="linecam bench region-expert", description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--bank", type=int, default=8192, help="memory-bank features (coreset of good patches)")
     ap.add_argument("--rounds", type=int, default=15)

@@ -32,9 +32,9 @@ bundle itself is not changed; the torch rows then time a random-weight student o
 Targets: student FP16 p99 <= 1 ms at 256x256 on an H100-class GPU (TensorRT); INT8 no slower than
 FP16 on TensorRT (else FP16 stays the default, and the results say so).
 
-    python benchmarks/engine_bench.py                 # -> benchmarks/results/engines-<gpu, or cpu>.{json,md}
-    python benchmarks/engine_bench.py --bundle B      # an existing distilled bundle
-    python benchmarks/engine_bench.py --quick         # a few calls per row: checks the machinery
+    linecam bench engines                 # -> benchmarks/results/engines-<gpu, or cpu>.{json,md}
+    linecam bench engines --bundle B      # an existing distilled bundle
+    linecam bench engines --quick         # a few calls per row: checks the machinery
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -53,45 +52,16 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+from linecam.errors import BundleError, LinecamError
+from linecam.runtime.device import DeviceFacts, first_line, probe_device
+from linecam.runtime.stats import percentile_summary
 
-from linecam.errors import BundleError, LinecamError  # noqa: E402
-from linecam.runtime.device import DeviceFacts, first_line, probe_device  # noqa: E402
-from linecam.runtime.stats import percentile_summary  # noqa: E402
+from .engines_model import BenchError, open_bundle, random_student_bundle
+from .engines_report import (BACKENDS, GPU_BACKENDS, LABELS, NOT_APPLICABLE, NOT_TIMED, PRECISIONS, TARGET_P99_MS,
+                             TARGET_SIZE, headline, table)
 
-RESULTS = ROOT / "benchmarks" / "results"
-#: Row order: GPU backends first, then what a CPU-only machine runs.
-BACKENDS: tuple[str, ...] = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch-cpu")
-GPU_BACKENDS: tuple[str, ...] = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
-LABELS = {"tensorrt": "TensorRT", "onnxruntime-cuda": "ONNX Runtime CUDA", "torch-cuda": "torch eager (CUDA)",
-          "onnxruntime": "ONNX Runtime CPU", "torch-cpu": "torch eager (CPU)"}
-#: Issue 4's target: student FP16 p99 on TensorRT, at 256x256, on an H100-class GPU.
-TARGET_P99_MS = 1.0
-TARGET_SIZE = 256
-H100_CLASS = ("H100", "H200", "GH200", "H800", "B100", "B200", "GB200")
-#: Why a row can never exist (as opposed to a backend missing on this machine).
-NOT_APPLICABLE = {
-    ("torch-cuda", "int8"): "torch eager has no INT8 path for this model: the INT8 model is a Q/DQ ONNX, which "
-                            "only ONNX Runtime and TensorRT run",
-    ("torch-cpu", "int8"): "torch eager has no INT8 path for this model: the INT8 model is a Q/DQ ONNX, which "
-                           "only ONNX Runtime and TensorRT run",
-}
-#: Rows left out by choice (recorded as skipped, with the reason).
-NOT_TIMED = {
-    ("torch-cpu", "fp16"): "not timed: torch FP16 is timed on CUDA only (half-precision convolutions on the CPU "
-                           "are not a deployment path; ONNX Runtime CPU FP16 is the CPU's FP16 row)",
-}
-
-
-class BenchError(LinecamError):
-    """Bad command-line input: printed as one ``error:`` line, exit status 2."""
-
-    exit_code = 2
-
-
+#: Results folder, relative to where the command runs (the checkout), as for `linecam bench`.
+RESULTS = Path("benchmarks/results")
 # --------------------------------------------------------------------------- machine
 
 
@@ -158,118 +128,6 @@ def versions(facts: DeviceFacts, torch: dict[str, Any], libs: dict[str, str | No
             "nvidia_driver": facts.driver, "cuda_python": facts.cuda_python, "numpy": np.__version__,
             "python": sys.version.split()[0]}
 
-
-# --------------------------------------------------------------------------- the model
-
-
-def synthetic_images(folder: Path, n: int, size: int, seed: int = 0) -> Path:
-    """``n`` smooth random RGB textures, every other one with a dark blob (scores differ)."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        low = rng.uniform(90, 200, (max(2, size // 16), max(2, size // 16), 3)).astype(np.float32)
-        img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
-        img += rng.normal(0, 6, img.shape).astype(np.float32)
-        if i % 2:
-            r = int(rng.integers(size // 16 + 1, size // 6 + 2))
-            cy, cx = (int(v) for v in rng.integers(r, size - r, 2))
-            cv2.circle(img, (cx, cy), r, (20.0, 20.0, 20.0), -1)
-        cv2.imwrite(str(folder / f"synthetic_{i:03d}.png"), np.clip(img, 0, 255).astype(np.uint8))
-    return folder
-
-
-def random_student_bundle(root: Path, size: int, student: str, *, n_images: int, seed: int = 0,
-                          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write a distilled-student bundle with random weights at ``root``: FP32, FP16 and INT8 ONNX,
-    as ``export-engine distil`` names and registers them; verification / calibration images in
-    ``root.parent / "images"``. Returns what it made (for the results)."""
-    import torch
-
-    from linecam.bundle import Thresholds, file_entry, new_provenance, write_manifest
-    from linecam.bench.machine import library_versions
-    from linecam.export import quantize
-    from linecam.export.distil import FP16_FILE, FP32_FILE, INT8_FILE, student_manifest
-    from linecam.export.gate import run_expert
-    from linecam.export.onnx_export import export_onnx
-    from linecam.export.student import Student
-    from linecam.preprocess import PreprocessSpec, Preprocessor, read_image
-
-    spec = PreprocessSpec(input_size=(size, size))
-    images = synthetic_images(root.parent / "images", n_images, size, seed)
-    pre = Preprocessor(spec)
-    x = np.concatenate([pre(*read_image(p), copy=True) for p in sorted(images.glob("*.png"))])
-    torch.manual_seed(seed)
-    model = Student(student).eval()
-    with torch.no_grad():
-        # Activations of O(1) through the depth, as in a trained network (torch's default init shrinks
-        # them layer by layer), and the head centred on these images: else ReLU clamps the map to zeros.
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        model.head.bias -= model.raw(torch.from_numpy(x)).median()
-    log(f"random-weight student '{student}' at {size}x{size}: exporting FP32, FP16 and INT8 ONNX")
-    root.mkdir(parents=True, exist_ok=True)
-    fp32 = export_onnx(model, root / FP32_FILE, (size, size), seed=seed)
-    quantize.to_fp16(fp32, root / FP16_FILE)
-    q = quantize.to_int8(fp32, root / INT8_FILE, quantize.calibration_batch(x, spec))
-    # Thresholds from the FP32 model on the synthetic images: TensorRT's verification measures
-    # its tolerances against them (a random model has no meaningful ones of its own).
-    maps, scores = run_expert(fp32, x, threads=1)
-    pixel = float(np.quantile(maps, 0.99))
-    thresholds = Thresholds(image=float(np.median(scores)) or 1.0, pixel=pixel if pixel > 0 else 1.0,
-                            method="manual", details={"note": "random-weight benchmark model: median score and "
-                                                              "99th-percentile pixel of the FP32 model on the "
-                                                              "synthetic images"})
-    files = {"onnx_fp32": file_entry(root, FP32_FILE), "onnx_fp16": file_entry(root, FP16_FILE, precision="fp16"),
-             "onnx_int8": file_entry(root, INT8_FILE, precision="int8")}
-    manifest = student_manifest(
-        f"engine-bench-student-{student}-{size}", spec, student, model.score_pool, thresholds, files,
-        new_provenance(tool_versions={k: v for k, v in library_versions().items() if v},
-                       details={"purpose": "benchmarks/engine_bench.py: random weights, speed only",
-                                "images": str(images.resolve()),
-                                "holdout_files": sorted(p.name for p in images.glob("*.png"))}),
-        random_weights=True)
-    write_manifest(root, manifest)
-    return {"source": "random-weight student", "student": student, "bundle": None, "images": str(images),
-            "int8": {k: v for k, v in q.to_dict().items() if k != "path"}}
-
-
-def open_bundle(path: Path, work: Path, size: int | None, log: Callable[[str], None] = print) -> tuple[Any, dict]:
-    """Copy ``path`` to ``work`` and load it; an FP16 ONNX missing from it is cast from FP32 in the
-    copy (as ``export-engine trt`` does). Raises one-line errors for anything unusable."""
-    from linecam.bundle import file_entry, load_bundle, write_manifest
-
-    src = load_bundle(path)  # the bundle's own one-line errors: missing manifest, bad hash ...
-    files = src.manifest.files
-    if not any(e.backend == "onnxruntime" and e.precision == "fp32" for e in files.values()):
-        have = ", ".join(f"{r} ({e.backend}/{e.precision})" for r, e in files.items()) or "none"
-        raise BundleError(f"bundle {path} has no FP32 ONNX model (it has: {have}): the benchmark needs the "
-                          f"bundle's FP32 ONNX (re-export it with export-engine distil)")
-    shape = src.manifest.input.shape
-    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
-        raise BundleError(f"bundle {path} declares input shape {shape}: the benchmark needs a fixed [1, 3, H, W]")
-    if size is not None and tuple(shape[2:]) != (size, size):
-        raise BenchError(f"--size {size} does not match the bundle's input {shape[2]}x{shape[3]}: drop --size "
-                         f"with --bundle")
-    dst = work / "bundle"
-    shutil.copytree(path, dst, symlinks=False)
-    bundle = load_bundle(dst)
-    info: dict[str, Any] = {"source": "bundle", "bundle": str(Path(path).resolve()),
-                            "student": bundle.manifest.extra.get("student_size"), "fp16_derived": False}
-    if not any(e.backend == "onnxruntime" and e.precision == "fp16" for e in bundle.manifest.files.values()):
-        from linecam.export.quantize import to_fp16
-
-        fp32 = bundle.path(bundle.pick("onnxruntime", "fp32"))
-        log("the bundle has no FP16 ONNX: casting its FP32 model to FP16 in the copy (inputs/outputs stay FP32)")
-        to_fp16(fp32, dst / "model_fp16.onnx")
-        new = dict(bundle.manifest.files)
-        new["onnx_fp16"] = file_entry(dst, "model_fp16.onnx", precision="fp16")
-        write_manifest(dst, bundle.manifest.model_copy(update={"files": new}))
-        bundle = load_bundle(dst)
-        info["fp16_derived"] = True
-    return bundle, info
 
 
 # --------------------------------------------------------------------------- timing
@@ -395,104 +253,6 @@ def measure_row(backend: str, precision: str, ctx: dict[str, Any], args: argpars
     return {**row, "status": "measured", "ms": summary, "warmup_calls": warm}
 
 
-# --------------------------------------------------------------------------- headline
-
-
-def _row(rows: list[dict], backend: str, precision: str) -> dict:
-    return next(r for r in rows if r["backend"] == backend and r["precision"] == precision)
-
-
-def _why_not(r: dict) -> str:
-    return f"{r['status']}: {r['reason']}" if r["reason"] else r["status"]
-
-
-def headline(rows: list[dict], facts: DeviceFacts, size: int) -> dict[str, Any]:
-    """FP16 p99 on TensorRT vs the 1 ms target, INT8 vs FP16 on TensorRT, and ORT CPU INT8 vs FP32."""
-    fp16, int8 = _row(rows, "tensorrt", "fp16"), _row(rows, "tensorrt", "int8")
-    caveats = []
-    if size != TARGET_SIZE:
-        caveats.append(f"input is {size}x{size}, the target is for {TARGET_SIZE}x{TARGET_SIZE}")
-    if facts.gpu is not None and not any(k in facts.gpu.upper() for k in H100_CLASS):
-        caveats.append(f"measured on {facts.gpu}, the target is for an H100-class GPU")
-    if fp16["status"] == "measured":
-        p99 = fp16["ms"]["p99"]
-        target = {"status": "met" if p99 <= TARGET_P99_MS else "not met", "p99_ms": p99,
-                  "line": f"TensorRT FP16 p99 {p99:.3f} ms vs the {TARGET_P99_MS:g} ms target: "
-                          + ("met" if p99 <= TARGET_P99_MS else f"not met (+{p99 - TARGET_P99_MS:.3f} ms)")}
-    else:
-        why = "no GPU" if facts.gpu is None else _why_not(fp16)
-        target = {"status": "not measured", "p99_ms": None,
-                  "line": f"TensorRT FP16 p99 vs the {TARGET_P99_MS:g} ms target: not measured ({why})"}
-    target["caveats"] = caveats
-    if fp16["status"] == "measured" and int8["status"] == "measured":
-        r50 = int8["ms"]["p50"] / fp16["ms"]["p50"]
-        r99 = int8["ms"]["p99"] / fp16["ms"]["p99"]
-        slower = r50 > 1.0
-        int8_line = (f"TensorRT INT8 / FP16 = {r50:.2f}x at p50 ({r99:.2f}x at p99): "
-                     + (f"INT8 is SLOWER than FP16 ({(r50 - 1) * 100:.0f} % at p50): FP16 stays the default"
-                        if slower else "INT8 is no slower than FP16"))
-        int8_vs = {"status": "int8 slower" if slower else "int8 no slower", "ratio_p50": r50, "ratio_p99": r99,
-                   "line": int8_line}
-    else:
-        missing = fp16 if fp16["status"] != "measured" else int8
-        why = "no GPU" if facts.gpu is None else f"{missing['precision'].upper()} {_why_not(missing)}"
-        int8_vs = {"status": "not measured", "ratio_p50": None, "ratio_p99": None,
-                   "line": f"TensorRT INT8 vs FP16: not measured ({why})"}
-    cpu32, cpu8 = _row(rows, "onnxruntime", "fp32"), _row(rows, "onnxruntime", "int8")
-    if cpu32["status"] == "measured" and cpu8["status"] == "measured":
-        r = cpu32["ms"]["p50"] / cpu8["ms"]["p50"]
-        cpu = {"fp32_over_int8_p50": r, "line": f"ONNX Runtime CPU: FP32 p50 {cpu32['ms']['p50']:.3f} ms, INT8 p50 "
-                                                 f"{cpu8['ms']['p50']:.3f} ms (INT8 {r:.2f}x as fast)"}
-    else:
-        cpu = {"fp32_over_int8_p50": None, "line": "ONNX Runtime CPU FP32 vs INT8: not measured"}
-    return {"fp16_p99_target": target, "int8_vs_fp16": int8_vs, "cpu": cpu}
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _f(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3f}"
-
-
-def table(r: dict) -> str:
-    d, v, t = r["device"], r["versions"], r["timing"]
-    ver = ", ".join(f"{k} {v[k]}" for k in ("tensorrt", "onnxruntime", "torch") if v.get(k)) or "?"
-    cuda = f"; CUDA runtime {v['cuda_runtime']}, driver {v['nvidia_driver']}" if v.get("cuda_runtime") else ""
-    lines = [f"# Region expert engines: student `{r['model'].get('student') or '?'}` on {d['name']}", "",
-             f"Measured {r['date']} on **{d['name']}**, CPU {r['cpu']['model']} ({r['cpu']['cores']} cores, "
-             f"{t['threads']} thread(s) for the CPU backends); {ver}{cuda}. Input "
-             f"{'x'.join(str(s) for s in r['input'])} float32, batch 1, one stream; model: {r['model']['source']}"
-             + (f" `{r['model']['bundle']}`" if r["model"].get("bundle") else "") + ". "
-             f"Host to host per call (`runner.run(x)`: copy-in, inference, copy-out, sync), {t['warmup_s']:g} s "
-             f"warm-up, then {t['calls']} calls per row" + (", TensorRT with CUDA graphs" if t["cuda_graph"] else "")
-             + (" (**--quick: checks the machinery, not a measurement to quote**)" if r["quick"] else "") + ".", "",
-             f"Command: `{r['command']}`", "", "## Headline", ""]
-    h = r["headline"]
-    lines += [f"* {h['fp16_p99_target']['line']}" + "".join(f" ({c})" for c in h["fp16_p99_target"]["caveats"]),
-              f"* {h['int8_vs_fp16']['line']}", f"* {h['cpu']['line']}", "",
-              "## ms / frame", "",
-              "| backend | precision | runs on | p50 | p90 | p99 | max | calls | model / why not measured |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in r["rows"]:
-        ms = row["ms"] or {}
-        if row["status"] == "measured":
-            note = f"`{row['model']}`"
-            eng = row.get("engine")
-            if eng and eng.get("built_here"):
-                note += f", engine built here in {eng['build_seconds']} s"
-        else:
-            note = f"{row['status']}: {row['reason']}"
-        lines.append(f"| {LABELS[row['backend']]} | {row['precision'].upper()} | {row['runs_on']} "
-                     f"| {_f(ms.get('p50'))} | {_f(ms.get('p90'))} | {_f(ms.get('p99'))} | {_f(ms.get('max'))} "
-                     f"| {ms.get('n') or '—'} | {note} |")
-    lines += ["", "Percentiles: numpy's linear method over every timed call "
-                  "(`linecam.runtime.stats.percentile_summary`). Skipped: the backend cannot run on this machine, or "
-                  "was left out (the note says which); not applicable: the row cannot exist; failed: tried, and "
-                  "the error is shown. No number here was estimated."]
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -516,7 +276,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = argparse.ArgumentParser(prog="linecam bench engines", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=None,
                     help="a distilled student bundle (export-engine distil); default: a random-weight student")
     ap.add_argument("--student", default="s", help="student size of the random-weight model: s, m or l")
@@ -597,7 +357,7 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
         "kind": "engine_bench",
         "date": time.strftime("%Y-%m-%d"),
         "quick": args.quick,
-        "command": shlex.join(["python", "benchmarks/engine_bench.py", *raw]),
+        "command": shlex.join(["linecam", "bench", "engines", *raw]),
         "device": {"name": facts.gpu or f"CPU only ({machine['cpu_model']})", "slug": slug, "gpu": facts.gpu,
                    "compute_capability": facts.compute_capability, "described": facts.describe(),
                    "facts": asdict(facts)},
