@@ -1,5 +1,10 @@
-"""The daemon's runtime: post-processing of anomaly maps, annotated snapshots,
-latency statistics, systemd notification and the acquisition/inference loop.
+"""The daemon's runtime: three stages and what they use (see ARCHITECTURE.md).
+
+* acquisition (``acquisition``, ``framecheck``, ``sources``, line-scan adapter ``linescan``);
+* inspection (``inspector``: preprocess -> ``backends`` runner -> ``postprocess``; ONNX Runtime
+  sessions from ``session``);
+* output (``outbox``, ``snapshots``, ``metrics``, ``publisher`` -> ``forwarder`` -> ``spool``);
+* wiring and lifecycle (``daemon``, ``service``), plus ``stats``, ``sdnotify``, ``device``, ``vlm``.
 
 Kept free of imports here so that ``import linecam.runtime.sdnotify`` (for
 example) stays cheap; import the submodule you need.
