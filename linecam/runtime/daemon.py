@@ -58,13 +58,13 @@ class Daemon:
     """Owns the queues and threads for one camera (see the module docstring)."""
 
     def __init__(self, cfg: LinecamConfig, source: FrameSource, bundle: Bundle, runner: Runner,
-                 publisher: Publisher, notifier: Notifier | None = None, describer: Any | None = None) -> None:
+                 publisher: Publisher, notifier: Notifier | None = None, describer: Describer | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.bundle = bundle
         self.notifier = notifier or Notifier.from_env()
         #: Optional VLM :class:`~linecam.runtime.vlm.worker.DescriptionWorker`, started by the caller.
-        self.describer: Describer | Any | None = describer
+        self.describer = describer
         self.thresholds = Thresholds.of(bundle, cfg.thresholds)
         self.inspector = Inspector(bundle, runner, self.thresholds)
         self.topics = messages.topics(cfg.mqtt.topic_prefix or messages.default_prefix(cfg.line, cfg.camera_id))

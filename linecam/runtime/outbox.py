@@ -60,10 +60,16 @@ class Publisher(Protocol):
 
 
 class Describer(Protocol):
-    """The VLM description worker as the outbox uses it."""
+    """The VLM description worker (:class:`~linecam.runtime.vlm.worker.DescriptionWorker`) as the
+    outbox (``submit``) and the daemon (``counters`` in metrics, ``stop`` at the end) use it."""
+
+    @property
+    def counters(self) -> dict[str, int]: ...
 
     def submit(self, image: np.ndarray, regions: Any, defect_event_id: str, *, frame_id: int,
                verdict_event_id: str | None = None, threshold: float = 1.0, bit_depth: int = 8) -> bool: ...
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None: ...
 
 
 @dataclass(slots=True)
