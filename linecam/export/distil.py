@@ -375,7 +375,11 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     # Ctrl-C), the folder must not look like a bundle whose manifest names files now replaced.
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    fp32 = export_onnx(student, out / FP32_FILE, (h, w), seed=o.seed)
+    try:  # parity checked on real pool inputs too: what the model will see on the line
+        fp32 = export_onnx(student, out / FP32_FILE, (h, w), seed=o.seed, inputs=pool.x[:4].astype(np.float32))
+    except BundleError as e:
+        raise BundleError(f"{e}. The trained student is kept in {ckpt}: a re-run of the same command "
+                          "reuses it (and the teacher) without training again") from None
 
     # distillation quality on held-out images
     t = time.perf_counter()
