@@ -44,7 +44,7 @@ from linecam.bundle import (
     write_manifest,
 )
 from linecam.calibration.metrics import auroc, pearson
-from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
+from linecam.calibration.thresholds import evidence_warning, fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
@@ -444,15 +444,22 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
         for role, path in candidates.items():
             files[role] = file_entry(out, path.name, precision=role.split("_")[1])  # type: ignore[arg-type]
 
-    # 7. thresholds on the deployed FP32 model: its outputs on the evaluation set above, which
-    # begins with every held-out good image as it is and ends with the real defective ones.
+    # 7. thresholds on the deployed FP32 model: its outputs on every good image of the evaluation
+    # set — the held-out images as they are *and* their jittered copies (shifts, flips, light),
+    # since a 20 % split alone is a dozen images that miss the good tail (new parts were
+    # rejected at 13 % for a 1 % target) — and on the real defective ones, if any.
     n_hold = len(hold_set)
-    scores, maps = s_scores[:n_hold], list(s_maps[:n_hold])
+    good_sel = ev.labels == 0
+    scores, maps = s_scores[good_sel], list(s_maps[good_sel])
     bad_scores = s_scores[len(s_scores) - len(bad_set):] if bad_set else None
-    thresholds = to_thresholds(
-        fit_image_threshold(scores, bad_scores, target_frr=o.target_frr, sensitivity=o.sensitivity),
-        fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity),
-    )
+    image_fit = fit_image_threshold(scores, bad_scores, target_frr=o.target_frr, sensitivity=o.sensitivity)
+    thresholds = to_thresholds(image_fit,
+                               fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity))
+    warning = evidence_warning(image_fit, f"good images ({n_hold} held out + {int(good_sel.sum()) - n_hold} "
+                                          "augmented copies of them)")
+    if warning:
+        logger.warning("THRESHOLD: %s", warning)
+        thresholds.details["warning"] = warning
 
     details = {
         "expert": "student",
@@ -481,7 +488,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     seconds["total"] = time.perf_counter() - t0
     (out / REPORT_FILE).write_text(json.dumps({
         "distillation": distillation, "losses": [round(v, 7) for v in losses], "seconds": seconds,
-        "holdout_scores": {s.path.name: float(v) for s, v in zip(hold_set, scores)},
+        "holdout_scores": {s.path.name: float(v) for s, v in zip(hold_set, s_scores[:n_hold])},
     }, indent=1, default=float) + "\n")
     write_manifest(out, manifest)
     logger.info("bundle written to %s (image threshold %.4f, pixel threshold %.4f)", out, thresholds.image,
