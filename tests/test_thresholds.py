@@ -137,3 +137,15 @@ def test_rejects_empty_and_non_finite(bad_input: list[float]) -> None:
 def test_rejects_bad_target_frr() -> None:
     with pytest.raises(ValueError, match="target_frr"):
         fit_image_threshold([0.1, 0.2], target_frr=0.0)
+
+
+def test_good_images_needed_and_the_loud_warning_when_the_evidence_is_short():
+    from linecam.calibration.thresholds import evidence_warning, good_images_needed
+
+    assert good_images_needed(0.01) == 299  # rule of three: 3 / 0.01, exactly from Clopper-Pearson
+    assert good_images_needed(0.05) == 59
+    few = fit_image_threshold(np.linspace(0, 1, 12), target_frr=0.01)
+    msg = evidence_warning(few)
+    assert msg is not None and "299 good images" in msg and "12 good images" in msg
+    assert evidence_warning(fit_image_threshold(np.linspace(0, 1, 298), target_frr=0.01)) is not None
+    assert evidence_warning(fit_image_threshold(np.linspace(0, 1, 299), target_frr=0.01)) is None

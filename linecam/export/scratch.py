@@ -40,20 +40,18 @@ from linecam.bundle import (
     TensorSpec,
     file_entry,
     new_provenance,
-    sha256_file,
     source_hash,
     write_manifest,
 )
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.anomalies import RECIPES, synthesize
+from linecam.export.images import IMAGE_SUFFIXES, MIN_IMAGES, SourceImage, list_images, split_holdout  # noqa: F401
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
-from linecam.preprocess import PreprocessSpec, Preprocessor, read_image
+from linecam.preprocess import PreprocessSpec, Preprocessor
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
-MIN_IMAGES = 10
 MODEL_FILE = "model.onnx"
 TRAINING_FILE = "training.json"
 #: Upper bound of the fitted pixel (region) threshold on the sigmoid anomaly map.
@@ -133,48 +131,6 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 
 
 # --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    path: Path
-    image: np.ndarray
-    bit_depth: int
-    sha256: str
-
-
-def list_images(folder: str | Path) -> list[SourceImage]:
-    """Readable images of ``folder`` (sorted by name); raises if fewer than ``MIN_IMAGES``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BundleError(f"image folder {folder} does not exist: point --images at a folder of good images")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    out: list[SourceImage] = []
-    shape: tuple[int, ...] | None = None
-    for p in paths:
-        try:
-            img, depth = read_image(p)
-        except ValueError as e:
-            logger.warning("skipping %s: %s", p, e)
-            continue
-        if shape is not None and img.shape != shape:
-            raise BundleError(f"{p} is {img.shape[1]}x{img.shape[0]}x{img.shape[2]} but earlier images are "
-                              f"{shape[1]}x{shape[0]}x{shape[2]}: use images from one camera setting")
-        shape = img.shape
-        out.append(SourceImage(p, img, depth, sha256_file(p)))
-    if len(out) < MIN_IMAGES:
-        raise BundleError(f"{folder} has {len(out)} readable image(s); the expert needs at least "
-                          f"{MIN_IMAGES} good images (more is better: 100+)")
-    return out
-
-
-def split_holdout(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic (train, held-out) index split; both sides non-empty."""
-    if not 0 < holdout < 1:
-        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    k = min(n - 1, max(1, round(n * holdout)))
-    perm = np.random.default_rng(seed).permutation(n)
-    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 
 class AnomalySampler:

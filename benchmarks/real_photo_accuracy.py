@@ -1,0 +1,263 @@
+"""Accuracy on real photographs: teachers, their distilled students (FP32, INT8), and a plain
+PatchCore reference on the same backbone, per category and per defect kind.
+
+Data: :mod:`linecam.realdata` (scikit-image's photographs of brick, grass, gravel; defects
+painted by code independent of the trainer). Each student is built with the real CLI
+(``export-engine distil``) and measured with ``linecam evaluate``'s own function
+(:func:`linecam.evaluate.evaluate_bundle`: the daemon's backend, preprocessing and
+postprocessor). The PatchCore reference is the CNN teacher fitted on *all* training images and
+scored directly (image score = max of its map), as a user of PatchCore would run it.
+
+    python benchmarks/real_photo_accuracy.py --out .cache/realphoto          # all of it
+    python benchmarks/real_photo_accuracy.py --render                        # Markdown from the JSON
+
+Results: ``benchmarks/results/real_photo_accuracy.{json,md}``, written after every step so an
+interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+JSON_OUT = RESULTS / "real_photo_accuracy.json"
+MD_OUT = RESULTS / "real_photo_accuracy.md"
+TARGET = 0.95
+
+
+def _metrics(m: Any) -> dict[str, float]:
+    return {"image_auroc": float(m.image_auroc), "pixel_auroc": float(m.pixel_auroc), "aupro": float(m.aupro)}
+
+
+def _soft_strong(records: list[Any], scores: list[float], meta: dict[str, Any]) -> dict[str, float]:
+    """Image AUROC of the soft and of the strong defects, each against all good test images."""
+    from linecam.calibration.metrics import auroc
+
+    soft = {d["file"]: d["soft"] for d in meta["defects"]}
+    out = {}
+    for name, want in (("soft", True), ("strong", False)):
+        sel = [i for i, r in enumerate(records) if r.label == 0 or soft.get(r.path) is want]
+        out[name] = float(auroc(np.array([records[i].label for i in sel]), np.array([scores[i] for i in sel])))
+    return out
+
+
+def evaluate_bundle(bundle: Path, data: Path, precision: str) -> dict[str, Any]:
+    from linecam.evaluate import evaluate_bundle as ev
+
+    rep = ev(bundle, data, precision=precision, intra_op_threads=2, progress=False)
+    meta = json.loads((data / "defects.json").read_text())
+    scores = [r.score_raw if r.score_raw is not None else float("nan") for r in rep.images]
+    return {"overall": _metrics(rep.metrics), "per_kind": {k: _metrics(m) for k, m in rep.per_defect.items()},
+            "by_strength": _soft_strong(rep.images, scores, meta),
+            "frr_at_threshold": float(rep.metrics.false_reject_rate), "f1_at_threshold": float(rep.metrics.f1)}
+
+
+def patchcore_reference(data: Path, size: int) -> dict[str, Any]:
+    """The CNN teacher fitted on all of train/good, scored directly (no student)."""
+    from linecam.evaluate import GOOD, compute_metrics, mask_to_map, read_frame, read_mask, scan_dataset
+    from linecam.export.cnn_teacher import CnnTeacher
+    from linecam.export.scratch import list_images
+    from linecam.preprocess import Preprocessor
+
+    t = time.perf_counter()
+    teacher = CnnTeacher.create("efficientnet-lite0", (size, size))
+    teacher.fit(list_images(data / "train" / "good"), progress=False)
+    pre = Preprocessor(teacher.spec)
+    samples = scan_dataset(data)
+    scores, maps, gts = [], [], []
+    for s in samples:
+        img, bd = read_frame(s)
+        amap = teacher.maps(pre(img, bd, copy=True))[0]
+        maps.append(amap)
+        scores.append(float(amap.max()))
+        gts.append(mask_to_map(read_mask(s, data, img.shape[:2]), pre, (size, size)))
+    labels = np.array([s.label for s in samples])
+    sc = np.array(scores)
+    thr = float(np.median(sc))  # F1/FRR are not reported for the reference
+    per_kind = {}
+    good = [i for i, s in enumerate(samples) if s.defect == GOOD]
+    for d in sorted({s.defect for s in samples} - {GOOD}):
+        sel = good + [i for i, s in enumerate(samples) if s.defect == d]
+        per_kind[d] = _metrics(compute_metrics(labels[sel], sc[sel], [gts[i] for i in sel], [maps[i] for i in sel], thr))
+
+    class _R:  # the fields _soft_strong reads
+        def __init__(self, s: Any) -> None:
+            self.path, self.label = s.rel, s.label
+
+    meta = json.loads((data / "defects.json").read_text())
+    return {"overall": _metrics(compute_metrics(labels, sc, gts, maps, thr)), "per_kind": per_kind,
+            "by_strength": _soft_strong([_R(s) for s in samples], scores, meta),
+            "bank_size": int(teacher.bank.shape[0]), "seconds": time.perf_counter() - t}
+
+
+def distil(teacher: str, data: Path, out: Path, size: int, extra: list[str]) -> dict[str, Any]:
+    """``export-engine distil`` as a user runs it; a gate failure is recorded, then the same
+    command is re-run with ``--force`` (it reuses the trained teacher and student) to measure."""
+    cmd = [sys.executable, "-m", "linecam.export.cli", "distil", "--teacher", teacher, "--images",
+           str(data / "train" / "good"), "--out", str(out), "--size", str(size), "-q", *extra]
+    work = out.with_name(out.name + ".work")
+    first = out.with_name(out.name + ".uncached.json")  # the wall time of the run that trained everything
+    fresh = not work.exists()
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    rec: dict[str, Any] = {"command": " ".join(["export-engine", *cmd[3:]]), "rc": p.returncode,
+                           "seconds": time.perf_counter() - t, "stderr_tail": p.stderr.strip().splitlines()[-3:]}
+    if fresh:
+        stages = json.loads((out / "distil.json").read_text())["seconds"] if (out / "distil.json").is_file() else {}
+        first.write_text(json.dumps({"seconds": rec["seconds"], "stage_seconds": stages}) + "\n")
+    if first.is_file():
+        rec["uncached"] = json.loads(first.read_text())
+    if p.returncode != 0:
+        t = time.perf_counter()
+        p2 = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
+        rec["forced_rc"] = p2.returncode
+        rec["forced_rerun_seconds"] = time.perf_counter() - t
+        if p2.returncode != 0:
+            rec["forced_stderr_tail"] = p2.stderr.strip().splitlines()[-3:]
+    rep = out / "distil.json"
+    if rep.is_file():
+        d = json.loads(rep.read_text())
+        rec["distillation"] = d["distillation"]
+        rec["stage_seconds"] = d["seconds"]
+    gate = out / "gate.json"
+    if gate.is_file():
+        g = json.loads(gate.read_text())
+        rec["gate_passed"] = g.get("passed")
+        rec["gate"] = {k: {f: v.get(f) for f in ("auroc", "auroc_drop", "pearson", "pixel_auroc")}
+                       for k, v in (g.get("candidates") or {}).items() if isinstance(v, dict)}
+    return rec
+
+
+def save(results: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    JSON_OUT.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    MD_OUT.write_text(render(results))
+
+
+def _f(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = ["# Real-photo accuracy", "",
+             f"{r.get('machine', '')}; data: `linecam.realdata` (scikit-image photographs, {r.get('crop')} px crops, "
+             "defects painted by code independent of the trainer). Image AUROC / pixel AUROC / AU-PRO@30 % on "
+             "each category's test set (24 good, 56 defective: 7 kinds x 8, half soft, half strong).", "",
+             f"Settings: `{r.get('settings', '')}`", ""]
+    rows = [("PatchCore reference (effnet-lite0, direct)", "patchcore", None),
+            ("cnn teacher -> student FP32", "cnn", "fp32"), ("cnn teacher -> student INT8", "cnn", "int8"),
+            ("scratch teacher (direct, its ONNX)", "scratch", "teacher"),
+            ("scratch teacher -> student FP32", "scratch", "fp32"), ("scratch teacher -> student INT8", "scratch", "int8")]
+    cats = list(r.get("categories", {}))
+    lines.append("| model | " + " | ".join(f"{c} img / pix / pro" for c in cats) + " | mean img | mean pix |")
+    lines.append("| --- " * (len(cats) + 3) + "|")
+    for label, teacher, prec in rows:
+        cells, imgs, pixs = [], [], []
+        for c in cats:
+            e = r["categories"][c].get(teacher)
+            m = (e if prec is None else (e or {}).get("eval", {}).get(prec)) if e else None
+            if not m or "overall" not in m:
+                cells.append("–")
+                continue
+            o = m["overall"]
+            imgs.append(o["image_auroc"])
+            pixs.append(o["pixel_auroc"])
+            cells.append(f"{_f(o['image_auroc'])} / {_f(o['pixel_auroc'])} / {_f(o['aupro'])}")
+        mi = _f(float(np.mean(imgs))) if len(imgs) == len(cats) and cats else "–"
+        mp = _f(float(np.mean(pixs))) if len(pixs) == len(cats) and cats else "–"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mi} | {mp} |")
+    lines += ["", "Per defect kind, image AUROC (pixel AUROC), mean over categories:", ""]
+    kinds = sorted({k for c in cats for k in (r["categories"][c].get("patchcore") or {}).get("per_kind", {})})
+    lines.append("| model | " + " | ".join(kinds) + " | soft | strong |")
+    lines.append("| --- " * (len(kinds) + 3) + "|")
+    for label, teacher, prec in rows:
+        ms = []
+        for c in cats:
+            e = r["categories"][c].get(teacher)
+            m = (e if prec is None else (e or {}).get("eval", {}).get(prec)) if e else None
+            if m and "per_kind" in m:
+                ms.append(m)
+        if len(ms) != len(cats) or not cats:
+            continue
+        cells = [f"{_f(np.mean([m['per_kind'][k]['image_auroc'] for m in ms]))} "
+                 f"({_f(np.mean([m['per_kind'][k]['pixel_auroc'] for m in ms]))})" for k in kinds]
+        cells += [_f(np.mean([m["by_strength"][s] for m in ms])) for s in ("soft", "strong")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Distillation (export-engine distil, wall time on this machine; gate = the INT8/FP16 accuracy gate):", "",
+              "| category | teacher | seconds (first run, nothing cached) | gate passed | INT8 AUROC drop (pts) | student vs teacher map r | "
+              "FRR of new good parts at the bundle threshold (FP32) |", "| --- " * 7 + "|"]
+    for c in cats:
+        for teacher in ("cnn", "scratch"):
+            e = r["categories"][c].get(teacher)
+            if not e:
+                continue
+            d = e.get("distil", {})
+            drop = (d.get("gate") or {}).get("onnx_int8", {}).get("auroc_drop")
+            frr = e.get("eval", {}).get("fp32", {}).get("frr_at_threshold")
+            secs = (d.get("uncached") or {}).get("seconds", d.get("seconds", 0))
+            lines.append(f"| {c} | {teacher} | {secs:.0f} | {d.get('gate_passed')} | "
+                         f"{'–' if drop is None else f'{drop:+.2f}'} | "
+                         f"{_f((d.get('distillation') or {}).get('map_pearson'))} | {_f(frr)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "realphoto")
+    ap.add_argument("--categories", default="brick,grass,gravel")
+    ap.add_argument("--teachers", default="cnn,scratch")
+    ap.add_argument("--size", type=int, default=128, help="model input size (= the crops' size)")
+    ap.add_argument("--extra", default="", help="more distil options, e.g. '--steps 600'")
+    ap.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON")
+    a = ap.parse_args()
+    if a.render:
+        MD_OUT.write_text(render(json.loads(JSON_OUT.read_text())))
+        return
+    from linecam.bench.machine import cpu_model
+    from linecam.realdata import build_category
+    from linecam.realdata.build import CROP
+
+    extra = a.extra.split()
+    cats = [c for c in a.categories.split(",") if c]
+    results: dict[str, Any] = {
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared",
+        "crop": CROP, "settings": f"export-engine distil --size {a.size} {a.extra}".strip(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "categories": {c: {} for c in cats}}
+    data = {c: build_category(c, a.out / "data").root for c in cats}
+    for c in cats:
+        results["categories"][c]["patchcore"] = patchcore_reference(data[c], a.size)
+        save(results)
+    for teacher in [t for t in a.teachers.split(",") if t]:
+        for c in cats:
+            out = a.out / "bundles" / f"{teacher}-{c}"
+            entry: dict[str, Any] = {"distil": distil(teacher, data[c], out, a.size, extra), "eval": {}}
+            results["categories"][c][teacher] = entry
+            save(results)
+            if (out / "manifest.json").is_file():
+                for prec in ("fp32", "int8"):
+                    entry["eval"][prec] = evaluate_bundle(out, data[c], prec)
+                if teacher == "scratch":
+                    work = out.with_name(out.name + ".work")
+                    tb = sorted(work.glob("teacher-scratch-*"))
+                    if tb:
+                        entry["eval"]["teacher"] = evaluate_bundle(tb[0], data[c], "fp32")
+            save(results)
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    save(results)
+    print(MD_OUT.read_text())
+
+
+if __name__ == "__main__":
+    main()

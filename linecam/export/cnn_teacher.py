@@ -1,0 +1,136 @@
+"""The pretrained CNN teacher (``--teacher cnn``): PatchCore on a frozen ImageNet backbone.
+
+For every image: features of two middle stages of the backbone (:mod:`linecam.export.backbones`),
+each averaged over its 3x3 neighbourhood (a patch sees its surroundings: PatchCore's local
+aggregation), the deeper one upsampled to the finer grid, concatenated and, when wide, reduced
+by averaging adjacent channels. Fitting keeps a greedy-coreset subsample of the good images'
+patch features (the memory bank); the anomaly map is each patch's Euclidean distance to its
+nearest bank feature, upsampled to the input and Gaussian-blurred (sigma 4 px, as PatchCore).
+
+Used directly it is the *PatchCore reference* of the accuracy benchmark; distilled, it is what
+the compact student imitates (kNN over a bank does not belong on the edge).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from linecam.errors import BundleError
+from linecam.export.backbones import Backbone, load_backbone
+from linecam.export.teachers import Teacher, greedy_coreset
+from linecam.preprocess import PreprocessSpec, Preprocessor
+from linecam.progress import make_progress
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+#: Wider concatenated features are averaged down to this many channels (bank memory, kNN time).
+MAX_FEATURE_DIM = 384
+BLUR_SIGMA = 4.0
+
+
+class CnnTeacher(Teacher):
+    """PatchCore: multi-stage CNN features, 3x3 aggregation, coreset bank, nearest-neighbour L2."""
+
+    kind = "cnn"
+
+    def __init__(self, backbone: Backbone, spec: PreprocessSpec, *, coreset_ratio: float = 0.1,
+                 max_bank: int = 16384, batch_size: int = 8, seed: int = 0) -> None:
+        if not 0 < coreset_ratio <= 1:
+            raise BundleError(f"coreset ratio must be in (0, 1], got {coreset_ratio}")
+        h, w = spec.input_size
+        if h % 16 or w % 16:
+            raise BundleError(f"input size {h}x{w}: the CNN teacher needs multiples of 16 (e.g. 224 or 256)")
+        super().__init__(spec)
+        self.backbone = backbone
+        self.coreset_ratio = coreset_ratio
+        self.max_bank = max_bank
+        self.batch_size = batch_size
+        self.seed = seed
+        self.bank: torch.Tensor | None = None
+
+    @classmethod
+    def create(cls, backbone: str, input_size: tuple[int, int], checkpoint: str | Path | None = None,
+               **kwargs: Any) -> "CnnTeacher":
+        """The teacher with the preprocessing its backbone's weights expect (ImageNet or Lite mean/std)."""
+        bb = load_backbone(backbone, checkpoint)
+        spec = PreprocessSpec(input_size=input_size, mean=bb.mean, std=bb.std)
+        return cls(bb, spec, **kwargs)
+
+    @torch.no_grad()
+    def features(self, x: np.ndarray) -> torch.Tensor:
+        """``[N, 3, H, W]`` -> aggregated patch features ``[N, C, H/8, W/8]``."""
+        feats = self.backbone.stages(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        grid = feats[0].shape[-2:]
+        agg = []
+        for f in feats:
+            f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            agg.append(f)
+        out = torch.cat(agg, dim=1)
+        if out.shape[1] > MAX_FEATURE_DIM:
+            n, c, h, w = out.shape
+            out = F.adaptive_avg_pool1d(out.permute(0, 2, 3, 1).reshape(-1, 1, c), MAX_FEATURE_DIM)
+            out = out.reshape(n, h, w, MAX_FEATURE_DIM).permute(0, 3, 1, 2)
+        return out.contiguous()
+
+    def fit(self, images: Sequence[Any], *, cache: Path | None = None, progress: bool = True) -> None:
+        if cache is not None and cache.is_file():
+            self.bank = torch.load(cache, weights_only=True)
+            logger.info("memory bank loaded from %s (%d features)", cache, self.bank.shape[0])
+            return
+        pre = Preprocessor(self.spec)
+        parts = []
+        with make_progress(progress) as bar:
+            task = bar.add_task(f"{self.backbone.name} features of good images", total=len(images), info="")
+            for i in range(0, len(images), self.batch_size):
+                batch = np.concatenate([pre(s.image, s.bit_depth, copy=True) for s in images[i:i + self.batch_size]])
+                f = self.features(batch)
+                parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+                bar.update(task, advance=batch.shape[0])
+        allf = torch.cat(parts)
+        n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio))))
+        logger.info("coreset: %d of %d patch features", n, allf.shape[0])
+        self.bank = allf[greedy_coreset(allf, n, seed=self.seed)].contiguous()
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + ".tmp")
+            torch.save(self.bank, tmp)
+            tmp.replace(cache)
+
+    @torch.no_grad()
+    def patch_distances(self, x: np.ndarray) -> torch.Tensor:
+        """``[N, h, w]`` nearest-bank-feature L2 distance per patch (1/8 of the input)."""
+        if self.bank is None:
+            raise RuntimeError("CnnTeacher.fit() must run before maps()")
+        f = self.features(x)
+        n, c, h, w = f.shape
+        flat = f.permute(0, 2, 3, 1).reshape(-1, c)
+        best = torch.full((flat.shape[0],), float("inf"))
+        for j in range(0, self.bank.shape[0], 4096):  # bounded memory for big banks
+            best = torch.minimum(best, torch.cdist(flat, self.bank[j:j + 4096]).amin(dim=1))
+        return best.reshape(n, h, w)
+
+    def maps(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], *self.spec.input_size), np.float32)
+        for i in range(0, x.shape[0], self.batch_size):
+            d = self.patch_distances(x[i:i + self.batch_size])[:, None]
+            up = F.interpolate(d, size=self.spec.input_size, mode="bilinear", align_corners=False)[:, 0].numpy()
+            for k in range(up.shape[0]):
+                out[i + k] = cv2.GaussianBlur(up[k], (0, 0), BLUR_SIGMA)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "backbone": self.backbone.name, "source": self.backbone.source,
+                "source_sha256": self.backbone.source_sha256, "coreset_ratio": self.coreset_ratio,
+                "max_bank": self.max_bank, "bank_size": int(self.bank.shape[0]) if self.bank is not None else 0,
+                "blur_sigma": BLUR_SIGMA, "max_feature_dim": MAX_FEATURE_DIM,
+                "distance": "euclidean, nearest neighbour (PatchCore)"}

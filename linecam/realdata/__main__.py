@@ -1,0 +1,3 @@
+from linecam.realdata.build import main
+
+main()
