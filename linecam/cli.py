@@ -124,6 +124,7 @@ def _add_optional_commands() -> None:
 
     cli.add_command(events_command)
     from linecam.bench.cli import bench_command; cli.add_command(bench_command)  # noqa: E702
+    from linecam.station.cli import register; register(cli)  # noqa: E702  (record, history, view, ask)
 
 
 _add_optional_commands()
