@@ -122,7 +122,98 @@ def history_command(db: str, since: str, until: str | None, ng_only: bool, camer
         store.close()
 
 
+@click.command("view")
+@_mqtt_options
+@click.option("--db", default=None, help="Record database for history and stored snapshots (optional).")
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="Address to serve on (0.0.0.0: every interface; then set --user).")
+@click.option("--http-port", default=8080, show_default=True, type=int, help="HTTP port of the page.")
+@click.option("--user", default=None, help="HTTP basic auth user (with --http-password-file).")
+@click.option("--http-password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File whose first line is the basic auth password.")
+@click.option("--vlm-bundle", type=click.Path(path_type=Path), default=None,
+              help="The line's VLM bundle: enables the question box under NG frames.")
+@click.option("--vlm-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int8",
+              show_default=True)
+@click.option("--title", default="linecam", show_default=True, help="Page title (e.g. the plant and line).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
+def view_command(host: str, port: int, prefix: str, username: str | None, password_file: Path | None, tls: bool,
+                 ca_file: Path | None, db: str | None, bind: str, http_port: int, user: str | None,
+                 http_password_file: Path | None, vlm_bundle: Path | None, vlm_precision: str, title: str,
+                 log_level: str) -> None:
+    """Serve the live page of the line(s): verdict rate, NG frames with snapshots and descriptions, status."""
+    _logging(log_level)
+    from linecam.station.view.app import ViewApp, serve
+    from linecam.station.view.live import LiveFeed, LiveState
+
+    if (user is None) != (http_password_file is None):
+        raise LinecamError("--user and --http-password-file go together (HTTP basic auth)")
+    http_password = _password(http_password_file)
+    store = None
+    if db:
+        from linecam.station.store import open_store
+
+        store = open_store(db, create=False)
+    asker = None
+    if vlm_bundle is not None:
+        from linecam.station.ask import Asker
+
+        asker = Asker(vlm_bundle, precision=vlm_precision)
+    state = LiveState()
+    feed = LiveFeed(state, host, port, prefix, username=username, password=_password(password_file), tls=tls,
+                    ca_file=str(ca_file) if ca_file else None).start()
+    app = ViewApp(state, store=store, asker=asker, title=title).starlette(user, http_password)
+    click.echo(f"linecam view on http://{bind}:{http_port}/ (broker {host}:{port})", err=True)
+    try:
+        serve(app, bind, http_port)
+    finally:
+        feed.stop()
+        if store is not None:
+            store.close()
+
+
+@click.command("ask")
+@_db_option
+@click.option("--event", "event_id", required=True, help="The defect event id (or its NG verdict's event id).")
+@click.option("--vlm-bundle", type=click.Path(path_type=Path), required=True, help="The line's VLM bundle.")
+@click.option("--vlm-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int8",
+              show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print each answer as a JSON line.")
+@click.argument("questions", nargs=-1, required=True)
+def ask_command(db: str, event_id: str, vlm_bundle: Path, vlm_precision: str, max_new_tokens: int, as_json: bool,
+                questions: tuple[str, ...]) -> None:
+    """Ask the VLM about a recorded defect; several QUESTIONS are one conversation (follow-ups)."""
+    import json as _json
+
+    from linecam.station.ask import Asker
+    from linecam.station.store import open_store
+
+    store = open_store(db, create=False)
+    try:
+        ev = store.get(event_id)
+        if ev is not None and ev.type == "verdict":  # an NG verdict's id: find its defect
+            ev = next((d for d in store.query(types=["defect"], since=ev.sent_at)
+                       if d.payload.get("verdict_event_id") == event_id), None)
+        if ev is None or ev.type != "defect":
+            raise LinecamError(f"no defect {event_id} in {db}: take the id from `linecam history --ng --type defect`")
+        jpeg = store.snapshot(ev.event_id)
+        if jpeg is None and ev.payload.get("snapshot"):
+            try:
+                jpeg = Path(ev.payload["snapshot"]).read_bytes()
+            except OSError:
+                jpeg = None
+    finally:
+        store.close()
+    asker = Asker(vlm_bundle, precision=vlm_precision, max_new_tokens=max_new_tokens)
+    conversation = None
+    for q in questions:
+        r = asker.ask(ev.payload, jpeg, q, conversation)
+        conversation = r["conversation_id"]
+        click.echo(_json.dumps({"question": q, **r}) if as_json else f"Q: {q}\nA: {r['answer']}")
+
+
 def register(cli: click.Group) -> None:
     """Add the station's commands to ``linecam``."""
-    cli.add_command(record_command)
-    cli.add_command(history_command)
+    for cmd in (record_command, history_command, view_command, ask_command):
+        cli.add_command(cmd)
