@@ -106,6 +106,9 @@ class Daemon:
 
     #: Line-scan mode (``linescan.enabled``): frames -> tiles -> web defects; set by ``_acquire``.
     _web: LineScanSession | None = None
+    #: Optional ``(snapshot path, defect message)`` callable: publishes the JPEG on …/snapshot
+    #: (linecam.runtime.prometheus.attach sets it when output.publish_snapshots).
+    snapshot_publisher: Any = None
 
     def __init__(self, cfg: LinecamConfig, source: FrameSource, bundle: Bundle, runner: Runner,
                  publisher: Any, notifier: Notifier | None = None, describer: Any | None = None) -> None:
@@ -283,6 +286,8 @@ class Daemon:
                               snapshot=snapshot, frame_ts_ns=f.timestamp_ns, frame_clock=f.clock,
                               model=self.model_info)
         self.publisher.publish(self.topics.defect, msg, qos=1)
+        if snapshot is not None and self.snapshot_publisher is not None:
+            self.snapshot_publisher(snapshot, msg)
         if self.describer is not None:
             # Never blocks: the worker copies a crop and queues it (or publishes a skip).
             self.describer.submit(f.image, work.regions, msg["event_id"], frame_id=f.frame_id,

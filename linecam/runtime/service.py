@@ -101,9 +101,15 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
 
             signal.signal(signal.SIGTERM, _on_signal)
             signal.signal(signal.SIGINT, _on_signal)
-        if on_daemon is not None:
-            on_daemon(daemon)
-        summary = daemon.run()
+        from linecam.runtime.prometheus import attach  # /metrics and …/snapshot, when configured
+
+        detach = attach(cfg, daemon)
+        try:
+            if on_daemon is not None:
+                on_daemon(daemon)
+            summary = daemon.run()
+        finally:
+            detach()
     finally:
         try:
             source.close()
