@@ -73,6 +73,16 @@ def test_metrics_scraped_and_snapshots_recorded(broker, tmp_path):
     assert value(second["linecam_broker_connected"], "linecam_broker_connected") == 1.0
     assert value(second["linecam_camera_up"], "linecam_camera_up") == 1.0
 
+    # the Grafana dashboard only queries metrics the daemon exports (the VLM's: not in this run)
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).parents[1] / "grafana" / "linecam-dashboard.json").read_text())
+    wanted = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"linecam_\w+", t["expr"])}
+    exported = {smp.name for samples in second.values() for smp in samples}
+    assert wanted - exported == {"linecam_vlm_backlog"}, wanted - exported
+
     # …/snapshot: every defect's JPEG went out and the recorder stored it from MQTT
     ng = summary.counters.get("ng", 0)
     assert ng > 0 and summary.counters.get("snapshots_published", 0) == ng

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ from linecam.station.store import RECORDED_TYPES, Store, event_row
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_TOPIC = "snapshot"
+#: linecam/schemas/snapshot_properties.json: the user properties that join a JPEG to its defect.
+_SNAPSHOT_PROPS = jsonschema.Draft202012Validator(json.loads(
+    resources.files("linecam.schemas").joinpath("snapshot_properties.json").read_text(encoding="utf-8")))
 
 
 @dataclass
@@ -166,7 +170,7 @@ class Recorder:
         if msg.topic.endswith("/" + SNAPSHOT_TOPIC):
             props = dict(getattr(msg.properties, "UserProperty", None) or [])
             defect_id = props.get("defect_event_id")
-            if not defect_id or not msg.payload.startswith(b"\xff\xd8"):
+            if not _SNAPSHOT_PROPS.is_valid(props) or not msg.payload.startswith(b"\xff\xd8"):
                 self.stats.invalid += 1
                 logger.warning("ignored snapshot on %s: not a JPEG with a defect_event_id user property", msg.topic)
                 return None
