@@ -210,3 +210,44 @@ def test_basic_auth_and_bind(broker, tmp_path):
     finally:
         view.terminate()
         view.wait(10)
+
+
+@pytest.mark.timeout(180)
+def test_demo_view(tmp_path):
+    """``linecam demo --view``: record + view beside the simulated line; the page's history
+    (from the record database) holds the run. The demo expert is replaced by a tiny bundle."""
+    import signal
+
+    from linecam.demo import _fit_key
+
+    work = tmp_path / "demo"
+    make_tiny_bundle(work / "bundle", size=64, image_threshold=0.775, pixel_threshold=0.5)
+    (work / "bundle.key").write_text(_fit_key() + "\n")
+    http_port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "demo.out"
+    proc = subprocess.Popen([sys.executable, "-m", "linecam", "demo", "--frames", "20", "--fps", "20", "--workdir",
+                             str(work), "--view", "--view-port", str(http_port)],
+                            stdout=open(out, "w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "the page stays at" not in out.read_text():
+            assert proc.poll() is None, out.read_text()[-2000:]
+            assert time.monotonic() < deadline, out.read_text()[-2000:]
+            time.sleep(0.3)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=5).read().decode()
+        assert "linecam demo line" in page
+        deadline = time.monotonic() + 20
+        while True:
+            hist = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/history?since=1h",
+                                                     timeout=5).read())
+            if sum(r["verdicts"] for r in hist["rates"]) == 20 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert sum(r["verdicts"] for r in hist["rates"]) == 20, hist
+        assert len(hist["ng"]) == sum(r["ng"] for r in hist["rates"]) > 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, out.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
