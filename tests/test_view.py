@@ -96,9 +96,15 @@ return {cards: out, status: st};
 
 @pytest.mark.timeout(300)
 def test_page_shows_ng_frames_descriptions_and_offline(broker, tmp_path, vlm_bundle):
+    from linecam.station.recorder import Recorder, RecorderSettings
+    from linecam.station.store import open_store
+
     http_port = free_port()
+    db = str(tmp_path / "record.db")
+    store = open_store(db)  # the page's history table comes from a recorder's database
+    rec = Recorder(store, RecorderSettings(port=broker.port, client_id="rec-view", group=None)).start()
     view = start_view(broker.port, http_port, tmp_path / "view.log", "--vlm-bundle", str(vlm_bundle),
-                      "--vlm-precision", "fp32")
+                      "--vlm-precision", "fp32", "--db", db, "--title", "linecam test line t")
     driver = None
     try:
         driver = chromium()
@@ -175,6 +181,11 @@ def test_page_shows_ng_frames_descriptions_and_offline(broker, tmp_path, vlm_bun
             assert answer and not answer.startswith("error"), answer
         assert card.get_attribute("data-conversation")
         shot = os.environ.get("LINECAM_VIEW_SCREENSHOT")  # docs/view.png is made this way
+        rec.wait_idle(quiet_s=0.5)
+        driver.execute_script("return history()")
+        time.sleep(0.5)
+        rows = driver.find_elements(By.CSS_SELECTOR, "#history tbody tr")
+        assert rows and "t/c0" not in rows[0].text and "c0" in rows[0].text
         driver.set_window_size(1280, 1100)
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(shot or str(tmp_path / "view.png"))
@@ -183,6 +194,8 @@ def test_page_shows_ng_frames_descriptions_and_offline(broker, tmp_path, vlm_bun
             driver.quit()
         view.terminate()
         view.wait(10)
+        rec.stop()
+        store.close()
 
 
 def test_basic_auth_and_bind(broker, tmp_path):
