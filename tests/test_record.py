@@ -194,6 +194,13 @@ def test_bad_urls_are_one_line():
     assert r.exit_code == 1 and "is the server running" in r.output, r.output
 
 
+def test_broker_down_at_start_is_one_line(tmp_path):
+    from linecam.broker import free_port
+
+    r = CliRunner().invoke(cli, ["record", "--db", str(tmp_path / "r.db"), "--port", str(free_port())])
+    assert r.exit_code != 0 and "cannot reach MQTT broker" in r.output and "--host / --port" in r.output, r.output
+
+
 @pytest.mark.timeout(120)
 def test_database_down_then_back_nothing_lost(pg, tmp_path):
     """PostgreSQL stops while messages arrive: they stay unacknowledged, are retried, and land."""
