@@ -237,7 +237,8 @@ def test_demo_view(tmp_path):
     make_tiny_bundle(work / "bundle", size=64, image_threshold=0.775, pixel_threshold=0.5)
     (work / "bundle.key").write_text(_fit_key() + "\n")
     http_port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               LINECAM_STATE_DIR=str(tmp_path / "state"))  # the daemon's spool: never in the checkout
     out = tmp_path / "demo.out"
     proc = subprocess.Popen([sys.executable, "-m", "linecam", "demo", "--frames", "20", "--fps", "20", "--workdir",
                              str(work), "--view", "--view-port", str(http_port)],
