@@ -52,7 +52,9 @@ class BasicAuth:
             user, _, pw = base64.b64decode(header[6:]).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        return secrets.compare_digest(user, self.user) & secrets.compare_digest(pw, self.password)
+        # bytes: compare_digest refuses non-ASCII str
+        return secrets.compare_digest(user.encode(), self.user.encode()) & \
+            secrets.compare_digest(pw.encode(), self.password.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
