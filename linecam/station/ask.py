@@ -76,30 +76,24 @@ class Asker:
                 delta: int) -> tuple[list[int], list[np.ndarray], int, str]:
         """Feed ``embeds`` after ``length`` cached tokens, then decode greedily.
         Returns (tokens, past, tokens in past, stop reason)."""
-        e, t = self.engine, self.engine.manifest.text
-        stops = set(t.eos_token_ids)
-        feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": positions}
+        e = self.engine
+        stops = set(e.manifest.text.eos_token_ids)
         if past is None:
-            empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), dtype=e._kv_dtype)
-            past = [empty] * (2 * len(e._past_names))
+            past = e.empty_past()
         length += embeds.shape[1]
         tokens: list[int] = []
         reason = "max_tokens"
         while True:
-            for i, (kn, vn) in enumerate(e._past_names):
-                feeds[kn], feeds[vn] = past[2 * i], past[2 * i + 1]
-            feeds["attention_mask"] = np.ones((1, length), dtype=np.int64)
-            outs = e.decoder.run(e._out_names, feeds)
-            past = list(outs[1:1 + 2 * len(e._past_names)])
-            nxt = int(np.argmax(outs[0][0, -1]))
+            logits, past = e.decoder_step(embeds, positions, past, length)
+            nxt = int(np.argmax(logits))
             tokens.append(nxt)
             if nxt in stops:
                 reason = "stop_token"
                 break
             if len(tokens) >= self.max_new_tokens:
                 break
-            feeds["inputs_embeds"] = e.embed(np.asarray([[nxt]], dtype=np.int64))
-            feeds["position_ids"] = self._positions(length + delta, 1)
+            embeds = e.embed(np.asarray([[nxt]], dtype=np.int64))
+            positions = self._positions(length + delta, 1)
             length += 1
         return tokens, past, length, reason
 
@@ -117,7 +111,7 @@ class Asker:
         grounded = self.builder.build(rgb, defect.get("regions") or [])
         enc = self.engine.encode(grounded.image, f"{grounded.prompt}\nQuestion: {question}")
         embeds = self.engine.embed(enc.input_ids, self.engine.image_features(enc))
-        pos, delta = self.engine._positions(enc)
+        pos, delta = self.engine.positions(enc)
         return embeds, pos, delta, enc.n_tokens
 
     def ask(self, defect: dict[str, Any], jpeg: bytes | None, question: str,
