@@ -75,11 +75,9 @@ class ViewApp:
 
     # -- data ------------------------------------------------------------------------------
     def defect(self, defect_event_id: str) -> dict[str, Any] | None:
-        with self.state._lock:
-            for card in self.state.ng.values():
-                d = card.get("defect")
-                if d is not None and d.get("event_id") == defect_event_id:
-                    return d
+        d = self.state.live_defect(defect_event_id)
+        if d is not None:
+            return d
         if self.store is not None:
             ev = self.store.get(defect_event_id)
             if ev is not None and ev.type == "defect":

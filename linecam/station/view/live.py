@@ -120,6 +120,15 @@ class LiveState:
             while len(self.snapshots) > self.max_snapshots:
                 self.snapshots.popitem(last=False)
 
+    def live_defect(self, defect_event_id: str) -> dict[str, Any] | None:
+        """The defect message of a card still on the page, or None."""
+        with self._lock:
+            for card in self.ng.values():
+                d = card.get("defect")
+                if d is not None and d.get("event_id") == defect_event_id:
+                    return d
+        return None
+
     def set_broker(self, up: bool) -> None:
         self.broker_connected = up
         self._push({"kind": "broker", "connected": up})
