@@ -82,12 +82,15 @@ def check(config_path: Path) -> None:
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(".cache/demo"), show_default=True,
               help="Where the demo bundle (cached), config, broker and snapshots live.")
 @click.option("--json", "as_json", is_flag=True, help="Print received events as JSON lines.")
-def demo(camera: str, frames: int, fps: float, workdir: Path, as_json: bool) -> None:
+@click.option("--view", is_flag=True, help="Also run linecam record + linecam view: the live page beside the line.")
+@click.option("--view-port", type=int, default=8080, show_default=True, help="HTTP port of the page (--view).")
+def demo(camera: str, frames: int, fps: float, workdir: Path, as_json: bool, view: bool, view_port: int) -> None:
     """Simulated line end to end: private mosquitto, demo expert, daemon, live subscriber."""
     setup_logging("WARNING")
     from linecam.demo import run_demo
 
-    run_demo(camera=camera, frames=frames, fps=fps, workdir=workdir, as_json=as_json)
+    run_demo(camera=camera, frames=frames, fps=fps, workdir=workdir, as_json=as_json,
+             view_port=view_port if view else None)
 
 
 @cli.command()
@@ -124,6 +127,7 @@ def _add_optional_commands() -> None:
 
     cli.add_command(events_command)
     from linecam.bench.cli import bench_command; cli.add_command(bench_command)  # noqa: E702
+    from linecam.station.cli import register; register(cli)  # noqa: E702  (record, history, view, ask)
 
 
 _add_optional_commands()

@@ -116,7 +116,7 @@ def _fmt_line(ev_type: str, p: dict[str, Any], e2e_ms: float | None) -> str:
 
 
 def run_demo(camera: str = "synthetic", frames: int = 120, fps: float = 15.0, workdir: Path = Path(".cache/demo"),
-             as_json: bool = False) -> dict[str, Any]:
+             as_json: bool = False, view_port: int | None = None) -> dict[str, Any]:
     from linecam.broker import MosquittoBroker
     from linecam.events import subscribe
 
@@ -131,6 +131,12 @@ def run_demo(camera: str = "synthetic", frames: int = 120, fps: float = 15.0, wo
                                                        workdir / "snapshots"), sort_keys=False))
         console.print(f"[bold]mosquitto[/] on 127.0.0.1:{broker.port}   [bold]config[/] {cfg_path}   "
                       f"[bold]camera[/] {camera}")
+        station = None
+        if view_port is not None:  # linecam demo --view: record + view beside the line (linecam.station.beside)
+            from linecam.station.beside import StationBeside
+
+            station = StationBeside(broker.port, workdir, view_port).start()
+            console.print(f"[bold]linecam view[/] on {station.url}   [bold]record[/] {station.db}")
         log_path = workdir / "daemon.log"
         received: dict[str, list[dict[str, Any]]] = {"verdict": [], "defect": []}
         e2e: list[float] = []
@@ -178,6 +184,8 @@ def run_demo(camera: str = "synthetic", frames: int = 120, fps: float = 15.0, wo
         if proc.returncode not in (0, -signal.SIGTERM):
             tail = log_path.read_text().strip().splitlines()[-5:]
             raise LinecamError(f"the daemon exited with {proc.returncode}: " + " | ".join(tail))
+        if station is not None:
+            station.linger(console)
 
     summary = _summary(received, truth, e2e, time.monotonic() - t0)
     _print_summary(console, summary, workdir)

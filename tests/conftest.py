@@ -24,3 +24,20 @@ def broker() -> Iterator[MosquittoBroker]:
         yield b.start()
     finally:
         b.close()
+
+
+# -- the VLM -----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def vlm_bundle(tmp_path_factory):
+    """A tiny random-weight Qwen2.5-VL exported as a linecam VLM bundle (INT8 and FP32), built
+    once per session for the station's tests (view, ask). Needs torch and transformers: the
+    tests that use it skip without them."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from linecam.export.vlm.export import export_vlm
+    from linecam.export.vlm.tiny import build_model_folder
+
+    work = tmp_path_factory.mktemp("vlm")
+    model = build_model_folder("qwen2_5_vl", work / "hf", size="tiny")
+    export_vlm(model, work / "bundle", quantize=("int8",), agreement_prompts=1, agreement_tokens=4)
+    return work / "bundle"

@@ -45,6 +45,20 @@ def line_config(bundle: Path, port: int, tmp: Path, **over) -> dict:
     return cfg
 
 
+def line_cfg(bundle: Path, port: int, tmp: Path, frames: int, fps: float) -> dict:
+    """A small line with its own spool (the broker-fault and recorder tests)."""
+    return {
+        "line": "t", "camera_id": "c0",
+        "camera": {"kind": "synthetic", "width": 160, "height": 160, "fps": fps, "defect_rate": 0.3, "seed": 5,
+                   "frames": frames},
+        "model": {"bundle": str(bundle)},
+        "mqtt": {"host": "127.0.0.1", "port": port},
+        "runtime": {"queue_size": 64, "metrics_interval_s": 0.3},
+        "output": {"snapshots_dir": str(tmp / "snaps")},
+        "spool": {"path": str(tmp / "spool.db"), "window": 32},
+    }
+
+
 def collect(port: int, run, types=("verdict", "defect", "status", "metrics"), settle: float = 1.5):
     """Subscribe, run ``run()`` in this thread, then drain until quiet. Returns (events, result)."""
     events = []

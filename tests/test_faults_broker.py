@@ -28,22 +28,9 @@ from linecam.runtime.sdnotify import NotifyListener
 from linecam import schemas
 from linecam.config import parse_config
 from linecam.runtime.service import run_service
-from helpers import DurableSubscriber, persistent_broker, spool_rows
+from helpers import DurableSubscriber, line_cfg, persistent_broker, spool_rows
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def line_cfg(bundle: Path, port: int, tmp: Path, frames: int, fps: float) -> dict:
-    return {
-        "line": "t", "camera_id": "c0",
-        "camera": {"kind": "synthetic", "width": 160, "height": 160, "fps": fps, "defect_rate": 0.3, "seed": 5,
-                   "frames": frames},
-        "model": {"bundle": str(bundle)},
-        "mqtt": {"host": "127.0.0.1", "port": port},
-        "runtime": {"queue_size": 64, "metrics_interval_s": 0.3},
-        "output": {"snapshots_dir": str(tmp / "snaps")},
-        "spool": {"path": str(tmp / "spool.db"), "window": 32},
-    }
 
 
 def by_frame(verdicts: list[dict]) -> dict[int, set[str]]:

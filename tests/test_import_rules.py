@@ -148,6 +148,8 @@ def extra_violations(files: list[Path]) -> list[str]:
                 bad.append(f"{mod}:{imp.line} imports {top} outside the TensorRT backend/build (or not lazily)")
             if mod.startswith("linecam.camera") and imp.name.startswith("linecam.runtime"):
                 bad.append(f"{mod}:{imp.line} camera imports runtime")
+            if mod.startswith("linecam.runtime") and imp.name.startswith("linecam.station"):
+                bad.append(f"{mod}:{imp.line} runtime imports station (the station runs beside the daemon)")
             if mod.startswith("linecam.config") and imp.name.startswith("linecam.") and \
                     not imp.name.startswith(("linecam.config", "linecam.errors")):
                 bad.append(f"{mod}:{imp.line} config imports {imp.name} (it may import only linecam.errors)")

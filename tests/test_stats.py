@@ -95,3 +95,21 @@ def test_percentile_summary():
     assert percentile_summary([]) == {
         "n": 0, "mean": None, "min": None, "p50": None, "p90": None, "p99": None, "max": None
     }
+
+
+def test_histogram_buckets_are_cumulative_and_survive_reset():
+    s = LatencyStats(capacity=4, stages=("a",))
+    assert s.histogram("a") is None  # off until asked for
+    s.add("a", 0.5)  # before tracking: not counted
+    s.track_histogram([1.0, 10.0])
+    s.add_all(("a", "b"), (1.0, 20.0))  # 1.0 lands in le=1 (upper bounds are inclusive)
+    for v in (0.2, 5.0, 10.0, 11.0, 50.0):
+        s.add("a", v)
+    buckets, total = s.histogram("a")
+    assert buckets == [(1.0, 2), (10.0, 4), (float("inf"), 6)]
+    assert total == pytest.approx(1.0 + 0.2 + 5.0 + 10.0 + 11.0 + 50.0)
+    assert s.histogram("b") == ([(1.0, 0), (10.0, 0), (float("inf"), 1)], 20.0)  # a stage new after tracking
+    s.reset()  # the window restarts; Prometheus counts never go back
+    assert s.histogram("a")[0][-1] == (float("inf"), 6) and s.count("a") == 0
+    with pytest.raises(ValueError):
+        s.track_histogram([2.0, 1.0])

@@ -18,8 +18,8 @@ from pydantic import Field, ValidationError, field_validator
 
 from linecam.config.linescan import LineScanSettings
 from linecam.config.mqtt import MqttSettings
-from linecam.config.sections import (CameraConfig, GenICamCamera, ModelConfig, OutputConfig, ReplayCamera,
-                                     RuntimeConfig, ThresholdsConfig, VlmConfig, StrictModel)
+from linecam.config.sections import (CameraConfig, GenICamCamera, MetricsConfig, ModelConfig, OutputConfig,
+                                     ReplayCamera, RuntimeConfig, StrictModel, ThresholdsConfig, VlmConfig)
 from linecam.config.spool import SpoolSettings
 from linecam.errors import ConfigError
 
@@ -39,6 +39,8 @@ class LinecamConfig(StrictModel):
     #: Line-scan mode: tiles, overlap, mm positions, web gaps, web map (linecam.runtime.linescan).
     linescan: LineScanSettings = Field(default_factory=LineScanSettings)
     vlm: VlmConfig = Field(default_factory=VlmConfig)
+    #: Prometheus /metrics (linecam.runtime.prometheus).
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("camera", mode="before")

@@ -125,6 +125,19 @@ class OutputConfig(StrictModel):
     snapshots_max_mb: float = Field(default=200.0, gt=0)
     jpeg_quality: int = Field(default=85, ge=10, le=100)
     snapshots: bool = True
+    #: Also publish each NG frame's annotated JPEG on <prefix>/snapshot (QoS 0, MQTT 5 user
+    #: properties carry the defect's ids) for remote viewers and the recorder. Off by default.
+    publish_snapshots: bool = False
+    #: Bigger JPEGs are not published (counted as snapshots_too_big).
+    snapshot_max_kb: float = Field(default=256.0, gt=0, le=65536)
+
+
+class MetricsConfig(StrictModel):
+    """Prometheus ``/metrics`` for the daemon (off unless ``prometheus_port`` is set)."""
+
+    #: Serve Prometheus /metrics on this port (None: off). linecam.runtime.prometheus.
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    prometheus_bind: str = "0.0.0.0"
 
 
 class VlmConfig(StrictModel):

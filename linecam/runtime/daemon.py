@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from linecam import messages
 from linecam.bundle import Bundle
@@ -38,6 +38,9 @@ from linecam.runtime.outbox import Describer, Outbox, Publisher
 from linecam.runtime.sdnotify import Notifier
 from linecam.runtime.snapshots import SnapshotWriter
 from linecam.runtime.stats import Counters, LatencyStats
+
+if TYPE_CHECKING:
+    from linecam.runtime.prometheus import PrometheusExporter
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,8 @@ class Daemon:
         self.acquisition = Acquisition(source, cfg.runtime, cfg.mqtt, self.outbox, self._in_q, check, self.notifier,
                                        self._stop, self._busy_since)
         self._workers: list[threading.Thread] = []
+        #: ``/metrics`` when metrics.prometheus_port is set (service.py: linecam.runtime.prometheus.attach).
+        self.prometheus: PrometheusExporter | None = None
 
     # -- what callers and tests look at ---------------------------------------------------
     @property
@@ -114,6 +119,10 @@ class Daemon:
     def initial_camera_fault(self, why: str | None) -> None:
         """Set by the service when the camera could not be opened at start (absent, busy)."""
         self.acquisition.initial_camera_fault = why
+
+    def queue_depths(self) -> dict[str, int]:
+        """Items waiting per queue: frames for inspection, NG frames for their snapshot."""
+        return {"inference": self._in_q.qsize(), "snapshots": self.outbox.snapshot_queue_depth}
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -164,7 +173,7 @@ class Daemon:
         describer = self.describer
         metrics = MetricsReporter(
             out, self.notifier, self.cfg.runtime.metrics_interval_s, self._stop,
-            queue_depths=lambda: {"inference": self._in_q.qsize(), "snapshots": out.snapshot_queue_depth},
+            queue_depths=self.queue_depths,
             extra_counters=(lambda: {f"vlm_{k}": v for k, v in describer.counters.items()})
             if describer is not None else None)
         try:

@@ -4,7 +4,9 @@ Every frame passes through exactly one of :meth:`Outbox.inspected` or :meth:`Out
 which publish its one verdict and count it (``frames`` plus ``ok`` / ``ng`` / ``skipped``).
 NG frames go on to the snapshot thread (annotated JPEG, then the ``defect`` event, then the
 VLM's description request); in line-scan mode every tile's regions go to the line-scan
-session. Status messages are built here too. The outbox talks to a :class:`Publisher`.
+session. Status messages are built here too. The outbox talks to a :class:`Publisher`;
+:attr:`Outbox.snapshot_sink` (a :class:`SnapshotSink`) also gets each defect whose JPEG was
+written (``…/snapshot``, :mod:`linecam.runtime.prometheus`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,12 +58,16 @@ class Publisher(Protocol):
 
     def publish_status(self, msg: Mapping[str, Any] | None = None, /, **fields: Any) -> None: ...
 
+    def publish_bytes(self, topic: str, payload: bytes, *, content_type: str | None = None,
+                      user_properties: Sequence[tuple[str, str]] = ()) -> bool: ...
+
     def spool_stats(self) -> SpoolStats | None: ...
 
 
 class Describer(Protocol):
     """The VLM description worker (:class:`~linecam.runtime.vlm.worker.DescriptionWorker`) as the
-    outbox (``submit``) and the daemon (``counters`` in metrics, ``stop`` at the end) use it."""
+    outbox (``submit``) and the daemon (``counters`` and ``backlog_depth`` in metrics, ``stop`` at
+    the end) use it."""
 
     @property
     def counters(self) -> dict[str, int]: ...
@@ -69,7 +75,18 @@ class Describer(Protocol):
     def submit(self, image: np.ndarray, regions: Any, defect_event_id: str, *, frame_id: int,
                verdict_event_id: str | None = None, threshold: float = 1.0, bit_depth: int = 8) -> bool: ...
 
+    @property
+    def backlog_depth(self) -> int: ...
+
     def stop(self, drain: bool = True, timeout: float | None = None) -> None: ...
+
+
+class SnapshotSink(Protocol):
+    """Called after a defect event went out with its annotated JPEG's path and the defect
+    message (:class:`~linecam.runtime.prometheus.SnapshotPublisher`: the JPEG on ``…/snapshot``).
+    Runs on the snapshot thread; must not block."""
+
+    def __call__(self, path: str, defect: Mapping[str, Any]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -102,6 +119,8 @@ class Outbox:
         self.linescan: LineScanSession | None = None
         #: Set by acquisition: "up" or "down", carried in every status.
         self.camera_state = "up"
+        #: Optional: each written snapshot with its defect message (output.publish_snapshots).
+        self.snapshot_sink: SnapshotSink | None = None
         self._snapshots = snapshots
         #: The runner reuses its output buffer: NG maps must be copied before the next frame.
         self._copy_maps = copy_maps
@@ -201,6 +220,12 @@ class Outbox:
                               snapshot=snapshot, frame_ts_ns=f.timestamp_ns, frame_clock=f.clock,
                               model=self.model_info)
         self.publisher.publish(self.topics.defect, msg, qos=1)
+        if snapshot is not None and self.snapshot_sink is not None:
+            try:
+                self.snapshot_sink(snapshot, msg)
+            except Exception:  # a viewer's copy must never cost the description
+                self.counters.inc("snapshot_errors")
+                logger.exception("frame %d: publishing the snapshot failed", f.frame_id)
         if self.describer is not None:
             # Never blocks: the worker copies a crop and queues it (or publishes a skip).
             self.describer.submit(f.image, work.regions, msg["event_id"], frame_id=f.frame_id,

@@ -25,12 +25,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from linecam import messages
 from linecam.paho_log import paho_logger
@@ -217,6 +219,20 @@ class MqttPublisher:
             return
         self._send(topic, payload, qos, retain)
 
+    def publish_bytes(self, topic: str, payload: bytes, *, content_type: str | None = None,
+                      user_properties: Sequence[tuple[str, str]] = ()) -> bool:
+        """Raw bytes (a snapshot JPEG): QoS 0, not retained, never spooled (lost while the broker
+        is away). The content type and user properties need MQTT 5: under 3.1.1 nothing is sent.
+        True when handed to paho."""
+        if self.settings.protocol != "5":
+            return False
+        props = Properties(PacketTypes.PUBLISH)
+        if content_type:
+            props.ContentType = content_type
+        if user_properties:
+            props.UserProperty = [(str(k), str(v)) for k, v in user_properties]
+        return self._send(topic, payload, 0, False, props) == MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def publish_status(self, msg: Mapping[str, Any] | None = None, /, **fields: Any) -> None:
         """Publish a retained status: a ready message, or the fields of :func:`messages.status`
         (line, camera, version and model filled in; ``online`` defaults to True)."""
@@ -283,7 +299,8 @@ class MqttPublisher:
         logger.info("MQTT publisher stopped: %s", self.stats())
 
     # -- internals -----------------------------------------------------------------------
-    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> MQTTErrorCode | None:
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool,
+              properties: Properties | None = None) -> MQTTErrorCode | None:
         """The one place a message leaves us: QoS >= 1 non-retained ones into the spool
         (when there is one), everything else straight to paho."""
         if self._forwarder is not None and qos > 0 and not retain:
@@ -293,7 +310,7 @@ class MqttPublisher:
         with self._cond:
             self._published += 1
         try:
-            rc = self._client.publish(topic, payload, qos=qos, retain=retain).rc
+            rc = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties).rc
         except ValueError as e:  # bad topic / payload too large
             rc, why = None, str(e)
         else:

@@ -26,6 +26,7 @@ from linecam.runtime.backends import make_runner
 from linecam.runtime.daemon import Daemon, RunSummary
 from linecam.runtime.sources import open_source
 from linecam.runtime.publisher import MqttPublisher
+from linecam.runtime.prometheus import attach as attach_station_hooks
 from linecam.runtime.sdnotify import Notifier
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,13 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
 
             signal.signal(signal.SIGTERM, _on_signal)
             signal.signal(signal.SIGINT, _on_signal)
-        if on_daemon is not None:
-            on_daemon(daemon)
-        summary = daemon.run()
+        detach = attach_station_hooks(cfg, daemon)  # /metrics and …/snapshot, when configured
+        try:
+            if on_daemon is not None:
+                on_daemon(daemon)
+            summary = daemon.run()
+        finally:
+            detach()
     finally:
         try:
             source.close()

@@ -4,11 +4,14 @@
 preallocated ring buffer: ``add`` on the hot path is a lock, an index and a store.
 Percentiles use numpy's default (linear) method, so they match ``numpy.percentile``
 on the same window. :func:`percentile_summary` does the same for a whole run.
+:meth:`LatencyStats.track_histogram` adds cumulative bucket counts (Prometheus histograms,
+read at scrape time) under the same lock: no second lock per sample.
 """
 
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -21,12 +24,15 @@ def _key(p: float) -> str:
 
 
 class _Ring:
-    __slots__ = ("buf", "pos", "total")
+    __slots__ = ("buf", "pos", "total", "hist", "sum")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, n_buckets: int = 0) -> None:
         self.buf = np.empty(capacity, dtype=np.float64)
         self.pos = 0  # next write index
         self.total = 0  # samples ever added
+        #: With a histogram: samples per bucket (not cumulative; the last is +Inf) and their sum.
+        self.hist: list[int] | None = [0] * (n_buckets + 1) if n_buckets else None
+        self.sum = 0.0
 
     def window(self) -> np.ndarray:
         n = min(self.total, self.buf.shape[0])
@@ -42,29 +48,64 @@ class LatencyStats:
         self.capacity = int(capacity)
         self._lock = threading.Lock()
         self._rings: dict[str, _Ring] = {s: _Ring(self.capacity) for s in stages}
+        #: Histogram bucket upper bounds (ms, ascending) once :meth:`track_histogram` was called.
+        self._edges: tuple[float, ...] = ()
+
+    def track_histogram(self, edges_ms: Sequence[float]) -> None:
+        """From now on also count every sample into buckets with these upper bounds (ms,
+        ascending; ``+Inf`` is implied), cumulative since this call (:meth:`reset` keeps them):
+        one bisect per sample under the lock ``add`` takes anyway."""
+        edges = tuple(float(e) for e in edges_ms)
+        if list(edges) != sorted(set(edges)):
+            raise ValueError("histogram edges must be ascending and distinct")
+        with self._lock:
+            self._edges = edges
+            for ring in self._rings.values():
+                ring.hist, ring.sum = [0] * (len(edges) + 1), 0.0
+
+    def histogram(self, stage: str) -> tuple[list[tuple[float, int]], float] | None:
+        """``([(upper bound ms, cumulative count), ..., (inf, count)], sum ms)`` of ``stage``, or
+        None without :meth:`track_histogram`."""
+        with self._lock:
+            ring = self._rings.get(stage)
+            if not self._edges or ring is None or ring.hist is None:
+                return None
+            counts, total_ms = list(ring.hist), ring.sum
+        out, acc = [], 0
+        for edge, n in zip((*self._edges, float("inf")), counts):
+            acc += n
+            out.append((edge, acc))
+        return out, total_ms
+
+    def _new_ring(self, stage: str) -> _Ring:  # under the lock: the one allocation of a new stage
+        ring = self._rings[stage] = _Ring(self.capacity, len(self._edges))
+        return ring
 
     def add(self, stage: str, ms: float) -> None:
         with self._lock:
-            ring = self._rings.get(stage)
-            if ring is None:  # first sample of a new stage: the one allocation
-                ring = self._rings[stage] = _Ring(self.capacity)
+            ring = self._rings.get(stage) or self._new_ring(stage)
             ring.buf[ring.pos] = ms
             ring.pos = (ring.pos + 1) % self.capacity
             ring.total += 1
+            if ring.hist is not None:
+                ring.hist[bisect_left(self._edges, ms)] += 1
+                ring.sum += ms
 
     def add_all(self, stages: Sequence[str], values: Sequence[float]) -> None:
         """One sample for each of ``stages`` (same order as ``values``) under one lock: the
         daemon's per-frame call (five stages, one lock instead of five)."""
         cap = self.capacity
         with self._lock:
-            rings = self._rings
+            rings, edges = self._rings, self._edges
             for stage, ms in zip(stages, values):
-                ring = rings.get(stage)
-                if ring is None:
-                    ring = rings[stage] = _Ring(cap)
+                ring = rings.get(stage) or self._new_ring(stage)
                 ring.buf[ring.pos] = ms
                 ring.pos = (ring.pos + 1) % cap
                 ring.total += 1
+                hist = ring.hist
+                if hist is not None:  # Prometheus histograms (track_histogram): same lock
+                    hist[bisect_left(edges, ms)] += 1
+                    ring.sum += ms
 
     def count(self, stage: str) -> int:
         """Samples ever added to ``stage`` (not just those in the window)."""

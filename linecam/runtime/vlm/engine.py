@@ -162,7 +162,9 @@ class VlmEngine:
         (f,) = self.vision.run(None, enc.vision_feeds)
         return f
 
-    def _positions(self, enc: Encoded) -> tuple[np.ndarray, int]:
+    def positions(self, enc: Encoded) -> tuple[np.ndarray, int]:
+        """Position ids of the prompt (``[3, 1, n]`` for M-RoPE, else ``[1, n]``) and the offset
+        of later positions (M-RoPE: an image's rows take fewer positions than tokens)."""
         n = enc.n_tokens
         if self.manifest.text.positions == "mrope":
             merge = self.manifest.vision.merge_size if isinstance(self.manifest.vision, QwenVisionSpec) else 1
@@ -175,6 +177,24 @@ class VlmEngine:
         return np.arange(n, dtype=np.int64)[None, :], 0
 
     # -- decoding -------------------------------------------------------------------------
+    def empty_past(self) -> list[np.ndarray]:
+        """An empty KV cache for :meth:`decoder_step` (key, value per layer)."""
+        t = self.manifest.text
+        empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), dtype=self._kv_dtype)
+        return [empty] * (2 * len(self._past_names))
+
+    def decoder_step(self, embeds: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
+                     length: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder run: ``embeds`` (``[1, k, hidden]``) after the tokens in ``past``;
+        ``length`` counts both. Returns the last row's logits and the grown cache (a
+        conversation that continues on a kept cache: linecam.station.ask)."""
+        feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": positions,
+                                        "attention_mask": np.ones((1, length), dtype=np.int64)}
+        for i, (kn, vn) in enumerate(self._past_names):
+            feeds[kn], feeds[vn] = past[2 * i], past[2 * i + 1]
+        outs = self.decoder.run(self._out_names, feeds)
+        return outs[0][0, -1], list(outs[1:1 + 2 * len(self._past_names)])
+
     def generate(self, image: np.ndarray | None, prompt: str, *, max_new_tokens: int = 64,
                  stop_token_ids: Sequence[int] | None = None, on_token: Callable[[int, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, bit_depth: int = 8,
@@ -210,7 +230,7 @@ class VlmEngine:
         feats = self.image_features(enc)
         vision_ms = (time.perf_counter() - tv) * 1e3
         embeds = self.embed(enc.input_ids, feats)
-        pos, delta = self._positions(enc)
+        pos, delta = self.positions(enc)
         if extra_embeds is not None and len(extra_embeds):
             k = extra_embeds.shape[0]
             embeds = np.concatenate([embeds, extra_embeds[None].astype(embeds.dtype)], axis=1)
