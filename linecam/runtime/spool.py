@@ -39,6 +39,7 @@ watchdog); ``full`` also a power cut, for an fsync per transaction.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -98,6 +99,10 @@ _SIZE_OF_IDS = f"SELECT COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0) FROM s
 _DELETE_IDS = f"DELETE FROM spool WHERE id IN ({_MARKS})"
 
 
+#: The spool's files (database, WAL, shared memory): the service's user only.
+SPOOL_MODE = 0o600
+
+
 class Spool:
     """The SQLite table. Not thread-safe: one thread uses it (the forwarder), except
     :attr:`rows` / :attr:`bytes`, which are plain ints other threads may read."""
@@ -109,6 +114,8 @@ class Spool:
         self.max_bytes = int(max_bytes)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Messages may carry what only the service should read: 0600 whatever the umask.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, SPOOL_MODE))
             # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per batch).
             db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
@@ -125,6 +132,9 @@ class Spool:
             # The working set is the table's tail: 1 MiB of page cache (default 2 MiB) is plenty.
             db.execute("PRAGMA cache_size=-1024")
             db.execute(_SCHEMA)
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                if p.exists():
+                    os.chmod(p, SPOOL_MODE)
             rows, size, last = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0), COALESCE(MAX(id), 0) FROM spool"
             ).fetchone()
