@@ -77,6 +77,7 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
     describer = make_describer(cfg, lambda m: publisher.publish(topics.description, m, qos=1))
     source = open_source(cfg.camera)
     camera_fault = None
+    daemon: Daemon | None = None
     try:
         source.open()
     except CameraError as e:
@@ -89,7 +90,7 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
     try:
         model = {"name": bundle.manifest.name, "sha256": bundle.model_sha256, "file": runner.role}
         publisher = MqttPublisher(cfg.mqtt, cfg.line, cfg.camera_id, __version__, model,
-                                  spool=cfg.spool_settings())
+                                  spool=cfg.spool_settings(), status_on_connect=False)
         publisher.start()
         if describer is not None:
             describer.start(wait_ready=True)  # raises if the VLM cannot load: before any verdict
@@ -112,8 +113,8 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
             logger.debug("source close failed", exc_info=True)
         if describer is not None:  # idempotent: the daemon's drain normally stopped it already
             describer.stop(drain=False, timeout=10)
-        if publisher is not None:
-            publisher.stop()
+        if publisher is not None:  # the final status carries the run's counts, not the last status's
+            publisher.stop(final=daemon.outbox.status_counts() if daemon is not None else None)
         runner.close()  # device buffers / streams of GPU backends
     assert publisher is not None  # set before daemon.run(), which is the only way here
     # The spool writes (and, when full, drops) on its own thread: the messages of the last frames
