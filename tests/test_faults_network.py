@@ -162,19 +162,13 @@ def small_disk(tmp_path):
 
 def fill(disk) -> None:
     """Fill the file system up to the last byte (ENOSPC from then on)."""
-    with open(disk / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-        try:
-            while True:
-                f.write(b"\0" * 512)
-                f.flush()
-        except OSError:
-            pass
+    with open(disk / "filler", "wb", buffering=0) as f:
+        for size in (65536, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
 
 
 @pytest.mark.timeout(120)
