@@ -55,6 +55,15 @@ def make_describer(cfg: LinecamConfig, publish: Callable[[dict], None]):
         model_info={"name": vb.manifest.name, "sha256": vb.model_sha256, "file": f"vlm_{v.precision}"})
 
 
+def plaintext_password_warning(cfg: LinecamConfig) -> str | None:
+    """One line when the MQTT password would cross the network unencrypted (no TLS)."""
+    m = cfg.mqtt
+    if m.tls or (m.password_file is None and m.password_env is None):
+        return None
+    return (f"mqtt: the password of user {m.username!r} goes to {m.host}:{m.port} over plain TCP (no TLS): "
+            "anyone on the network can read it; set mqtt.tls: true (port 8883)")
+
+
 def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None = None) -> RunSummary:
     # OpenCV's thread count is process-wide: set it for the daemon's life, give it back after
     # (tests and the bench run several services in one process, one after another; services
@@ -69,6 +78,8 @@ def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None =
 
 
 def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None) -> RunSummary:
+    if (why := plaintext_password_warning(cfg)) is not None:
+        logger.warning(why)
     bundle = load_bundle(cfg.model.bundle)
     runner = make_runner(bundle, cfg.model.backend, cfg.model.precision, cfg.model.intra_op_threads,
                          workers=cfg.runtime.workers, cuda_graph=cfg.model.cuda_graph)
