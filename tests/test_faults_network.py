@@ -222,3 +222,13 @@ def test_spool_file_removed_while_running_is_recreated_with_what_it_held(tmp_pat
     assert msgs and "re-created it with the" in msgs[0], msgs
     one_verdict_per_frame(sub, n)
     assert spool_rows(spool) == []
+
+
+def test_fault_table_markdown_has_the_asked_columns():
+    from linecam.bench.faults import markdown
+
+    md = markdown({"when": "now", "frames": 10, "fps": 5.0, "keepalive_s": 5, "rows": [
+        {"fault": "f", "detection_s": 1.234, "lost": 0, "duplicates": 2, "recovery_s": 3.0, "signal": "s"},
+        {"fault": "g", "skipped": "needs root"}]})
+    assert "| fault | detection time | messages lost | duplicates | recovery time |" in md
+    assert "| f | 1.23 s | 0 | 2 | 3.00 s | s |" in md and "not run: needs root" in md

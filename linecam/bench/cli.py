@@ -94,6 +94,7 @@ _script("region-expert", "region_expert", "The DINOv2 memory-bank teacher vs the
 _script("linescan", "linescan", "Line-scan throughput: web lines/s processed vs offered.")
 _script("vlm-compare", "vlm_compare", "linecam's ONNX Runtime VLM vs transformers' generate.")
 _script("soak", "soak", "The daemon for 100k frames: RSS, fds, threads (--spool-cost: the spool per message).")
+_script("faults", "faults", "Faults through a TCP proxy to a real mosquitto: detection, loss, duplicates, recovery.")
 
 
 @bench_command.command("readme")
