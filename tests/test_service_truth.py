@@ -105,10 +105,12 @@ def test_docs_and_unit_agree_with_the_code():
 @pytest.mark.timeout(120)
 def test_a_slow_vlm_never_holds_a_verdict_up(broker, tmp_path, monkeypatch):
     """The claim "the VLM never delays verdicts" is about waiting: each description here takes
-    0.5 s of *sleep* (no CPU), 10x the frame period, with a deep backlog, so any verdict that
-    waited for one would be late by hundreds of ms. Bound: the median verdict latency with the
-    VLM busy stays within 1.25x + 3 ms of the same line without it, and the worst one under
-    the 0.5 s a single description takes. (CPU contention of a real VLM is the README's matter.)"""
+    1 s of *sleep* (no CPU), 20x the frame period, and the VLM is busy for the whole run, so a
+    verdict that waited for it at all would be late by ~0.5 s on average. Bound: no verdict
+    latency above 250 ms (a quarter of one description; 17-38 ms seen on this shared 2-core
+    machine at load 10), and the median within 25 ms of the same line without a VLM (medians
+    alone swing 0.7-5.5 ms here between identical runs). CPU contention of a real VLM is the
+    README's matter."""
     import statistics
     import time as _time
     from types import SimpleNamespace
@@ -118,7 +120,7 @@ def test_a_slow_vlm_never_holds_a_verdict_up(broker, tmp_path, monkeypatch):
 
     class SleepyVlm:
         def generate(self, image, prompt, *, max_new_tokens=8, on_token=None, should_stop=None):
-            _time.sleep(0.5)
+            _time.sleep(1.0)
             return SimpleNamespace(text="a scratch", tokens=[1, 2], stop_reason="max_tokens", timings_ms={})
 
     busy = {"n": 0}
@@ -127,7 +129,7 @@ def test_a_slow_vlm_never_holds_a_verdict_up(broker, tmp_path, monkeypatch):
         if cfg.vlm.bundle is None:
             return None
         busy["n"] += 1
-        return DescriptionWorker(SleepyVlm(), publish, line=cfg.line, camera=cfg.camera_id, backlog=64, nice=0,
+        return DescriptionWorker(SleepyVlm(), publish, line=cfg.line, camera=cfg.camera_id, backlog=4, nice=0,
                                  model_info={"name": "sleepy", "sha256": "0" * 64, "file": "vlm_fp32"})
 
     monkeypatch.setattr(service, "make_describer", make)
@@ -146,8 +148,8 @@ def test_a_slow_vlm_never_holds_a_verdict_up(broker, tmp_path, monkeypatch):
 
     without, _ = run(False, "without")
     with_vlm, n_desc = run(True, "with")
-    assert busy["n"] == 1 and n_desc >= 3, n_desc  # the VLM really was busy (>= 1.5 s of descriptions)
+    assert busy["n"] == 1 and n_desc >= 3, n_desc  # the VLM really was busy (>= 2 s of descriptions)
     m0, m1 = statistics.median(without), statistics.median(with_vlm)
     print(f"\nverdict latency median without / with a busy VLM: {m0:.2f} / {m1:.2f} ms, max {max(with_vlm):.1f} ms")
-    assert m1 <= 1.25 * m0 + 3.0
-    assert max(with_vlm) < 500.0
+    assert max(with_vlm) < 250.0
+    assert m1 <= m0 + 25.0
