@@ -45,7 +45,12 @@ def cli() -> None:
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default=None,
               help="Overrides the config's log_level.")
 def run(config_path: Path, log_level: str | None) -> None:
-    """Run the line daemon for one camera until SIGTERM / Ctrl-C (or the source ends)."""
+    """Run the line daemon for one camera until SIGTERM / Ctrl-C (or the source ends).
+
+    \b
+    Trusted inputs: the config, the GenTL producer (.cti, native code), the model and VLM
+    bundles (hash-checked against their manifest, which is no signature; a TensorRT engine
+    is native code). Camera frames and the broker's traffic are not trusted."""
     from linecam.config import load_config
 
     cfg = load_config(config_path)

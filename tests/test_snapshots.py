@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import cv2
 import numpy as np
@@ -118,13 +119,34 @@ def test_restart_respects_bound_and_removes_stale_temp_files(tmp_path):
     assert (tmp_path / "notes.txt").exists()
 
 
-def test_same_name_replaces_and_name_is_sanitised(tmp_path):
+def test_same_name_never_replaces_a_file_and_name_is_sanitised(tmp_path):
     image, amap = _frame_and_map()
     geom = Geometry(0, 0, 640, 320)
     w = SnapshotWriter(tmp_path, max_files=10)
-    w.write(image, 8, amap, geom, [], "x", THR)
-    w.write(image, 8, amap, geom, [], "x", THR)
-    assert w.file_count == 1
+    first = w.write(image, 8, amap, geom, [], "x", THR)
+    before = first.read_bytes()
+    second = w.write(np.zeros_like(image), 8, amap, geom, [], "x", THR)
+    assert (first.name, second.name) == ("x.jpg", "x-1.jpg")
+    assert first.read_bytes() == before  # an event pointing at x.jpg still shows its own frame
+    assert w.file_count == 2
     p = w.write(image, 8, amap, geom, [], "../evil/name", THR)
     assert p.parent == tmp_path and p.name == "_evil_name.jpg"
-    assert w.file_count == 2 and w.total_bytes == sum(q.stat().st_size for q in tmp_path.iterdir())
+    assert w.file_count == 3 and w.total_bytes == sum(q.stat().st_size for q in tmp_path.iterdir())
+
+
+def test_snapshot_files_are_0640_whatever_the_umask(tmp_path):
+    image, amap = _frame_and_map()
+    old = os.umask(0o000)
+    try:
+        p = SnapshotWriter(tmp_path, max_files=10).write(image, 8, amap, Geometry(0, 0, 640, 320), [], "m", THR)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640
+
+
+def test_snapshot_names_are_unique_across_restarts():
+    from linecam.runtime.outbox import snapshot_name
+
+    a = snapshot_name("cam", 7, "4f0c6f0e-5d3b-4a53-9d5e-1f1cbb8f43a2")
+    b = snapshot_name("cam", 7, "9a1e0000-5d3b-4a53-9d5e-1f1cbb8f43a2")
+    assert a != b and a.startswith("cam_000000007_")

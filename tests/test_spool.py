@@ -67,6 +67,21 @@ def test_corrupt_spool_is_one_clear_line(tmp_path):
         Spool(tmp_path / "file" / "sub" / "s.db")
 
 
+def test_spool_files_are_0600_whatever_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o000)
+    try:
+        sp = Spool(tmp_path / "s.db")
+        sp.append([("t/verdict", b"x" * 10, 1)])
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("s.db")]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}, files
+    sp.close()
+
+
 # -- with a broker ---------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_broker_down_spool_is_the_buffer_then_everything_arrives_in_order(tmp_path):

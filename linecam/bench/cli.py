@@ -96,6 +96,7 @@ _script("linescan", "linescan", "Line-scan throughput: web lines/s processed vs 
 _script("vlm-compare", "vlm_compare", "linecam's ONNX Runtime VLM vs transformers' generate.")
 _script("soak", "soak", "The daemon for 100k frames: RSS, fds, threads (--spool-cost: the spool per message).")
 _script("prometheus", "prometheus", "Per-frame CPU of the daemon's Prometheus histograms, and of one scrape.")
+_script("faults", "faults", "Faults through a TCP proxy to a real mosquitto: detection, loss, duplicates, recovery.")
 
 
 @bench_command.command("readme")

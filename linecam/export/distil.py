@@ -125,7 +125,7 @@ def train_student(model: Student, pool: Pool, scale: float, ckpt: Path, key: str
     losses: list[float] = []
     start = 0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # tensors and plain data only: no code from the file
         if state.get("key") == key:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])

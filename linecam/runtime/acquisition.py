@@ -156,6 +156,12 @@ class Acquisition:
         self.notifier.watchdog()
         self._last_wd = now
 
+    def _check_broker(self) -> None:
+        """Exit (code 5) once the broker refused us for good (login, TLS): also while the camera is down."""
+        fatal = self.outbox.publisher.fatal_error
+        if fatal:
+            raise BrokerError(fatal)
+
     # -- camera faults -----------------------------------------------------------------------
     def _close_source(self) -> None:
         try:
@@ -181,11 +187,13 @@ class Acquisition:
             while (left := deadline - time.monotonic()) > 0:
                 # Waiting is progress: keep systemd's watchdog fed (a restart cannot plug a cable in).
                 self.feed_watchdog()
+                self._check_broker()  # a refused login must not wait for the camera
                 if self._stop.wait(min(left, self._wd_interval)):
                     return False
             try:
                 self.source.open()
             except Exception as e:  # CameraError, or whatever a driver raises on a half-dead link
+                self._check_broker()
                 out.counters.inc("camera_reopen_failures")
                 delay = min(delay * 2, hi)
                 logger.warning("camera %s still down (%s); next try in %.1f s", name, e, delay)
@@ -262,8 +270,6 @@ class Acquisition:
             if now - last_ready_check >= 0.2:
                 last_ready_check = now
                 self._maybe_ready()
-                fatal = self.outbox.publisher.fatal_error
-                if fatal:
-                    raise BrokerError(fatal)
+                self._check_broker()
             if frame is not None:
                 self._accept(frame)

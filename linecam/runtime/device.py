@@ -35,9 +35,12 @@ ENGINE_KEYS = ("tensorrt", "gpu", "compute_capability", "l4t", "platform")
 
 
 class BackendUnavailable(LinecamError):
-    """The inference backend asked for cannot run on this machine (a package or the GPU is missing)."""
+    """The inference backend asked for cannot run on this machine (a package or the GPU is missing).
 
-    exit_code = 1
+    Exit code 3, like a bundle that does not fit this machine (an engine built for another GPU):
+    a restart cannot install TensorRT, so systemd must not retry it (``RestartPreventExitStatus``)."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)

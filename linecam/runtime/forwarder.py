@@ -64,12 +64,15 @@ def _published(info: Any) -> bool | None:
 class SpoolForwarder:
     """``send`` hands a message to paho; ``is_connected`` says whether it is connected;
     ``direct_ack(rejected)`` is called for acks that are not for a spooled message (status,
-    metrics); ``on_drop(n, total)`` when the cap dropped ``n`` oldest messages.
+    metrics); ``on_drop(n, total)`` when the cap dropped ``n`` oldest messages; ``on_stale(n)``
+    when ``n`` messages are still unconfirmed ``resend_after_s`` into a connection (the publisher
+    then drops the connection: MQTT re-sends in-flight messages only on a new one).
     """
 
     def __init__(self, spool: Spool, send: SendFn, is_connected: Callable[[], bool], *, window: int = 256,
                  resend_after_s: float = 60.0, direct_ack: Callable[[bool], None] | None = None,
-                 on_drop: Callable[[int, int], None] | None = None, max_unwritten: int = 4096,
+                 on_drop: Callable[[int, int], None] | None = None, on_stale: Callable[[int], None] | None = None,
+                 max_unwritten: int = 4096,
                  tick_s: float = 0.1, memory_rows: int = 4096) -> None:
         self.spool = spool
         self._send = send
@@ -78,6 +81,7 @@ class SpoolForwarder:
         self.resend_after_s = float(resend_after_s)
         self._direct_ack = direct_ack or (lambda rejected: None)
         self.on_drop = on_drop
+        self.on_stale = on_stale
         self.max_unwritten = int(max_unwritten)
         self.tick_s = float(tick_s)
         self.memory_rows = int(memory_rows)
@@ -97,6 +101,7 @@ class SpoolForwarder:
         self._mem_ok = spool.rows == 0  # leftovers of a previous run are read from disk first
         self._waiting: list[tuple[int, bool, float]] = []  # acks paho has not flagged yet
         self._inflight: dict[int, _InFlight] = {}  # mid -> entry
+        self._last_file_check = time.monotonic()
         self._row_mid: dict[int, int] = {}  # row id -> mid (for rows in flight)
         self._retired: set[int] = set()  # mids replaced by a re-send: their late ack is ignored
         self._connected_at: float | None = None
@@ -193,7 +198,24 @@ class SpoolForwarder:
                 self._confirm(*self._apply_acks(final=True))
                 return
 
+    def _check_file(self) -> None:
+        """About once a second: is the spool's file still there (removed by hand, by a cleaner)?"""
+        now = time.monotonic()
+        if now - self._last_file_check < 1.0:
+            return
+        self._last_file_check = now
+        try:
+            what = self.spool.reattach()
+        except (OSError, sqlite3.Error, ValueError) as e:
+            self.errors += 1
+            self._warn("reattach", "spool %s: its file is gone and cannot be re-created (%s)", self.spool.path, e)
+            return
+        if what is not None:
+            self.errors += 1
+            logger.error("spool %s was %s", self.spool.path, what)
+
     def _step(self, hand: bool) -> None:
+        self._check_file()
         done, freed = self._apply_acks()
         self._write(done, freed)
         if hand and self._is_connected():
@@ -374,6 +396,11 @@ class SpoolForwarder:
         if stale:
             self._warn("stale", "%d message(s) unconfirmed %.0f s into the connection: re-sent from the spool",
                        len(stale), limit)
+            if self.on_stale is not None:
+                try:
+                    self.on_stale(len(stale))
+                except Exception:
+                    logger.exception("spool on_stale callback failed")
 
     def _send_safe(self, topic: str, payload: bytes, qos: int) -> tuple[Any, int, Any]:
         try:

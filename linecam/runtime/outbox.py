@@ -89,6 +89,13 @@ class SnapshotSink(Protocol):
     def __call__(self, path: str, defect: Mapping[str, Any]) -> None: ...
 
 
+def snapshot_name(camera: str, frame_id: int, verdict_event_id: str) -> str:
+    """A snapshot's file name: frame ids restart at 0 in every process, so the verdict's event
+    id (a UUID) makes it unique across restarts; a defect re-sent from the spool after a
+    restart never points at a picture of another frame."""
+    return f"{camera}_{frame_id:09d}_{verdict_event_id.replace('-', '')[:12]}"
+
+
 @dataclass(slots=True)
 class _NgWork:
     frame: Frame
@@ -241,7 +248,8 @@ class Outbox:
                 try:
                     path = str(self._snapshots.write(work.frame.image, work.frame.bit_depth, work.anomaly_map,
                                                      work.geometry, work.regions,
-                                                     name=f"{self.camera}_{work.frame.frame_id:09d}",
+                                                     name=snapshot_name(self.camera, work.frame.frame_id,
+                                                                        work.verdict_event_id),
                                                      pixel_threshold=self.thresholds.pixel))
                 except Exception as e:  # disk full etc.: the event still goes out
                     self.counters.inc("snapshot_errors")
@@ -249,13 +257,17 @@ class Outbox:
             self._publish_defect(work, path)
 
     # -- status ----------------------------------------------------------------------------
-    def status(self, state: str, detail: str | None = None) -> None:
+    def status_counts(self) -> dict[str, Any]:
+        """The counts every status carries, as of now: frames, NG, dropped (skipped) and the mean
+        frame rate since start (also what the final ``stopped`` status says)."""
         c = self.counters.snapshot()
         elapsed = max(time.monotonic() - self._t_start, 1e-6)
+        return dict(fps=round(c.get("frames", 0) / elapsed, 2), frames=c.get("frames", 0), ng=c.get("ng", 0),
+                    dropped=c.get("skipped", 0))
+
+    def status(self, state: str, detail: str | None = None) -> None:
         msg = messages.status(**self._common, online=True, state=state, camera_state=self.camera_state,
-                              detail=detail, fps=round(c.get("frames", 0) / elapsed, 2),
-                              frames=c.get("frames", 0), ng=c.get("ng", 0), dropped=c.get("skipped", 0),
-                              version=__version__, model=self.model_info)
+                              detail=detail, **self.status_counts(), version=__version__, model=self.model_info)
         self.publisher.publish_status(msg)
 
     def on_spool_drop(self, n: int, total: int) -> None:

@@ -22,6 +22,7 @@ with that one line.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -90,9 +91,12 @@ class MqttPublisher:
         model: Mapping[str, Any] | None = None,
         *,
         spool: SpoolSettings | None = None,
+        status_on_connect: bool = True,
     ) -> None:
         """``spool``: store-and-forward settings with ``path`` set (None or ``enabled: false``:
-        paho's in-memory queue only)."""
+        paho's in-memory queue only). ``status_on_connect``: a connect before the application
+        published any status sends a default ``starting`` one (the daemon, which publishes its
+        own ``starting`` status, turns that off: one ``starting`` per run)."""
         self.settings = settings
         self.line, self.camera = line, camera
         self.version, self.model = version, (dict(model) if model is not None else None)
@@ -109,6 +113,7 @@ class MqttPublisher:
         self._status_lock = threading.Lock()
         self._last_status: dict[str, Any] | None = None
         self._status_queued = False  # the latest status sits in paho's queue: it goes out on connect
+        self._status_on_connect = status_on_connect
         self._closing = False
         self._started = False
         self._stopped = False
@@ -126,7 +131,9 @@ class MqttPublisher:
             self._forwarder = SpoolForwarder(
                 store, self._hand_over, self._connected.is_set, window=spool.window,
                 resend_after_s=spool.resend_after_s, direct_ack=self._count_ack, on_drop=self._spool_dropped,
+                on_stale=self._unacknowledged,
             )
+        self._last_kick = -1e18
 
     # -- construction ------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -137,8 +144,7 @@ class MqttPublisher:
         c.enable_logger(paho_logger(f"{__name__}.paho"))
         c.max_queued_messages_set(s.max_queued)
         c.reconnect_delay_set(1, 30)
-        will = messages.last_will(self.line, self.camera, version=self.version, model=self.model)
-        c.will_set(self.topics.status, messages.to_json(will), qos=1, retain=True)
+        self._set_will(c)
         if s.username:
             c.username_pw_set(s.username, s.read_password())
         if s.tls:
@@ -159,6 +165,13 @@ class MqttPublisher:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         return c
+
+    def _set_will(self, client: mqtt.Client) -> None:
+        """A fresh Last Will (new ``event_id``) for the next CONNECT: the broker publishes it once
+        per unclean drop, and subscribers de-duplicate on ``event_id``. Called at construction
+        and after every disconnect, before paho reconnects (its network thread)."""
+        will = messages.last_will(self.line, self.camera, version=self.version, model=self.model)
+        client.will_set(self.topics.status, messages.to_json(will), qos=1, retain=True)
 
     # -- public API --------------------------------------------------------------------
     @property
@@ -245,7 +258,9 @@ class MqttPublisher:
         with self._status_lock:
             self._last_status = status
             rc = self._publish_status_raw(status)
-            self._status_queued = rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+            # Published before CONNACK: paho queued it, or wrote it ahead of the CONNACK (then it is
+            # in flight and paho re-sends it on the next connection itself); either way it goes out.
+            self._status_queued = rc == MQTTErrorCode.MQTT_ERR_NO_CONN or not self._connected.is_set()
 
     def _publish_status_raw(self, status: Mapping[str, Any]) -> MQTTErrorCode | None:
         try:
@@ -255,10 +270,12 @@ class MqttPublisher:
             return None
         return self._send(self.topics.status, payload, 1, True)
 
-    def stop(self, drain_timeout: float = 5.0) -> None:
+    def stop(self, drain_timeout: float = 5.0, final: Mapping[str, Any] | None = None) -> None:
         """Publish ``online: false`` (retained), wait up to ``drain_timeout`` s for unacked
         messages, then disconnect cleanly (so the broker does not send the Will). What is
-        still unconfirmed then stays in the spool for the next start (without a spool: lost)."""
+        still unconfirmed then stays in the spool for the next start (without a spool: lost).
+        ``final``: the run's final counts (fps, frames, ng, dropped) for that last status; without
+        it, those of the latest status published."""
         if self._stopped:
             return
         self._stopped = True
@@ -269,7 +286,9 @@ class MqttPublisher:
         with self._status_lock:
             last = self._last_status
         fields = dict(fps=None, frames=None, ng=None, dropped=None)
-        if last is not None:
+        if final is not None:
+            fields = {k: final.get(k) for k in fields}
+        elif last is not None:
             fields = {k: last.get(k) for k in fields}
         self._closing = True
         fwd = self._forwarder
@@ -331,6 +350,25 @@ class MqttPublisher:
         info = self._client.publish(topic, payload, qos=qos, retain=False)
         return info.rc, info.mid, info
 
+    def _unacknowledged(self, n: int) -> None:
+        """Messages unconfirmed ``spool.resend_after_s`` into a live connection (a broker that takes
+        publishes but does not acknowledge them, a lost PUBACK): MQTT re-sends in-flight messages
+        only on a new connection, and paho's in-flight window stays full until then, so drop this
+        one (paho reconnects at once; the spool keeps every message until it is acknowledged)."""
+        now = time.monotonic()
+        fwd = self._forwarder
+        if fwd is None or now - self._last_kick < fwd.resend_after_s or self._closing:
+            return
+        self._last_kick = now
+        logger.warning("%d message(s) not acknowledged by broker %s %.0f s into the connection: reconnecting "
+                       "(they stay in the spool until acknowledged)", n, self.address, fwd.resend_after_s)
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # paho's network thread sees the drop and reconnects
+            except OSError:
+                pass
+
     def _spool_dropped(self, n: int, total: int) -> None:
         cb = self.on_spool_drop
         if cb is not None:
@@ -360,8 +398,8 @@ class MqttPublisher:
         with self._status_lock:
             # A status queued while we were away goes out right after this callback; otherwise
             # re-send the latest one: the Will may have replaced it while we were away.
-            if not self._status_queued:
-                last = self._last_status
+            last = self._last_status
+            if not self._status_queued and (last is not None or self._status_on_connect):
                 self._publish_status_raw(
                     messages.restamp(last) if last is not None else messages.status(
                         line=self.line, camera=self.camera, online=True, state="starting",
@@ -369,7 +407,7 @@ class MqttPublisher:
                     )
                 )
             self._status_queued = False
-        self._connected.set()
+            self._connected.set()  # under the lock: a status published from now on is sent directly
         if self._forwarder is not None:
             self._forwarder.on_connected()
 
@@ -381,6 +419,7 @@ class MqttPublisher:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._set_will(client)  # the Will of the connection just lost may have been published
         if was_connected and not self._closing:
             logger.warning("lost connection to broker %s (%s), retrying", self.address, reason_code)
         elif not was_connected and not self._closing:

@@ -56,6 +56,15 @@ def make_describer(cfg: LinecamConfig, publish: Callable[[dict], None]):
         model_info={"name": vb.manifest.name, "sha256": vb.model_sha256, "file": f"vlm_{v.precision}"})
 
 
+def plaintext_password_warning(cfg: LinecamConfig) -> str | None:
+    """One line when the MQTT password would cross the network unencrypted (no TLS)."""
+    m = cfg.mqtt
+    if m.tls or (m.password_file is None and m.password_env is None):
+        return None
+    return (f"mqtt: the password of user {m.username!r} goes to {m.host}:{m.port} over plain TCP (no TLS): "
+            "anyone on the network can read it; set mqtt.tls: true (port 8883)")
+
+
 def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None = None) -> RunSummary:
     # OpenCV's thread count is process-wide: set it for the daemon's life, give it back after
     # (tests and the bench run several services in one process, one after another; services
@@ -70,6 +79,8 @@ def run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None =
 
 
 def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None) -> RunSummary:
+    if (why := plaintext_password_warning(cfg)) is not None:
+        logger.warning(why)
     bundle = load_bundle(cfg.model.bundle)
     runner = make_runner(bundle, cfg.model.backend, cfg.model.precision, cfg.model.intra_op_threads,
                          workers=cfg.runtime.workers, cuda_graph=cfg.model.cuda_graph)
@@ -78,6 +89,7 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
     describer = make_describer(cfg, lambda m: publisher.publish(topics.description, m, qos=1))
     source = open_source(cfg.camera)
     camera_fault = None
+    daemon: Daemon | None = None
     try:
         source.open()
     except CameraError as e:
@@ -90,7 +102,7 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
     try:
         model = {"name": bundle.manifest.name, "sha256": bundle.model_sha256, "file": runner.role}
         publisher = MqttPublisher(cfg.mqtt, cfg.line, cfg.camera_id, __version__, model,
-                                  spool=cfg.spool_settings())
+                                  spool=cfg.spool_settings(), status_on_connect=False)
         publisher.start()
         if describer is not None:
             describer.start(wait_ready=True)  # raises if the VLM cannot load: before any verdict
@@ -117,8 +129,8 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
             logger.debug("source close failed", exc_info=True)
         if describer is not None:  # idempotent: the daemon's drain normally stopped it already
             describer.stop(drain=False, timeout=10)
-        if publisher is not None:
-            publisher.stop()
+        if publisher is not None:  # the final status carries the run's counts, not the last status's
+            publisher.stop(final=daemon.outbox.status_counts() if daemon is not None else None)
         runner.close()  # device buffers / streams of GPU backends
     assert publisher is not None  # set before daemon.run(), which is the only way here
     # The spool writes (and, when full, drops) on its own thread: the messages of the last frames

@@ -3,8 +3,11 @@
 A snapshot is the frame with the anomaly map as a JET heatmap over the model's
 view (strong where the map is at or above the pixel threshold, faint elsewhere),
 the regions' boxes and their scores (normalised: 1.00 = at threshold). Files are
-written atomically (temp file + ``os.replace``) so a reader — or a crash — never
-sees half a JPEG, and the oldest files are deleted whenever the directory exceeds
+written atomically (temp file + ``os.link``) so a reader — or a crash — never
+sees half a JPEG, an existing file is never replaced (a defect event re-sent from the
+spool after a restart must not point at a picture of another frame; the daemon names
+files after the verdict's event id, unique across restarts), every file gets mode
+``0640`` whatever the umask, and the oldest files are deleted whenever the directory exceeds
 ``max_files`` or ``max_bytes``. The index of what is there lives in memory and is
 rebuilt from disk at start, so a restarted daemon keeps respecting the bound.
 """
@@ -28,6 +31,8 @@ from linecam.runtime.postprocess import Region
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".jpg"
+#: Snapshot files: the service's group may read them (an operator station), others not.
+SNAPSHOT_MODE = 0o640
 _TMP_PREFIX = ".tmp-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -210,25 +215,36 @@ class SnapshotWriter:
 
         ``name`` (e.g. ``"<frame_id>-<event id>"``) becomes the file name, with
         characters outside ``[A-Za-z0-9._-]`` replaced; an existing file of the
-        same name is replaced. Raises ``OSError`` when the disk refuses the write.
+        same name is never replaced: ``-1``, ``-2`` ... is appended instead. The file
+        gets mode 0640. Raises ``OSError`` when the disk refuses the write.
         """
         image = annotate(frame_image, bit_depth, anomaly_map, geometry, regions, pixel_threshold)
         ok, buf = cv2.imencode(_SUFFIX, image, self._params)
         if not ok:
             raise ValueError(f"OpenCV could not encode snapshot {name!r} as JPEG")
-        fname = _UNSAFE.sub("_", name).lstrip(".") or "snapshot"
-        if not fname.endswith(_SUFFIX):
-            fname += _SUFFIX
-        path = self.directory / fname
+        stem = _UNSAFE.sub("_", name).lstrip(".") or "snapshot"
+        if stem.endswith(_SUFFIX):
+            stem = stem[: -len(_SUFFIX)]
+        fname = stem + _SUFFIX
         tmp = self.directory / f"{_TMP_PREFIX}{threading.get_ident()}-{fname}"
         data = buf.tobytes() if hasattr(buf, "tobytes") else bytes(buf)
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SNAPSHOT_MODE)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), SNAPSHOT_MODE)  # whatever the umask
                 f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
+            for n in range(1000):
+                fname = stem + (f"-{n}" if n else "") + _SUFFIX
+                try:
+                    os.link(tmp, self.directory / fname)  # atomic, and never over an existing file
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise FileExistsError(f"snapshot {stem}: 1000 files of that name exist")
+        finally:
             self._unlink(tmp.name)
-            raise
+        path = self.directory / fname
         with self._lock:
             old = self._index.pop(fname, None)
             if old is not None:

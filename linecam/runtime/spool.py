@@ -39,6 +39,7 @@ watchdog); ``full`` also a power cut, for an fsync per transaction.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -98,6 +99,10 @@ _SIZE_OF_IDS = f"SELECT COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0) FROM s
 _DELETE_IDS = f"DELETE FROM spool WHERE id IN ({_MARKS})"
 
 
+#: The spool's files (database, WAL, shared memory): the service's user only.
+SPOOL_MODE = 0o600
+
+
 class Spool:
     """The SQLite table. Not thread-safe: one thread uses it (the forwarder), except
     :attr:`rows` / :attr:`bytes`, which are plain ints other threads may read."""
@@ -107,36 +112,88 @@ class Spool:
         self.path = Path(path)
         self.max_rows = int(max_rows)
         self.max_bytes = int(max_bytes)
+        self._sync = sync
+        self._db = self._open()
+        try:
+            rows, size, last = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0), COALESCE(MAX(id), 0) FROM spool"
+            ).fetchone()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise self._unusable(e) from None
+        self.rows, self.bytes = int(rows), int(size)
+        #: Rows left by a previous run, and the highest of their ids.
+        self.leftover, self.leftover_last_id = self.rows, int(last)
+
+    def _unusable(self, e: Exception) -> ConfigError:
+        return ConfigError(f"spool {self.path} is not a usable SQLite database ({e}): move it aside (its unsent "
+                           "messages are lost) or set spool.path elsewhere")
+
+    def _open(self) -> sqlite3.Connection:
+        """Open (or create, mode 0600) the file at :attr:`path` and remember which file it is."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Messages may carry what only the service should read: 0600 whatever the umask.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, SPOOL_MODE))
+            st = os.stat(self.path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per batch).
             db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
             raise ConfigError(f"cannot open the spool {self.path}: {e}; set spool.path to a writable file") from None
-        self._db = db
+        self._file_id = (st.st_dev, st.st_ino)
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 logger.warning("spool %s: journal mode %s, not WAL (file system without shared memory?)",
                                self.path, mode)
-            db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+            db.execute(f"PRAGMA synchronous={'FULL' if self._sync == 'full' else 'NORMAL'}")
             # Deleted rows leave free pages that are reused; keep the WAL file from growing past 8 MB.
             db.execute("PRAGMA journal_size_limit=8388608")
             # The working set is the table's tail: 1 MiB of page cache (default 2 MiB) is plenty.
             db.execute("PRAGMA cache_size=-1024")
             db.execute(_SCHEMA)
-            rows, size, last = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0), COALESCE(MAX(id), 0) FROM spool"
-            ).fetchone()
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                if p.exists():
+                    os.chmod(p, SPOOL_MODE)
         except sqlite3.DatabaseError as e:
             db.close()
-            raise ConfigError(
-                f"spool {self.path} is not a usable SQLite database ({e}): move it aside (its unsent "
-                "messages are lost) or set spool.path elsewhere"
-            ) from None
-        self.rows, self.bytes = int(rows), int(size)
-        #: Rows left by a previous run, and the highest of their ids.
-        self.leftover, self.leftover_last_id = self.rows, int(last)
+            raise self._unusable(e) from None
+        return db
+
+    def reattach(self) -> str | None:
+        """If the spool's file was removed (or replaced) under us, a restart would lose what the
+        open file still holds: write those rows (same ids, same id sequence) into a fresh file at
+        :attr:`path` and use it. Returns what happened (None: the file is still ours). A file put
+        in its place is moved aside to ``<path>.replaced-<time>``, never overwritten."""
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._file_id:
+                return None
+            what = "replaced"
+            os.replace(self.path, f"{self.path}.replaced-{int(time.time())}")
+        except FileNotFoundError:
+            what = "removed"
+        for suffix in ("-wal", "-shm"):  # the old file's; they belong to no database now
+            try:
+                os.unlink(f"{self.path}{suffix}")
+            except FileNotFoundError:
+                pass
+        old = self._db
+        rows = old.execute("SELECT id, topic, payload, qos, created FROM spool ORDER BY id").fetchall()
+        seq = old.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0]
+        db = self._open()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO spool (id, topic, payload, qos, created) VALUES (?, ?, ?, ?, ?)", rows)
+            db.execute("DELETE FROM sqlite_sequence WHERE name = 'spool'")
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('spool', ?)", (int(seq),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        old.close()
+        return f"{what}; re-created it with the {len(rows)} unsent message(s) it held"
 
     # -- writes (each one transaction) --------------------------------------------------------
     def append(self, items: Sequence[tuple[str, bytes, int]]) -> tuple[list[int], list[int]]:

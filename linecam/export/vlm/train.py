@@ -123,7 +123,7 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimi
 
 def _load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
                      fingerprint: str) -> tuple[int, list[dict[str, float]]]:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code from the file
     if ck.get("fingerprint") != fingerprint:
         raise DistilError(f"checkpoint {path} was made from other data, student or settings: drop --resume to "
                           f"start over, or delete it")
