@@ -31,29 +31,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from linecam import messages
-from linecam.paho_log import paho_logger
+from linecam.runtime.mqtt_client import FATAL_CONNACK as _FATAL_CONNACK, make_client
 from linecam.runtime.tls import tls_problem
-from linecam.errors import ConfigError
 from linecam.config import MqttSettings, SpoolSettings
 from linecam.runtime.forwarder import SpoolForwarder
 from linecam.runtime.spool import Spool, SpoolStats
 
 logger = logging.getLogger(__name__)
-
-#: CONNACK reason codes that retrying cannot fix (MQTT 5 numbering; paho maps 3.1.1's onto it).
-_FATAL_CONNACK = {
-    132: "the broker does not support this MQTT version: set mqtt.protocol to '3.1.1'",
-    133: "the client id was rejected: set another mqtt.client_id",
-    134: "check mqtt.username and the password (mqtt.password_file / mqtt.password_env)",
-    135: "check mqtt.username, the password and the broker's ACLs",
-    138: "this client is banned by the broker",
-    140: "check the broker's authentication method",
-}
 
 #: Minimum seconds between two repeated warnings of one kind (the broker can be down for hours).
 _WARN_EVERY_S = 10.0
@@ -137,29 +126,9 @@ class MqttPublisher:
 
     # -- construction ------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client_id = s.client_id or f"linecam-{self.line}-{self.camera}-{uuid.uuid4().hex[:8]}"
-        protocol = mqtt.MQTTv5 if s.protocol == "5" else mqtt.MQTTv311
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-        c.enable_logger(paho_logger(f"{__name__}.paho"))
-        c.max_queued_messages_set(s.max_queued)
-        c.reconnect_delay_set(1, 30)
+        c = make_client(self.settings, f"linecam-{self.line}-{self.camera}-{uuid.uuid4().hex[:8]}",
+                        f"{__name__}.paho")
         self._set_will(c)
-        if s.username:
-            c.username_pw_set(s.username, s.read_password())
-        if s.tls:
-            for key in ("ca_file", "cert_file", "key_file"):
-                p = getattr(s, key)
-                if p is not None and not p.is_file():
-                    raise ConfigError(f"mqtt.{key} {p} does not exist: fix the path")
-            try:
-                c.tls_set(
-                    ca_certs=str(s.ca_file) if s.ca_file else None,
-                    certfile=str(s.cert_file) if s.cert_file else None,
-                    keyfile=str(s.key_file) if s.key_file else None,
-                )
-            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-                raise ConfigError(f"cannot load the MQTT TLS files: {e}") from None
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
