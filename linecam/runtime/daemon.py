@@ -154,7 +154,9 @@ class Daemon:
             ls, ls.tile_size or (w, h), line=self.cfg.line, camera=self.cfg.camera_id,
             image_threshold=self.thresholds.image, counters=out.counters, model=out.model_info,
             publish=out.publish_linescan, on_gap=lambda detail: out.status("running", detail=detail),
-            map_dir=(ls.web_map.dir or state_dir() / "webmaps") if ls.web_map.enabled else None)
+            map_dir=(ls.web_map.dir or state_dir() / "webmaps") if ls.web_map.enabled else None,
+            on_uninspected=lambda detail: out.status("degraded", detail=detail),
+            on_covered=lambda detail: out.status("running", detail=detail))
 
     def run(self) -> RunSummary:
         t_start = time.monotonic()
