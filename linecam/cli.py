@@ -61,17 +61,17 @@ def run(config_path: Path, log_level: str | None) -> None:
 @cli.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
 def check(config_path: Path) -> None:
-    """Validate a config and its bundle (hashes, versions) without starting anything."""
-    from linecam.bundle import load_bundle
+    """Run every check `linecam run` makes before its first frame (config, bundle and runner,
+    MQTT password and TLS files, camera source, line-scan geometry, VLM bundle, state folders),
+    without connecting or grabbing the camera. Exits with the code `run` would."""
     from linecam.config import load_config
+    from linecam.runtime.preflight import preflight
 
     cfg = load_config(config_path)
-    bundle = load_bundle(cfg.model.bundle)
-    m = bundle.manifest
+    setup_logging("WARNING")
     click.echo(f"config ok: line {cfg.line}, camera {cfg.camera_id} ({cfg.camera.kind})")
-    click.echo(f"bundle ok: {m.name}, input {m.input.shape}, files "
-               f"{', '.join(f'{k} ({v.backend}/{v.precision})' for k, v in m.files.items())}, "
-               f"image threshold {m.thresholds.image:.4g} ({m.thresholds.method}, n_good={m.thresholds.n_good})")
+    for line in preflight(cfg):
+        click.echo(line)
 
 
 @cli.command()

@@ -27,12 +27,12 @@ from linecam import messages
 from linecam.bundle import Bundle
 from linecam.camera.base import FrameSource
 from linecam.config import LinecamConfig, state_dir
-from linecam.errors import ConfigError
 from linecam.runtime.acquisition import Acquisition
 from linecam.runtime.backends import Runner
 from linecam.runtime.framecheck import FrameCheck
 from linecam.runtime.inspector import Inspector, Thresholds
 from linecam.runtime.linescan.session import LineScanSession
+from linecam.runtime.linescan.tiles import tile_size_for
 from linecam.runtime.metrics import MetricsReporter
 from linecam.runtime.outbox import Describer, Outbox, Publisher
 from linecam.runtime.sdnotify import Notifier
@@ -145,13 +145,9 @@ class Daemon:
         if not ls.enabled:
             return None
         pre = self.bundle.manifest.preprocess
-        if pre.crop is not None:
-            raise ConfigError("the model bundle crops its input, but line-scan tiles are cut to the model input: "
-                              "use a bundle without preprocess.crop for linescan")
-        h, w = pre.input_size
         out = self.outbox
         return LineScanSession(
-            ls, ls.tile_size or (w, h), line=self.cfg.line, camera=self.cfg.camera_id,
+            ls, tile_size_for(ls.tile_size, pre.input_size, pre.crop), line=self.cfg.line, camera=self.cfg.camera_id,
             image_threshold=self.thresholds.image, counters=out.counters, model=out.model_info,
             publish=out.publish_linescan, on_gap=lambda detail: out.status("running", detail=detail),
             map_dir=(ls.web_map.dir or state_dir() / "webmaps") if ls.web_map.enabled else None,

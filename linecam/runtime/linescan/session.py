@@ -43,10 +43,9 @@ import numpy as np
 from linecam import messages
 from linecam.camera.frame import Frame
 from linecam.config import LineScanSettings
-from linecam.errors import ConfigError
 from linecam.runtime.linescan.coverage import Coverage, tiles_per_frame
 from linecam.runtime.linescan.groups import Break, Group
-from linecam.runtime.linescan.tiles import DownWeb, GapReason, Tile, WebBuffer, tile_columns
+from linecam.runtime.linescan.tiles import DownWeb, GapReason, Tile, WebBuffer, check_geometry, tile_columns
 from linecam.runtime.linescan.webmap import WebMap
 
 logger = logging.getLogger(__name__)
@@ -71,11 +70,7 @@ class LineScanSession:
                  on_covered: Callable[[str], None] | None = None) -> None:
         tw, th = int(tile_size[0]), int(tile_size[1])
         ov = int(settings.overlap_px)
-        if tw <= 0 or th <= 0:
-            raise ConfigError(f"linescan.tile_size {tw}x{th} must be positive")
-        if ov >= min(tw, th):
-            raise ConfigError(f"linescan.overlap_px {ov} must be smaller than the tile ({tw}x{th}): "
-                              "lower it or raise linescan.tile_size")
+        check_geometry((tw, th), ov)
         self.settings = settings
         self.tile_w, self.tile_h, self.overlap = tw, th, ov
         self.stride = th - ov
@@ -303,9 +298,7 @@ class LineScanSession:
 
     def _init_layout(self, frame: Frame) -> None:
         h, w, c = frame.image.shape
-        if w < self.tile_w:
-            raise ConfigError(f"the camera's lines are {w} px wide, narrower than the {self.tile_w} px tile: "
-                              "set linescan.tile_size to at most the line width")
+        check_geometry((self.tile_w, self.tile_h), self.overlap, int(w))
         self._width = int(w)
         self._layout = (int(c), str(frame.image.dtype), int(frame.bit_depth))
         self._h_nominal = int(h)
