@@ -75,6 +75,27 @@ def check(config_path: Path) -> None:
 
 
 @cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="The line-scan line config (camera:, linescan:).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the tile PNGs.")
+@click.option("--count", type=click.IntRange(min=1), default=1000, show_default=True, help="Tiles to write.")
+@click.option("--tile", type=click.IntRange(min=16), default=None,
+              help="Tile size in px (the model input size to fit); default: linescan.tile_size, else 256.")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Keep one tile row in N (spans more web).")
+def tiles(config_path: Path, out: Path, count: int, tile: int | None, every: int) -> None:
+    """Save a line-scan web's tiles as PNGs, to fit a web expert on: export-engine fit --images OUT."""
+    from linecam.config import load_config
+    from linecam.runtime.collect_tiles import collect_tiles
+
+    cfg = load_config(config_path)
+    setup_logging("WARNING")
+    n = collect_tiles(cfg, out, count=count, tile=tile, every=every)
+    click.echo(f"{n} tile(s) written to {out}; next: export-engine fit --images {out} --size {tile or 256} "
+               "--out bundles/<name>")
+
+
+@cli.command()
 @click.option("--camera", type=click.Choice(["synthetic", "viky"]), default="synthetic",
               help="synthetic: a simulated line with known defects; viky: the GenICam virtual camera via harvesters.")
 @click.option("--frames", type=int, default=120, show_default=True, help="Frames to inspect.")

@@ -102,3 +102,27 @@ def test_coverage_reports_area_then_recovery():
     assert len(said) == 1 and cov.skipped == 2
     cov.done(0, 256, 768, 1024, inspected=True)
     assert back and "2 tile(s) not inspected" in back[0]
+
+
+def test_tiles_command_saves_web_tiles_to_fit_on(tmp_path):
+    """`linecam tiles` (the README's way to make a web bundle): the tiles run would cut, as PNGs."""
+    import subprocess
+    import sys
+
+    import cv2
+    import yaml
+
+    cfg = {"camera": {"kind": "synthetic_web", "width": 256, "lines_per_frame": 64, "frames": 20,
+                      "line_rate_hz": None},
+           "model": {"bundle": str(tmp_path / "not-needed")}, "mqtt": {"host": "127.0.0.1"},
+           "linescan": {"enabled": True, "overlap_px": 16}}
+    path = tmp_path / "web.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "tiles"
+    proc = subprocess.run([sys.executable, "-m", "linecam", "tiles", "--config", str(path), "--out", str(out),
+                           "--tile", "64", "--count", "12"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "12 tile(s) written" in proc.stdout and "export-engine fit --images" in proc.stdout
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 12
+    assert cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED).shape[:2] == (64, 64)
