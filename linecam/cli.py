@@ -33,7 +33,7 @@ class _Group(click.Group):
             ctx.exit(e.exit_code)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="linecam")
 def cli() -> None:
     """linecam: region expert on every frame, verdicts over MQTT."""
