@@ -118,8 +118,7 @@ class RuntimeConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    #: Annotated JPEGs of NG frames. Default: $LINECAM_STATE_DIR/snapshots (systemd's StateDirectory)
-    #: or ./linecam-state/snapshots.
+    #: Annotated JPEGs of NG frames. Default: <state dir>/snapshots (see ``state_dir``).
     snapshots_dir: Path | None = None
     snapshots_max_files: int = Field(default=500, ge=1)
     snapshots_max_mb: float = Field(default=200.0, gt=0)
