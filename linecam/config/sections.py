@@ -87,6 +87,8 @@ class RuntimeConfig(StrictModel):
     #: Inference threads (each runs one frame at a time; verdicts may leave out of frame order).
     workers: int = Field(default=2, ge=1, le=16)
     metrics_interval_s: float = Field(default=10.0, gt=0)
+    #: A progress line in the log this often (fps, OK/NG/skipped, broker state); null: none.
+    log_interval_s: float | None = Field(default=60.0, gt=0)
     #: NG frames waiting for their annotated snapshot; when full the defect event is sent without one.
     snapshot_queue_size: int = Field(default=16, ge=1)
     #: A free-running camera that delivers no frame for this long is treated as disconnected

@@ -33,7 +33,7 @@ from linecam.runtime.framecheck import FrameCheck
 from linecam.runtime.inspector import Inspector, Thresholds
 from linecam.runtime.linescan.session import LineScanSession
 from linecam.runtime.linescan.tiles import tile_size_for
-from linecam.runtime.metrics import MetricsReporter
+from linecam.runtime.metrics import MetricsReporter, ProgressLog
 from linecam.runtime.outbox import Describer, Outbox, Publisher
 from linecam.runtime.sdnotify import Notifier
 from linecam.runtime.snapshots import SnapshotWriter
@@ -165,6 +165,8 @@ class Daemon:
             queue_depths=lambda: {"inference": self._in_q.qsize(), "snapshots": out.snapshot_queue_depth},
             extra_counters=(lambda: {f"vlm_{k}": v for k, v in describer.counters.items()})
             if describer is not None else None)
+        every = self.cfg.runtime.log_interval_s
+        progress = ProgressLog(out, every, self._stop) if every is not None else None
         try:
             linescan = self._start_linescan()
             out.linescan = self.acquisition.linescan = linescan
@@ -174,11 +176,15 @@ class Daemon:
             for t in self._workers:
                 t.start()
             metrics.start()
+            if progress is not None:
+                progress.start()
             self.acquisition.run()
         finally:
             self._drain()
             self._stop.set()
             metrics.join(timeout=5)
+            if progress is not None:
+                progress.join(timeout=5)
         return RunSummary(out.counters.snapshot(), out.stats.summary(), time.monotonic() - t_start)
 
     def _drain(self) -> None:
