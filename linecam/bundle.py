@@ -236,7 +236,8 @@ def read_manifest(root: Path, model: type[M], *, newest_version: int, fix: str, 
         raise BundleError(f"{mpath} is not a JSON object: the bundle is corrupt; {fix}")
     if kind is not None and raw.get("kind", kind) != kind:
         setting, command = {"region_expert": ("model.bundle (or --bundle)", "export-engine fit / distil"),
-                            "vlm": ("vlm.bundle", "export-engine vlm")}.get(kind, ("the bundle setting", "export-engine"))
+                            "vlm": ("vlm.bundle", "export-engine vlm")}.get(
+                                kind, ("the bundle setting", "export-engine"))
         raise BundleError(f"{mpath} is a {str(raw.get('kind'))[:40]!r} bundle, not a {kind!r} bundle: point "
                           f"{setting} at a folder {command} wrote")
     version = raw.get("schema_version")

@@ -11,7 +11,8 @@ from linecam.runtime.outbox import Outbox
 
 
 def _verdict(**kw):
-    return messages.verdict(line="l", camera="c", frame_id=3, verdict="SKIPPED", score=None, score_raw=None, threshold=1.0, reason="queue_full",
+    return messages.verdict(line="l", camera="c", frame_id=3, verdict="SKIPPED", score=None, score_raw=None,
+                            threshold=1.0, reason="queue_full",
                             frame_ts_ns=1, frame_clock="host_monotonic", frame_mono_ns=1, latency_ms={"total": 1.0},
                             model=None, **kw)
 

@@ -125,8 +125,9 @@ class VlmBundle(Bundle):
         have = ", ".join(sorted(r for r in self.manifest.files if r.startswith("decoder_"))) or "none"
         how = ("--fp16" if prec == "fp16" else f"--quantize {prec}") if prec in ("fp16", "int8", "int4") else ""
         hf = self.manifest.provenance.details.get("source") or "<the HF model folder>"
-        raise BundleError(f"VLM bundle {self.root} has no {prec} '{role}' file (decoders: {have}): set vlm.precision "
-                          f"to one it has, or re-export: export-engine vlm --model {hf} --out {self.root} {how}".rstrip())
+        raise BundleError(f"VLM bundle {self.root} has no {prec} '{role}' file (decoders: {have}): set "
+                          f"vlm.precision to one it has, or re-export: export-engine vlm --model {hf} --out "
+                          f"{self.root} {how}".rstrip())
 
 
 def load_vlm_bundle(root: str | Path, verify: bool = True) -> VlmBundle:
