@@ -235,8 +235,11 @@ def read_manifest(root: Path, model: type[M], *, newest_version: int, fix: str, 
     if not isinstance(raw, dict):
         raise BundleError(f"{mpath} is not a JSON object: the bundle is corrupt; {fix}")
     if kind is not None and raw.get("kind", kind) != kind:
-        raise BundleError(f"{mpath} is a {str(raw.get('kind'))[:40]!r} bundle, not a {kind!r} bundle: "
-                          f"point this setting at the folder the matching export-engine command wrote")
+        setting, command = {"region_expert": ("model.bundle (or --bundle)", "export-engine fit / distil"),
+                            "vlm": ("vlm.bundle", "export-engine vlm")}.get(
+                                kind, ("the bundle setting", "export-engine"))
+        raise BundleError(f"{mpath} is a {str(raw.get('kind'))[:40]!r} bundle, not a {kind!r} bundle: point "
+                          f"{setting} at a folder {command} wrote")
     version = raw.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{mpath} has no integer 'schema_version': not a linecam bundle; {fix}")

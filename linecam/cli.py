@@ -33,7 +33,7 @@ class _Group(click.Group):
             ctx.exit(e.exit_code)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="linecam")
 def cli() -> None:
     """linecam: region expert on every frame, verdicts over MQTT."""
@@ -66,17 +66,38 @@ def run(config_path: Path, log_level: str | None) -> None:
 @cli.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
 def check(config_path: Path) -> None:
-    """Validate a config and its bundle (hashes, versions) without starting anything."""
-    from linecam.bundle import load_bundle
+    """Run every check `linecam run` makes before its first frame (config, bundle and runner,
+    MQTT password and TLS files, camera source, line-scan geometry, VLM bundle, state folders),
+    without connecting or grabbing the camera. Exits with the code `run` would."""
     from linecam.config import load_config
+    from linecam.runtime.preflight import preflight
 
     cfg = load_config(config_path)
-    bundle = load_bundle(cfg.model.bundle)
-    m = bundle.manifest
+    setup_logging("WARNING")
     click.echo(f"config ok: line {cfg.line}, camera {cfg.camera_id} ({cfg.camera.kind})")
-    click.echo(f"bundle ok: {m.name}, input {m.input.shape}, files "
-               f"{', '.join(f'{k} ({v.backend}/{v.precision})' for k, v in m.files.items())}, "
-               f"image threshold {m.thresholds.image:.4g} ({m.thresholds.method}, n_good={m.thresholds.n_good})")
+    for line in preflight(cfg):
+        click.echo(line)
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="The line-scan line config (camera:, linescan:).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the tile PNGs.")
+@click.option("--count", type=click.IntRange(min=1), default=1000, show_default=True, help="Tiles to write.")
+@click.option("--tile", type=click.IntRange(min=16), default=None,
+              help="Tile size in px (the model input size to fit); default: linescan.tile_size, else 256.")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Keep one tile row in N (spans more web).")
+def tiles(config_path: Path, out: Path, count: int, tile: int | None, every: int) -> None:
+    """Save a line-scan web's tiles as PNGs, to fit a web expert on: export-engine fit --images OUT."""
+    from linecam.config import load_config
+    from linecam.runtime.collect_tiles import collect_tiles
+
+    cfg = load_config(config_path)
+    setup_logging("WARNING")
+    n = collect_tiles(cfg, out, count=count, tile=tile, every=every)
+    click.echo(f"{n} tile(s) written to {out}; next: export-engine fit --images {out} --size {tile or 256} "
+               "--out bundles/<name>")
 
 
 @cli.command()

@@ -82,6 +82,7 @@ def demo_config(bundle: Path, port: int, camera: str, frames: int, fps: float, s
         "mqtt": {"host": "127.0.0.1", "port": port},
         "runtime": {"queue_size": 32, "metrics_interval_s": 2.0},
         "output": {"snapshots_dir": str(snapshots.resolve()), "snapshots_max_files": 200},
+        "spool": {"path": str(snapshots.resolve().parent / f"spool-demo-{camera}.db")},  # the demo's own work dir
     }
 
 

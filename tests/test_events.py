@@ -175,7 +175,7 @@ def test_cli_ng_only(broker):
 def test_cli_table_view(broker):
     feeder = Feeder(broker)
     try:
-        res = _cli(["--host", broker.host, "--port", str(broker.port), "--count", "8", "--timeout", "20"])
+        res = _cli(["--host", broker.host, "--port", str(broker.port), "--count", "8", "--timeout", "20", "--table"])
     finally:
         feeder.stop()
     assert res.exit_code == 0, res.output

@@ -20,6 +20,7 @@ from linecam.camera.synthetic_web import SyntheticWebSource
 from linecam.config import parse_config
 from linecam.errors import CameraError
 from linecam.events import EventTable, subscribe
+from linecam.runtime.linescan import WebMap
 from linecam.runtime.service import run_service
 
 W, H, FRAMES, DROP = 256, 96, 40, 25  # web px, lines per frame, frames, the frame the camera loses
@@ -165,6 +166,9 @@ def test_every_web_defect_once_at_its_position_and_a_dropped_frame_is_a_gap(brok
     maps = list((tmp_path / "maps").glob("webmap_t_c0_*.png"))
     assert len(maps) == 1
     img = cv2.imread(str(maps[0]))
+    legend = img[-WebMap.LEGEND_ROWS:]
+    assert (legend == 255).mean() > 0.5 and (legend < 128).any()  # the legend band: mm scale and colours
+    img = img[:-WebMap.LEGEND_ROWS]
     gap_rows = 6  # WebMap.GAP_ROWS; here one map pixel = one web pixel (0.1 mm / 0.2 mm -> 1 line)
     assert img.shape == ((FRAMES - 1) * H + gap_rows, W, 3)
     red = (img[:, :, 2] == 255) & (img[:, :, 1] == 0) & (img[:, :, 0] == 0)

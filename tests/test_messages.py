@@ -88,7 +88,7 @@ def make_web_gap(**over):
 BUILDERS = {"verdict": make_verdict, "defect": make_defect, "status": make_status, "metrics": make_metrics,
             "description": make_description, "web_defect": make_web_defect, "web_gap": make_web_gap}
 #: Properties a builder emits only when asked (line-scan fields of a verdict).
-OPTIONAL = {"verdict": {"tile"}}
+OPTIONAL = {"verdict": {"tile", "source"}}  # source: replay frames only
 
 
 # -- valid messages ----------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_builders_produce_valid_messages_with_common_fields(kind):
 def test_line_scan_verdict_carries_its_tile():
     msg = make_verdict(frame_id=12, tile={**TILE, "id": np.int64(12), "bbox_px": np.array([0, 80, 64, 64])})
     validate(msg)
-    assert set(msg) == set(load_schema("verdict")["properties"])
+    assert set(msg) == set(load_schema("verdict")["properties"]) - {"source"}
     back = json.loads(messages.to_json(msg))
     assert back["tile"] == TILE
     validate(back)

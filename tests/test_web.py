@@ -276,7 +276,7 @@ def test_skipped_tiles_are_counted_and_repeats_ignored(tmp_path):
         session.tile_done(t, [], EID, inspected=False)  # a repeat: ignored
     c = session._counters.snapshot()
     assert c["web_tiles_skipped"] == len(tiles) // 2 and c["tiles"] == len(tiles) and c["web_lines"] == 4 * 96
-    img = cv2.imread(str(session.map_path))
+    img = cv2.imread(str(session.map_path))[:-WebMap.LEGEND_ROWS]  # the map, without its legend band
     assert img is not None and ((img[:, :, 0] == 255) & (img[:, :, 1] == 80)).any()  # blue: not inspected
 
 
@@ -291,7 +291,9 @@ def test_web_map_downsamples_and_stays_bounded(tmp_path):
     assert m._rows <= 200 and m.sy >= 4 and abs(m._rows * m.sy - 1000) <= 2 * m.sy
     m.box(1000, 740, 1040, 760, "0")
     img = cv2.imread(str(m.write(tmp_path / "map.png")))
-    assert img.shape == (m._rows, 512, 3)
+    assert img.shape == (m._rows + WebMap.LEGEND_ROWS, 512, 3)
+    legend, img = img[m._rows:], img[:m._rows]
+    assert (legend == 255).mean() > 0.5 and ((legend[:, :, 2] == 255) & (legend[:, :, 1] == 0)).any()  # red swatch
     red = (img[:, :, 2] == 255) & (img[:, :, 1] == 0) & (img[:, :, 0] == 0)
     ys, xs = np.nonzero(red)
     assert 240 <= xs.min() <= 250 and 258 <= xs.max() <= 275

@@ -51,7 +51,7 @@ def _command_line(prefix: str) -> str:
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots (no matplotlib needed).")
 @click.option("--readme", type=click.Path(path_type=Path), default=None,
               help="Also regenerate the benchmark table between the bench markers of this README.")
-@click.option("--e2e-seconds", type=float, default=None, help="Measured seconds of the 80 %% / e2e run.")
+@click.option("--e2e-seconds", type=float, default=None, help="Measured seconds of the 80 % / e2e run.")
 @click.option("--vlm-bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="VLM bundle for the vlm mode. Default: a reference one (SmolVLM-256M dimensions, random weights), "
                    "built once into --workdir (needs torch); with --quick the vlm mode runs only when given.")

@@ -23,7 +23,7 @@ class EncoderScale(BaseModel):
 class WebMapSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    #: Default: $LINECAM_STATE_DIR/webmaps (or ./linecam-state/webmaps).
+    #: Default: <state dir>/webmaps (see ``linecam.config.load.state_dir``).
     dir: Path | None = None
     #: The web's width on the map at most (the web is downsampled by a whole factor).
     max_width_px: int = Field(default=1024, ge=16)

@@ -52,7 +52,7 @@ class LinecamConfig(StrictModel):
 
     def snapshots_dir(self) -> Path:
         if self.output.snapshots_dir is not None:
-            return self.output.snapshots_dir
+            return self.output.snapshots_dir.absolute()  # event snapshot paths: usable by a subscriber
         return state_dir() / "snapshots"
 
     def spool_settings(self) -> SpoolSettings:
@@ -64,9 +64,18 @@ class LinecamConfig(StrictModel):
 
 
 def state_dir() -> Path:
-    """``$LINECAM_STATE_DIR`` (systemd's StateDirectory) or ``./linecam-state``."""
+    """Where the spool, snapshots and web maps go unless the config says otherwise; absolute,
+    whatever the working directory: ``$LINECAM_STATE_DIR`` (the systemd unit sets it to its
+    StateDirectory), else ``$STATE_DIRECTORY`` (systemd's own variable, first entry), else
+    ``$XDG_STATE_HOME/linecam``, else ``~/.local/state/linecam``."""
     state = os.environ.get("LINECAM_STATE_DIR")
-    return Path(state) if state else Path("linecam-state")
+    if not state and os.environ.get("STATE_DIRECTORY"):
+        state = os.environ["STATE_DIRECTORY"].split(":")[0]
+    if not state:
+        xdg = os.environ.get("XDG_STATE_HOME")
+        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+        return (base / "linecam").absolute()
+    return Path(state).expanduser().absolute()
 
 
 def _printable(text: str) -> str:

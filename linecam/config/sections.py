@@ -87,6 +87,8 @@ class RuntimeConfig(StrictModel):
     #: Inference threads (each runs one frame at a time; verdicts may leave out of frame order).
     workers: int = Field(default=2, ge=1, le=16)
     metrics_interval_s: float = Field(default=10.0, gt=0)
+    #: A progress line in the log this often (fps, OK/NG/skipped, broker state); null: none.
+    log_interval_s: float | None = Field(default=60.0, gt=0)
     #: NG frames waiting for their annotated snapshot; when full the defect event is sent without one.
     snapshot_queue_size: int = Field(default=16, ge=1)
     #: A free-running camera that delivers no frame for this long is treated as disconnected
@@ -118,8 +120,7 @@ class RuntimeConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    #: Annotated JPEGs of NG frames. Default: $LINECAM_STATE_DIR/snapshots (systemd's StateDirectory)
-    #: or ./linecam-state/snapshots.
+    #: Annotated JPEGs of NG frames. Default: <state dir>/snapshots (see ``state_dir``).
     snapshots_dir: Path | None = None
     snapshots_max_files: int = Field(default=500, ge=1)
     snapshots_max_mb: float = Field(default=200.0, gt=0)

@@ -14,8 +14,7 @@ class SpoolSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    #: Default: ``$LINECAM_STATE_DIR/spool-<line>-<camera>.db`` (systemd's StateDirectory),
-    #: else ``./linecam-state/spool-<line>-<camera>.db``.
+    #: Default: ``<state dir>/spool-<line>-<camera>.db`` (see ``linecam.config.load.state_dir``).
     path: Path | None = None
     #: Caps; when either is reached the oldest messages are dropped (and counted).
     max_rows: int = Field(default=500_000, ge=10)

@@ -24,6 +24,7 @@ def verdict(
     n_regions: int = 0,
     reason: str | None = None,
     tile: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One verdict per frame (in line-scan mode: per tile, ``frame_id`` = tile id).
 
@@ -32,7 +33,8 @@ def verdict(
     ``"queue_full"``). ``latency_ms`` keys: queue, preprocess, inference, postprocess,
     total (frame ready on the host -> publish); a SKIPPED verdict may carry only some.
     ``tile`` (line-scan mode only; the key is absent otherwise): where the tile lies on the
-    web, see :func:`linecam.runtime.linescan.LineScanSession`.
+    web, see :func:`linecam.runtime.linescan.LineScanSession`. ``source`` (replay only; absent
+    otherwise): the file the frame came from, ``{path, index, loop}``.
     """
     msg = _header("verdict", line, camera)
     msg.update(
@@ -51,6 +53,9 @@ def verdict(
     )
     if tile is not None:
         msg["tile"] = _tile(tile)
+    if source is not None and source.get("path"):
+        msg["source"] = {"path": str(source["path"]), "index": int(source.get("index", 0)),
+                         "loop": int(source.get("loop", 0))}
     return msg
 
 

@@ -36,6 +36,7 @@ from linecam.camera.frame import Frame
 from linecam.config import MqttSettings, RuntimeConfig
 from linecam.errors import BrokerError, CameraError
 from linecam.runtime.framecheck import FrameCheck
+from linecam.runtime.linescan.coverage import queue_size_for
 from linecam.runtime.linescan.session import LineScanSession
 from linecam.runtime.outbox import Outbox
 from linecam.runtime.sdnotify import Notifier
@@ -70,6 +71,7 @@ class Acquisition:
         self._ready_sent = False
         self._waiting_said = False
         self._stall_said = False
+        self._queue_sized = False
         self._t_start = time.monotonic()
         self._wd_interval = 5.0
         self._last_wd = 0.0
@@ -110,8 +112,29 @@ class Acquisition:
         if self.linescan is None:
             self.enqueue(frame)
             return
-        for tile in self.linescan.push(frame):
+        tiles = self.linescan.push(frame)
+        if not self._queue_sized:
+            self._size_queue_for_tiles()
+        for tile in tiles:
             self.enqueue(tile)
+
+    def _size_queue_for_tiles(self) -> None:
+        """Line-scan: one frame completes a whole batch of tiles at once, so the queue holds two
+        frames' worth (``runtime.queue_size`` is sized for area cameras): tiles are dropped only
+        when the model is really slower than the line rate, and that is reported (``coverage``)."""
+        per_frame = self.linescan.tiles_per_frame if self.linescan is not None else None
+        if per_frame is None:
+            return
+        self._queue_sized = True
+        q = self.in_q
+        size = queue_size_for(self.rt.queue_size, per_frame)
+        with q.mutex:
+            if q.maxsize <= 0 or size <= q.maxsize:
+                return
+            q.maxsize = size
+            q.not_full.notify_all()
+        logger.info("line-scan: inference queue holds %d tiles (%d per camera frame; runtime.queue_size %d is "
+                    "for frames of an area camera)", size, per_frame, self.rt.queue_size)
 
     # -- readiness and watchdog --------------------------------------------------------------
     def _maybe_ready(self) -> None:

@@ -27,13 +27,13 @@ from linecam import messages
 from linecam.bundle import Bundle
 from linecam.camera.base import FrameSource
 from linecam.config import LinecamConfig, state_dir
-from linecam.errors import ConfigError
 from linecam.runtime.acquisition import Acquisition
 from linecam.runtime.backends import Runner
 from linecam.runtime.framecheck import FrameCheck
 from linecam.runtime.inspector import Inspector, Thresholds
 from linecam.runtime.linescan.session import LineScanSession
-from linecam.runtime.metrics import MetricsReporter
+from linecam.runtime.linescan.tiles import tile_size_for
+from linecam.runtime.metrics import MetricsReporter, ProgressLog
 from linecam.runtime.outbox import Describer, Outbox, Publisher
 from linecam.runtime.sdnotify import Notifier
 from linecam.runtime.snapshots import SnapshotWriter
@@ -154,16 +154,14 @@ class Daemon:
         if not ls.enabled:
             return None
         pre = self.bundle.manifest.preprocess
-        if pre.crop is not None:
-            raise ConfigError("the model bundle crops its input, but line-scan tiles are cut to the model input: "
-                              "use a bundle without preprocess.crop for linescan")
-        h, w = pre.input_size
         out = self.outbox
         return LineScanSession(
-            ls, ls.tile_size or (w, h), line=self.cfg.line, camera=self.cfg.camera_id,
+            ls, tile_size_for(ls.tile_size, pre.input_size, pre.crop), line=self.cfg.line, camera=self.cfg.camera_id,
             image_threshold=self.thresholds.image, counters=out.counters, model=out.model_info,
             publish=out.publish_linescan, on_gap=lambda detail: out.status("running", detail=detail),
-            map_dir=(ls.web_map.dir or state_dir() / "webmaps") if ls.web_map.enabled else None)
+            map_dir=(ls.web_map.dir or state_dir() / "webmaps") if ls.web_map.enabled else None,
+            on_uninspected=lambda detail: out.status("degraded", detail=detail),
+            on_covered=lambda detail: out.status("running", detail=detail))
 
     def run(self) -> RunSummary:
         t_start = time.monotonic()
@@ -176,6 +174,8 @@ class Daemon:
             queue_depths=self.queue_depths,
             extra_counters=(lambda: {f"vlm_{k}": v for k, v in describer.counters.items()})
             if describer is not None else None)
+        every = self.cfg.runtime.log_interval_s
+        progress = ProgressLog(out, every, self._stop) if every is not None else None
         try:
             linescan = self._start_linescan()
             out.linescan = self.acquisition.linescan = linescan
@@ -185,11 +185,15 @@ class Daemon:
             for t in self._workers:
                 t.start()
             metrics.start()
+            if progress is not None:
+                progress.start()
             self.acquisition.run()
         finally:
             self._drain()
             self._stop.set()
             metrics.join(timeout=5)
+            if progress is not None:
+                progress.join(timeout=5)
         return RunSummary(out.counters.snapshot(), out.stats.summary(), time.monotonic() - t_start)
 
     def _drain(self) -> None:

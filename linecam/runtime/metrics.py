@@ -71,3 +71,67 @@ class MetricsReporter:
             out.publisher.publish(out.topics.metrics, msg, qos=0)
             self.notifier.status(f"{fps:.1f} fps, {c.get('frames', 0)} frames, {c.get('ng', 0)} NG, "
                                  f"{c.get('skipped', 0)} skipped, camera {out.camera_state}")
+
+
+class ProgressLog:
+    """Every ``every_s`` one log line while running: fps since the last line, OK / NG / skipped
+    (and tiles not inspected in line-scan mode), the broker's state and how long it has been down,
+    the spool's backlog. INFO while all is well; WARNING with the broker down or frames skipped."""
+
+    def __init__(self, outbox: Outbox, every_s: float, stop: threading.Event) -> None:
+        self.outbox = outbox
+        self.every_s = every_s
+        self._stop = stop
+        self._thread: threading.Thread | None = None
+        self._down_since: float | None = None
+        self._last = (0, 0, time.monotonic())  # frames, skipped, when
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="progress-log", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        due = time.monotonic() + self.every_s
+        while not self._stop.wait(min(1.0, self.every_s)):
+            self._watch_broker()
+            if time.monotonic() >= due:
+                due += self.every_s
+                self.log_line()
+
+    def _watch_broker(self) -> None:
+        up = self.outbox.publisher.connected
+        if not up and self._down_since is None:
+            self._down_since = time.monotonic()
+        elif up:
+            self._down_since = None
+
+    def line(self) -> tuple[int, str]:
+        """(level, text) of the progress line now."""
+        out = self.outbox
+        c = out.counters.snapshot()
+        frames, skipped, now = c.get("frames", 0), c.get("skipped", 0), time.monotonic()
+        f0, s0, t0 = self._last
+        self._last = (frames, skipped, now)
+        fps = (frames - f0) / max(now - t0, 1e-6)
+        where = getattr(out.publisher, "address", "broker")
+        if self._down_since is None:
+            broker = f"broker {where} connected"
+        else:
+            broker = f"broker {where} DOWN for {now - self._down_since:.0f} s"
+        spool = out.publisher.spool_stats()
+        backlog = f", spool {spool.rows} unsent" if spool is not None and spool.rows else ""
+        tiles = c.get("web_tiles_skipped", 0)
+        web = f", {tiles} tiles not inspected" if tiles else ""
+        text = (f"running: {fps:.1f} fps | {frames} frames: OK {c.get('ok', 0)}, NG {c.get('ng', 0)}, "
+                f"skipped {skipped} (+{skipped - s0}){web} | {broker}{backlog} | camera {out.camera_state}")
+        bad = self._down_since is not None or skipped > s0 or out.camera_state != "up"
+        return (logging.WARNING if bad else logging.INFO), text
+
+    def log_line(self) -> None:
+        self._watch_broker()
+        level, text = self.line()
+        logger.log(level, "%s", text)

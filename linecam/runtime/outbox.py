@@ -171,7 +171,8 @@ class Outbox:
                                    score=ins.score_raw / thr, score_raw=ins.score_raw, threshold=thr,
                                    frame_ts_ns=frame.timestamp_ns, frame_clock=frame.clock,
                                    frame_mono_ns=host_ns, latency_ms=dict(zip(STAGES, (round(v, 3) for v in lat))),
-                                   model=self.model_info, n_regions=len(ins.regions), tile=tile_fields(frame))
+                                   model=self.model_info, n_regions=len(ins.regions), tile=tile_fields(frame),
+                                   source=frame.meta if frame.meta and "path" in frame.meta else None)
             self.publisher.publish(self.topics.verdict, msg, qos=1)
         except Exception:  # a bug must not kill the worker silently: count, log, go on
             self.counters.inc("errors")
@@ -199,7 +200,8 @@ class Outbox:
                                score_raw=None, threshold=self.thresholds.image, frame_ts_ns=frame.timestamp_ns,
                                frame_clock=frame.clock, frame_mono_ns=frame.host_ns,
                                latency_ms={"total": round(total, 3)}, model=self.model_info, reason=reason,
-                               tile=tile_fields(frame))
+                               tile=tile_fields(frame),
+                               source=frame.meta if frame.meta and "path" in frame.meta else None)
         self.publisher.publish(self.topics.verdict, msg, qos=1)
         self._tile_done(frame, [], msg["event_id"], inspected=False)
 

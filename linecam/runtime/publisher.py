@@ -271,9 +271,15 @@ class MqttPublisher:
                         self._published > self._acked or (fwd is not None and fwd.pending > 0)):
                     self._cond.wait(min(0.05, max(deadline - time.monotonic(), 0.0)))
                 pending = self._published - self._acked
-            if pending:
+            if pending and fwd is not None:  # what bypasses the spool: retained status (and QoS 0 metrics)
                 logger.warning(
-                    "%d MQTT message(s) not confirmed by broker %s after %.1f s; they are lost",
+                    "%d status/metrics message(s) not confirmed by broker %s after %.1f s: not sent (they are "
+                    "not spooled; the next start publishes a fresh status); verdicts and events are in the spool",
+                    pending, self.address, drain_timeout,
+                )
+            elif pending:
+                logger.warning(
+                    "%d MQTT message(s) not confirmed by broker %s after %.1f s; they are lost (spool off)",
                     pending, self.address, drain_timeout,
                 )
         self._client.disconnect()

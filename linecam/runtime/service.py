@@ -138,5 +138,9 @@ def _run_service(cfg: LinecamConfig, on_daemon: Callable[[Daemon], None] | None)
     spool = publisher.spool_stats()
     if spool is not None and spool.dropped:
         summary.counters["spool_dropped"] = spool.dropped
-    logger.info("stopped after %.1f s: %s", summary.seconds, summary.counters)
+    c = summary.counters
+    rest = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.items())
+                     if v and k not in ("frames", "ok", "ng", "skipped"))
+    logger.info("stopped after %.1f s: %d frames (OK %d, NG %d, skipped %d)%s", summary.seconds, c.get("frames", 0),
+                c.get("ok", 0), c.get("ng", 0), c.get("skipped", 0), f"; {rest}" if rest else "")
     return summary

@@ -32,6 +32,26 @@ logger = logging.getLogger(__name__)
 BLOCK_SIZE = 32
 
 
+#: Below this share of identical free-running sequences, a quantized decoder is called out.
+MIN_EXACT = 0.5
+
+
+def _quiet_quantizer() -> Any:
+    """ORT's MatMulNBits quantizer, without its log flood: importing it calls
+    ``logging.basicConfig(level=INFO)`` (a root handler at INFO for everything) and it logs a
+    line per weight (1,600 lines for a small VLM). Undo the first, keep it to warnings."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
+
+
 def quantize_weights(src: str | Path, dst: str | Path, bits: int, block_size: int = BLOCK_SIZE,
                      accuracy_level: int | None = 4) -> Path:
     """Weight-only quantize every MatMul with a constant weight to ``bits`` (4 or 8) via MatMulNBits.
@@ -39,8 +59,8 @@ def quantize_weights(src: str | Path, dst: str | Path, bits: int, block_size: in
     ``accuracy_level=4`` lets ORT's CPU kernel compute in int8 (its fastest path).
     """
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    MatMulNBitsQuantizer = _quiet_quantizer()
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
     model = onnx.load(str(src))
@@ -120,6 +140,12 @@ def add_variants(out: str | Path, *, quantize: tuple[str, ...] = ("int8", "int4"
     for prec in quantize:
         quality[f"decoder_{prec}"] = token_agreement(out, prec, n_prompts=n_prompts, n_tokens=n_tokens)
         logger.info("decoder_%s token agreement vs fp32: %s", prec, json.dumps(quality[f"decoder_{prec}"]))
+        exact = float(quality[f"decoder_{prec}"].get("exact_sequences", 1.0))
+        if exact < MIN_EXACT:
+            logger.warning("decoder_%s reproduces only %.0f %% of the fp32 decoder's descriptions exactly (teacher-"
+                           "forced token agreement %.0f %%): its descriptions will read differently; prefer "
+                           "vlm.precision int8 or fp32, or leave %s out (--quantize)", prec, 100 * exact,
+                           100 * float(quality[f"decoder_{prec}"].get("teacher_forced", 0.0)), prec)
     man = man.model_copy(update={"quality": quality})
     write_manifest(out, man)  # type: ignore[arg-type]
     return man

@@ -2,6 +2,7 @@
 
 * :mod:`~linecam.runtime.linescan.tiles` — tile columns, :class:`Tile`, down-web position, web buffer;
 * :mod:`~linecam.runtime.linescan.webmap` — the PNG map of the web;
+* :mod:`~linecam.runtime.linescan.coverage` — uninspected tiles, reported as they happen;
 * :mod:`~linecam.runtime.linescan.session` — :class:`LineScanSession`, the acquisition-side
   adapter that cuts tiles and merges their regions into ``web_defect`` events.
 """

@@ -1,35 +1,28 @@
 """Continuous web inspection for line-scan cameras: frames -> tiles -> web defects in mm.
 
-A line-scan camera sends frames of ``Height`` lines of one continuous web. The model
-inspects fixed-size images, and defects do not respect frame boundaries, so
-:class:`LineScanSession` (one per daemon run, ``linescan.enabled``):
+A line-scan camera sends frames of ``Height`` lines of one continuous web; defects do not
+respect frame boundaries, so :class:`LineScanSession` (one per run, ``linescan.enabled``):
 
-1. appends each frame to a rolling web buffer (:class:`WebBuffer`), at web line
-   ``line0`` = where the previous frame ended, plus ``Height`` per missing frame id;
-2. cuts tiles of ``tile_size`` with ``overlap_px`` overlap across the width and along
-   the length (:func:`tile_columns`; at least the largest defect expected, so every
-   defect lies whole inside some tile); each tile is a :class:`~linecam.camera.frame.Frame`
-   (``frame_id`` = tile id, ``meta["tile"]`` = :class:`Tile`) for the normal region-expert
-   path, which publishes exactly one verdict per tile;
-3. maps every tile's regions to web pixels and merges those that overlap or touch
-   (one defect seen by several overlapping tiles, or cut by a tile or frame boundary) into
-   one web defect with its full extent, published (``web_defect``) once no tile still to
-   come can touch it;
+1. appends each frame to a rolling web buffer (:class:`WebBuffer`) at web line ``line0`` =
+   where the previous frame ended, plus ``Height`` per missing frame id;
+2. cuts tiles of ``tile_size`` with ``overlap_px`` overlap across and along the web
+   (:func:`tile_columns`; at least the largest defect expected, so every defect lies whole
+   inside some tile); each tile is a :class:`~linecam.camera.frame.Frame` (``frame_id`` =
+   tile id, ``meta["tile"]`` = :class:`Tile`) for the region expert, one verdict per tile;
+3. maps every tile's regions to web pixels and merges those that overlap or touch into one
+   web defect with its full extent, published (``web_defect``) once no tile still to come
+   can touch it;
 4. treats a gap in frame ids (or an unconvertible frame, or a camera reconnect) as a web
-   gap: the segment before it is closed (its tail tiles cut), a ``web_gap`` event is
-   published, and nothing is ever stitched across it;
-5. keeps a downsampled map of the web with defect boxes and gaps (:class:`WebMap`), written
-   as a PNG at the end of the run (and every ``web_map.every_s``).
+   gap: the segment before it is closed, a ``web_gap`` event is published, and nothing is
+   stitched across it;
+5. keeps a downsampled map of the web (:class:`WebMap`), written as a PNG at the end of the
+   run (and every ``web_map.every_s``).
 
 Positions: cross-web mm = web column x ``mm_per_px_cross``; down-web mm from the first
 line of the run = line x ``mm_per_line``, or, with ``encoder.mm_per_count`` and frames
 that carry ``meta["encoder_count"]`` (counts at their first line), encoder counts
-interpolated between frames (:class:`DownWeb`).
-
-Threads: :meth:`LineScanSession.push`, :meth:`~LineScanSession.interrupt` and
-:meth:`~LineScanSession.finish` are called by the acquisition thread,
-:meth:`~LineScanSession.tile_done` by the inference workers (once per tile, whatever
-its verdict, SKIPPED included).
+interpolated between frames (:class:`DownWeb`). Threads: push, interrupt and finish run on
+the acquisition thread, tile_done on the workers (once per tile, SKIPPED too: ``coverage``).
 """
 
 from __future__ import annotations
@@ -50,9 +43,9 @@ import numpy as np
 from linecam import messages
 from linecam.camera.frame import Frame
 from linecam.config import LineScanSettings
-from linecam.errors import ConfigError
+from linecam.runtime.linescan.coverage import Coverage, tiles_per_frame
 from linecam.runtime.linescan.groups import Break, Group
-from linecam.runtime.linescan.tiles import DownWeb, GapReason, Tile, WebBuffer, tile_columns
+from linecam.runtime.linescan.tiles import DownWeb, GapReason, Tile, WebBuffer, check_geometry, tile_columns
 from linecam.runtime.linescan.webmap import WebMap
 
 logger = logging.getLogger(__name__)
@@ -65,20 +58,19 @@ class LineScanSession:
 
     ``publish(kind, msg)`` sends a ``web_defect`` / ``web_gap`` message; ``on_gap(detail)``
     is told about each gap (the daemon puts it in its status); ``counters`` (optional) gets
-    ``tiles``, ``web_lines``, ``web_gaps``, ``web_defects``, ``web_tiles_skipped``.
+    ``tiles``, ``web_lines``, ``web_gaps``, ``web_defects``, ``web_tiles_skipped``;
+    ``on_uninspected`` / ``on_covered`` (detail): tiles not inspected, and inspected again
+    (:class:`~linecam.runtime.linescan.coverage.Coverage`).
     """
 
     def __init__(self, settings: LineScanSettings, tile_size: tuple[int, int], *, line: str, camera: str,
                  image_threshold: float, publish: Publish, counters: Any = None,
                  on_gap: Callable[[str], None] | None = None, model: dict[str, Any] | None = None,
-                 map_dir: Path | None = None) -> None:
+                 map_dir: Path | None = None, on_uninspected: Callable[[str], None] | None = None,
+                 on_covered: Callable[[str], None] | None = None) -> None:
         tw, th = int(tile_size[0]), int(tile_size[1])
         ov = int(settings.overlap_px)
-        if tw <= 0 or th <= 0:
-            raise ConfigError(f"linescan.tile_size {tw}x{th} must be positive")
-        if ov >= min(tw, th):
-            raise ConfigError(f"linescan.overlap_px {ov} must be smaller than the tile ({tw}x{th}): "
-                              "lower it or raise linescan.tile_size")
+        check_geometry((tw, th), ov)
         self.settings = settings
         self.tile_w, self.tile_h, self.overlap = tw, th, ov
         self.stride = th - ov
@@ -90,6 +82,7 @@ class LineScanSession:
         self._model = model
         self._map_dir = map_dir
         self.down = DownWeb(settings.mm_per_line, settings.encoder.mm_per_count if settings.encoder else None)
+        self.coverage = Coverage(settings.mm_per_px_cross, self.down.mm, on_uninspected, on_covered)
         self.map: WebMap | None = None
         self.map_path: Path | None = None
         self._started = datetime.now(timezone.utc)
@@ -211,6 +204,10 @@ class LineScanSession:
             self.write_map(final=True)
         return tiles
 
+    @property
+    def tiles_per_frame(self) -> int | None:
+        return tiles_per_frame(len(self._xs), self._h_nominal, self.stride) if self._xs else None
+
     # -- worker threads ------------------------------------------------------------------------
     def tile_done(self, frame: Frame, regions: Sequence[Any], verdict_event_id: str, inspected: bool = True) -> None:
         """One tile's result (``regions``: :class:`~linecam.runtime.postprocess.Region` in tile
@@ -237,6 +234,7 @@ class LineScanSession:
                 self._groups.append(g)
             finals = self._collect_final() + self._final_if_all_done()
             write_map = self._all_done
+        self.coverage.done(tile.x, tile.x + tile.width, tile.line, tile.line + tile.valid_height, inspected)
         if not inspected:
             self._count("web_tiles_skipped")
             if self.map is not None:
@@ -300,9 +298,7 @@ class LineScanSession:
 
     def _init_layout(self, frame: Frame) -> None:
         h, w, c = frame.image.shape
-        if w < self.tile_w:
-            raise ConfigError(f"the camera's lines are {w} px wide, narrower than the {self.tile_w} px tile: "
-                              "set linescan.tile_size to at most the line width")
+        check_geometry((self.tile_w, self.tile_h), self.overlap, int(w))
         self._width = int(w)
         self._layout = (int(c), str(frame.image.dtype), int(frame.bit_depth))
         self._h_nominal = int(h)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from linecam.camera.frame import Frame
+from linecam.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,29 @@ GapReason = Literal["frame_gap", "invalid_frame", "camera_reconnect", "frame_id_
 
 
 # --- geometry -------------------------------------------------------------------------------
+def check_geometry(tile: tuple[int, int], overlap: int, web_width: int | None = None) -> None:
+    """The tile, overlap and web width ``linecam run`` (and ``linecam check``) accept: ConfigError if not."""
+    tw, th = int(tile[0]), int(tile[1])
+    if tw <= 0 or th <= 0:
+        raise ConfigError(f"linescan.tile_size {tw}x{th} must be positive")
+    if overlap >= min(tw, th):
+        raise ConfigError(f"linescan.overlap_px {overlap} must be smaller than the tile ({tw}x{th}): "
+                          "lower it or raise linescan.tile_size")
+    if web_width is not None and web_width < tw:
+        raise ConfigError(f"the camera's lines are {web_width} px wide, narrower than the {tw} px tile: "
+                          "set linescan.tile_size to at most the line width")
+
+
+def tile_size_for(tile_size: tuple[int, int] | None, input_size: tuple[int, int] | list[int],
+                  crop: object | None) -> tuple[int, int]:
+    """(width, height) of a tile: ``linescan.tile_size`` or the model's input size (``[h, w]``)."""
+    if crop is not None:
+        raise ConfigError("the model bundle crops its input, but line-scan tiles are cut to the model input: "
+                          "use a bundle without preprocess.crop for linescan (model.bundle)")
+    h, w = input_size
+    return (int(tile_size[0]), int(tile_size[1])) if tile_size else (int(w), int(h))
+
+
 def tile_columns(web_width: int, tile_width: int, overlap: int) -> list[int]:
     """Left edges of the tiles across a web: every ``tile_width - overlap`` pixels, the last
     one flush with the right edge (so the whole width is covered)."""

@@ -21,11 +21,14 @@ class WebMap:
     so that a map pixel covers about as many mm down-web as across."""
 
     GAP_ROWS = 6
+    #: The band under the map: mm scale (across and down) and the colour legend.
+    LEGEND_ROWS = 30
     #: Boxes kept for drawing at most (a run with more draws the first ones only).
     MAX_BOXES = 50_000
 
     def __init__(self, web_width: int, mm_per_px_cross: float, mm_per_line: float, max_width: int = 1024,
                  max_height: int = 16384) -> None:
+        self.mm_x, self.mm_line = float(mm_per_px_cross), float(mm_per_line)
         self.sx = max(1, math.ceil(web_width / max_width))
         self.sy = max(1, round(self.sx * mm_per_px_cross / mm_per_line))
         self.width = math.ceil(web_width / self.sx)
@@ -98,7 +101,8 @@ class WebMap:
                 self._skipped.append((x0, y0, x1, y1))
 
     def render(self) -> np.ndarray:
-        """The map as a BGR uint8 image: defects red, skipped (uninspected) tiles blue, gaps yellow."""
+        """The map as a BGR uint8 image: defects red, skipped (uninspected) tiles blue, gaps yellow;
+        under it a legend band (``LEGEND_ROWS``) with the mm scale."""
         with self._lock:
             chunks = list(self._chunks)
             boxes, skipped, gaps = list(self._boxes), list(self._skipped), list(self._gaps)
@@ -117,7 +121,27 @@ class WebMap:
             cv2.rectangle(img, p0, p1, (0, 0, 255), 1)
             if lab:
                 cv2.putText(img, lab, (p1[0] + 2, max(p0[1] + 8, 8)), cv2.FONT_HERSHEY_PLAIN, 0.7, (0, 0, 255), 1)
-        return img
+        return np.concatenate([img, self._legend()])
+
+    def _legend(self) -> np.ndarray:
+        """White band: a cross-web scale bar in mm, the down-web scale, what the colours mean."""
+        band = np.full((self.LEGEND_ROWS, self.width, 3), 255, np.uint8)
+        mm_per_map_px = self.mm_x * self.sx
+        steps = [s * 10.0 ** e for e in range(-1, 5) for s in (1, 2, 5)]
+        bar_mm = max([s for s in steps if s / mm_per_map_px <= 0.3 * self.width] or [steps[0]])
+        bar = max(1, int(round(bar_mm / mm_per_map_px)))
+        black, font = (0, 0, 0), cv2.FONT_HERSHEY_PLAIN
+        cv2.line(band, (4, 10), (4 + bar, 10), black, 2)
+        for x in (4, 4 + bar):
+            cv2.line(band, (x, 6), (x, 14), black, 1)
+        cv2.putText(band, f"{bar_mm:g} mm across; down: 1 px = {self.sy * self.mm_line:.3g} mm", (bar + 10, 14),
+                    font, 0.8, black, 1, cv2.LINE_8)
+        x = 4
+        for text, colour in (("defect", (0, 0, 255)), ("not inspected", (255, 80, 0)), ("web gap", (0, 220, 255))):
+            cv2.rectangle(band, (x, 19), (x + 8, 27), colour, -1)
+            cv2.putText(band, text, (x + 11, 27), font, 0.8, black, 1, cv2.LINE_8)
+            x += 11 + 8 * len(text) + 12
+        return band
 
     def write(self, path: Path) -> Path:
         """Encode the map as PNG and replace ``path`` atomically."""

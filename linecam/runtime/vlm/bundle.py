@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from linecam.bundle import Bundle, FileEntry, Provenance, read_manifest
+from linecam.errors import BundleError
 
 #: The VLM manifest schema this linecam writes and the newest it reads (independent of
 #: the region-expert manifest's version).
@@ -115,6 +116,18 @@ class VlmBundle(Bundle):
 
     def has(self, role: str) -> bool:
         return role in self.manifest.files
+
+    def path(self, role: str) -> Path:
+        """As for every bundle; a missing precision names the exact command that adds it."""
+        if role in self.manifest.files or "_" not in role:
+            return super().path(role)
+        prec = role.rsplit("_", 1)[1]
+        have = ", ".join(sorted(r for r in self.manifest.files if r.startswith("decoder_"))) or "none"
+        how = ("--fp16" if prec == "fp16" else f"--quantize {prec}") if prec in ("fp16", "int8", "int4") else ""
+        hf = self.manifest.provenance.details.get("source") or "<the HF model folder>"
+        raise BundleError(f"VLM bundle {self.root} has no {prec} '{role}' file (decoders: {have}): set "
+                          f"vlm.precision to one it has, or re-export: export-engine vlm --model {hf} --out "
+                          f"{self.root} {how}".rstrip())
 
 
 def load_vlm_bundle(root: str | Path, verify: bool = True) -> VlmBundle:
