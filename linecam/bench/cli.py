@@ -5,7 +5,8 @@ end, the VLM on NG frames); its subcommands run the other benchmarks, each with 
 options (``linecam bench <name> --help``): ``engines`` (the student on TensorRT / ORT CUDA /
 torch / CPU), ``region-expert`` (DINOv2 teacher vs students), ``linescan`` (lines/s),
 ``vlm-compare`` (linecam's VLM vs transformers' generate), ``soak`` (100k frames, RSS/fds;
-``--spool-cost``) and ``readme`` (the README's table from a results file). Run them from the
+``--spool-cost``), ``real-photo`` (accuracy on real photographs: PatchCore reference, teachers,
+students FP32/INT8) and ``readme`` (the README's table from a results file). Run them from the
 checkout: paths default to ``benchmarks/results``, ``.cache/demo`` and ``.cache/bench`` there.
 
 Imports nothing heavy at module level: ``linecam --help`` must stay fast and torch-free.
@@ -94,6 +95,8 @@ _script("region-expert", "region_expert", "The DINOv2 memory-bank teacher vs the
 _script("linescan", "linescan", "Line-scan throughput: web lines/s processed vs offered.")
 _script("vlm-compare", "vlm_compare", "linecam's ONNX Runtime VLM vs transformers' generate.")
 _script("soak", "soak", "The daemon for 100k frames: RSS, fds, threads (--spool-cost: the spool per message).")
+_script("real-photo", "real_photo", "Accuracy on real photographs: PatchCore reference, cnn/scratch teachers, "
+        "students FP32/INT8.")
 
 
 @bench_command.command("readme")
