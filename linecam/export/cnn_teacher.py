@@ -117,7 +117,9 @@ class CnnTeacher(Teacher):
                 parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
                 bar.update(task, advance=batch.shape[0])
         allf = torch.cat(parts)
-        n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio))))
+        # The ratio counts patches of the input's stride-8 grid: upsampling (feature_scale) makes
+        # more, finer patches, not a bigger bank (the greedy coreset's time grows with both).
+        n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio / self.feature_scale ** 2))))
         logger.info("coreset: %d of %d patch features", n, allf.shape[0])
         self.bank = allf[greedy_coreset(allf, n, seed=self.seed)].contiguous()
         if cache is not None:
