@@ -174,8 +174,9 @@ def render(r: dict[str, Any]) -> str:
             imgs.append(o["image_auroc"])
             pixs.append(o["pixel_auroc"])
             cells.append(f"{_f(o['image_auroc'])} / {_f(o['pixel_auroc'])} / {_f(o['aupro'])}")
-        mi = _f(float(np.mean(imgs))) if len(imgs) == len(cats) and cats else "–"
-        mp = _f(float(np.mean(pixs))) if len(pixs) == len(cats) and cats else "–"
+        whole = len(imgs) == len(cats) and cats and not _mixed(r, teacher)  # no mean across two runs
+        mi = _f(float(np.mean(imgs))) if whole else "–"
+        mp = _f(float(np.mean(pixs))) if whole else "–"
         lines.append(f"| {label}{_previous_note(r, teacher)} | " + " | ".join(cells) + f" | {mi} | {mp} |")
     lines += ["", "Per defect kind, image AUROC (pixel AUROC), mean over categories:", ""]
     kinds = sorted({k for c in cats for k in (r["categories"][c].get("patchcore") or {}).get("per_kind", {})})
@@ -188,7 +189,7 @@ def render(r: dict[str, Any]) -> str:
             m = (e if prec is None else (e or {}).get("eval", {}).get(prec)) if e else None
             if m and "per_kind" in m:
                 ms.append(m)
-        if len(ms) != len(cats) or not cats:
+        if len(ms) != len(cats) or not cats or _mixed(r, teacher):
             continue
         cells = [f"{_f(np.mean([m['per_kind'][k]['image_auroc'] for m in ms]))} "
                  f"({_f(np.mean([m['per_kind'][k]['pixel_auroc'] for m in ms]))})" for k in kinds]
@@ -225,6 +226,11 @@ def _keep_previous(results: dict[str, Any]) -> None:
         for t, rec in (prev.get("categories", {}).get(c) or {}).items():
             if t in ("cnn", "scratch"):
                 results["categories"][c][t] = {**rec, "previous_run": rec.get("previous_run", stamp)}
+
+
+def _mixed(r: dict[str, Any], teacher: str) -> bool:
+    """Some categories of this teacher are from this run and some kept from a previous one."""
+    return len({bool((c.get(teacher) or {}).get("previous_run")) for c in r.get("categories", {}).values()}) > 1
 
 
 def _previous_note(r: dict[str, Any], teacher: str) -> str:
