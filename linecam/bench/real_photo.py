@@ -207,7 +207,9 @@ def render(r: dict[str, Any]) -> str:
             drop = (d.get("gate") or {}).get("onnx_int8", {}).get("auroc_drop")
             frr = e.get("eval", {}).get("fp32", {}).get("frr_at_threshold")
             secs = (d.get("uncached") or {}).get("seconds", d.get("seconds", 0))
-            lines.append(f"| {c} | {teacher}{_previous_note(r, teacher)} | {secs:.0f} | {d.get('gate_passed')} | "
+            was = e.get("previous_run")
+            note = f" (previous run {was.get('started')}, test data v{was.get('data_version')})" if was else ""
+            lines.append(f"| {c} | {teacher}{note} | {secs:.0f} | {d.get('gate_passed')} | "
                          f"{'–' if drop is None else f'{drop:+.2f}'} | "
                          f"{_f((d.get('distillation') or {}).get('map_pearson'))} | {_f(frr)} |")
     lines.append("")
