@@ -455,3 +455,21 @@ def test_vlm_mode_says_why_when_it_measures_nothing(tmp_path, tiny_vlm):
     r["headline"] = headline(r)
     validate_results(r)
     assert "Not measured: the region expert judged no bench frame NG" in render_markdown(r)
+
+
+def test_real_photo_render_marks_rows_kept_from_a_previous_run():
+    from linecam.bench.real_photo import render
+
+    m = {"overall": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}, "per_kind": {}, "by_strength": {"soft": 0.5, "strong": 0.6}}
+    old = {"started": "2026-01-01T00:00:00Z", "data_version": 1}
+    r = {"machine": "m", "crop": 128, "settings": "s", "categories": {
+        "a": {"patchcore": m, "cnn": {"eval": {"fp32": m}, "distil": {}}},
+        "b": {"patchcore": m, "cnn": {"eval": {"fp32": m}, "distil": {}, "previous_run": old}}}}
+    rows: dict[str, str] = {}
+    for line in render(r).splitlines():  # the first table's rows (later tables repeat the labels)
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0], line)
+    fp32 = next(v for k, v in rows.items() if k.startswith("| cnn teacher -> student FP32"))
+    assert "previous run 2026-01-01T00:00:00Z, test data v1: b" in fp32
+    assert fp32.endswith("| – | – |")  # no mean across two runs
+    assert rows["| PatchCore reference (effnet-lite0, direct)"].endswith("| 0.900 | 0.800 |")

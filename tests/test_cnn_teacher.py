@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from linecam.errors import BundleError  # noqa: E402
 from linecam.export.backbones import ResNet, RESNETS, load_backbone, load_state_dict, remap_state_dict  # noqa: E402
-from linecam.export.cnn_teacher import CnnTeacher  # noqa: E402
+from linecam.export.cnn_teacher import CnnTeacher, default_feature_scale  # noqa: E402
 from linecam.export.scratch import SourceImage  # noqa: E402
 from linecam.preprocess import PreprocessSpec, Preprocessor  # noqa: E402
 
@@ -78,7 +78,7 @@ def test_patchcore_maps_are_highest_on_the_defect(tmp_path):
     block, layers, width = RESNETS["resnet18"]
     torch.manual_seed(0)
     torch.save(ResNet(block, layers, width).state_dict(), tmp_path / "r18.pth")
-    teacher = CnnTeacher.create("resnet18", (64, 64), tmp_path / "r18.pth", coreset_ratio=0.5)
+    teacher = CnnTeacher.create("resnet18", (64, 64), tmp_path / "r18.pth", coreset_ratio=0.5, feature_scale=1)
     rng = np.random.default_rng(0)
     good = [SourceImage(Path(f"{i}.png"), _texture(rng), 8, str(i)) for i in range(12)]
     cache = tmp_path / "bank.pt"
@@ -91,9 +91,23 @@ def test_patchcore_maps_are_highest_on_the_defect(tmp_path):
     assert amap.shape == (64, 64)
     inside, outside = amap[22:34, 22:34].mean(), np.concatenate([amap[:10].ravel(), amap[-10:].ravel()]).mean()
     assert inside > 2 * outside
-    again = CnnTeacher.create("resnet18", (64, 64), tmp_path / "r18.pth", coreset_ratio=0.5)
+    again = CnnTeacher.create("resnet18", (64, 64), tmp_path / "r18.pth", coreset_ratio=0.5, feature_scale=1)
     again.fit(good[:1], cache=cache, progress=False)  # the cache answers: no refit on other images
     assert torch.equal(again.bank, teacher.bank)
+
+
+def test_small_inputs_are_upsampled_before_the_backbone(tmp_path):
+    """At 128 px the stride-8 stage would be a 16x16 grid: the teacher runs the backbone at 256."""
+    assert default_feature_scale((128, 128)) == 2 and default_feature_scale((256, 320)) == 1
+    assert default_feature_scale((64, 96)) == 4
+    block, layers, width = RESNETS["resnet18"]
+    torch.save(ResNet(block, layers, width).state_dict(), tmp_path / "r18.pth")
+    teacher = CnnTeacher.create("resnet18", (128, 128), tmp_path / "r18.pth")
+    assert teacher.feature_scale == 2 and teacher.describe()["feature_scale"] == 2
+    x = np.zeros((1, 3, 128, 128), np.float32)
+    assert tuple(teacher.features(x).shape[-2:]) == (32, 32)
+    plain = CnnTeacher.create("resnet18", (128, 128), tmp_path / "r18.pth", feature_scale=1)
+    assert tuple(plain.features(x).shape[-2:]) == (16, 16)
 
 
 def test_input_size_must_suit_the_backbone_strides(tmp_path):

@@ -54,3 +54,20 @@ def test_defect_code_is_independent_of_the_trainers_anomalies():
         assert not any(n and n.startswith("linecam.export") for n in names), names
     code = "import sys, linecam.realdata; print('linecam.export.anomalies' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_thin_defects_scale_their_contrast_with_the_surfaces_texture():
+    """A soft groove must stay visible on grass-like texture, not only on a smooth surface."""
+    rng = np.random.default_rng(1)
+    smooth = np.full((128, 128, 3), 0.5, np.float32)
+    busy = np.clip(0.5 + rng.normal(0, 0.2, (128, 128, 1)), 0, 1).repeat(3, axis=2).astype(np.float32)
+    assert defects.contrast_gain(smooth) == 1.0
+    assert defects.contrast_gain(busy) > 2
+    for kind in ("scratch", "crack", "dent"):
+        d_smooth = defects.paint(kind, smooth, np.random.default_rng(5), True)
+        d_busy = defects.paint(kind, busy, np.random.default_rng(5), True)
+        # same shape (same draws), more contrast on the busy surface
+        assert (d_smooth.mask == d_busy.mask).all(), kind
+        c_smooth = np.abs(d_smooth.image - smooth)[d_smooth.mask].mean()
+        c_busy = np.abs(d_busy.image - busy)[d_busy.mask].mean()
+        assert c_busy > 1.5 * c_smooth, (kind, c_smooth, c_busy)

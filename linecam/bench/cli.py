@@ -5,7 +5,8 @@ end, the VLM on NG frames); its subcommands run the other benchmarks, each with 
 options (``linecam bench <name> --help``): ``engines`` (the student on TensorRT / ORT CUDA /
 torch / CPU), ``region-expert`` (DINOv2 teacher vs students), ``linescan`` (lines/s),
 ``vlm-compare`` (linecam's VLM vs transformers' generate), ``soak`` (100k frames, RSS/fds;
-``--spool-cost``), ``prometheus`` (the per-frame cost of the daemon's /metrics) and ``readme``
+``--spool-cost``), ``prometheus`` (the per-frame cost of the daemon's /metrics), ``faults``, ``real-photo``
+(accuracy on real photographs: PatchCore reference, teachers, students FP32/INT8) and ``readme``
 (the README's table from a results file). Run them from the checkout: paths default to
 ``benchmarks/results``, ``.cache/demo`` and ``.cache/bench`` there.
 
@@ -97,6 +98,8 @@ _script("vlm-compare", "vlm_compare", "linecam's ONNX Runtime VLM vs transformer
 _script("soak", "soak", "The daemon for 100k frames: RSS, fds, threads (--spool-cost: the spool per message).")
 _script("prometheus", "prometheus", "Per-frame CPU of the daemon's Prometheus histograms, and of one scrape.")
 _script("faults", "faults", "Faults through a TCP proxy to a real mosquitto: detection, loss, duplicates, recovery.")
+_script("real-photo", "real_photo", "Accuracy on real photographs: PatchCore reference, cnn/scratch teachers, "
+        "students FP32/INT8.")
 
 
 @bench_command.command("readme")

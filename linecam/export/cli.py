@@ -117,6 +117,8 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
               help="scratch: training steps of the scratch teacher.")
 @click.option("--coreset-ratio", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
               help="cnn/dinov2: fraction of good patch features kept in the memory bank.")
+@click.option("--feature-scale", type=click.FloatRange(0, min_open=True), default=None,
+              help="cnn: upsample the input by this before the backbone (default: the power of 2 that makes the shorter side >= 256 px).")
 @click.option("--images", required=True, type=click.Path(path_type=Path),
               help="Folder of good images (e.g. an MVTec category's train/good).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
@@ -164,7 +166,8 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch and ONNX Runtime.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
 def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher_preprocess: Path | None,
-           teacher_output: str | None, teacher_steps: int, coreset_ratio: float, images: Path, out: Path,
+           teacher_output: str | None, teacher_steps: int, coreset_ratio: float, feature_scale: float | None,
+           images: Path, out: Path,
            work_dir: Path | None, size: tuple[int, int], student: str, steps: int, batch_size: int, lr: float,
            pool_size: int, seed: int, holdout: float, bad_images: Path | None, calib_images: Path | None,
            calib_anomalies: float, quantize: str, int8_method: str | None, int8_tool: str, max_auroc_drop: float,
@@ -184,7 +187,7 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
         from linecam.export.cnn_teacher import CnnTeacher
 
         teacher: teachers.Teacher = CnnTeacher.create(backbone, size, teacher_model, coreset_ratio=coreset_ratio,
-                                                       seed=seed)
+                                                       seed=seed, feature_scale=feature_scale)
     elif teacher_kind == "dinov2":
         if teacher_model is None:
             raise click.UsageError("--teacher dinov2 needs --teacher-model <local DINOv2 folder>")

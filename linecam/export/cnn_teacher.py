@@ -1,6 +1,9 @@
 """The pretrained CNN teacher (``--teacher cnn``): PatchCore on a frozen ImageNet backbone.
 
-For every image: features of two middle stages of the backbone (:mod:`linecam.export.backbones`),
+For every image: features of two middle stages of the backbone (:mod:`linecam.export.backbones`)
+(the image first upsampled so its shorter side is at least :data:`MIN_FEATURE_INPUT` px: at a
+128 px input the stride-8 stage is a 16x16 grid whose cells are wider than a scratch, and an
+ImageNet network sees texture at the scale it was trained on, 224 px),
 each averaged over its 3x3 neighbourhood (a patch sees its surroundings: PatchCore's local
 aggregation), the deeper one upsampled to the finer grid, concatenated and, when wide, reduced
 by averaging adjacent channels. Fitting keeps a greedy-coreset subsample of the good images'
@@ -34,6 +37,16 @@ DEFAULT_BACKBONE = "efficientnet-lite0"
 #: Wider concatenated features are averaged down to this many channels (bank memory, kNN time).
 MAX_FEATURE_DIM = 384
 BLUR_SIGMA = 4.0
+#: Inputs smaller than this (shorter side) are upsampled before the backbone (feature_scale).
+MIN_FEATURE_INPUT = 256
+
+
+def default_feature_scale(input_size: tuple[int, int]) -> float:
+    """Upsampling before the backbone: 1 at 256 px and above, 2 at 128 px (a power of two)."""
+    scale = 1.0
+    while min(input_size) * scale < MIN_FEATURE_INPUT:
+        scale *= 2
+    return scale
 
 
 class CnnTeacher(Teacher):
@@ -42,7 +55,8 @@ class CnnTeacher(Teacher):
     kind = "cnn"
 
     def __init__(self, backbone: Backbone, spec: PreprocessSpec, *, coreset_ratio: float = 0.1,
-                 max_bank: int = 16384, batch_size: int = 8, seed: int = 0) -> None:
+                 max_bank: int = 16384, batch_size: int = 8, seed: int = 0,
+                 feature_scale: float | None = None) -> None:
         if not 0 < coreset_ratio <= 1:
             raise BundleError(f"coreset ratio must be in (0, 1], got {coreset_ratio}")
         h, w = spec.input_size
@@ -54,6 +68,9 @@ class CnnTeacher(Teacher):
         self.max_bank = max_bank
         self.batch_size = batch_size
         self.seed = seed
+        self.feature_scale = default_feature_scale(spec.input_size) if feature_scale is None else float(feature_scale)
+        if self.feature_scale <= 0:
+            raise BundleError(f"feature scale must be positive, got {feature_scale}")
         self.bank: torch.Tensor | None = None
 
     @classmethod
@@ -66,8 +83,11 @@ class CnnTeacher(Teacher):
 
     @torch.no_grad()
     def features(self, x: np.ndarray) -> torch.Tensor:
-        """``[N, 3, H, W]`` -> aggregated patch features ``[N, C, H/8, W/8]``."""
-        feats = self.backbone.stages(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        """``[N, 3, H, W]`` -> aggregated patch features ``[N, C, s*H/8, s*W/8]`` (s = feature_scale)."""
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if self.feature_scale != 1:
+            t = F.interpolate(t, scale_factor=self.feature_scale, mode="bilinear", align_corners=False)
+        feats = self.backbone.stages(t)
         grid = feats[0].shape[-2:]
         agg = []
         for f in feats:
@@ -97,7 +117,9 @@ class CnnTeacher(Teacher):
                 parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
                 bar.update(task, advance=batch.shape[0])
         allf = torch.cat(parts)
-        n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio))))
+        # The ratio counts patches of the input's stride-8 grid: upsampling (feature_scale) makes
+        # more, finer patches, not a bigger bank (the greedy coreset's time grows with both).
+        n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio / self.feature_scale ** 2))))
         logger.info("coreset: %d of %d patch features", n, allf.shape[0])
         self.bank = allf[greedy_coreset(allf, n, seed=self.seed)].contiguous()
         if cache is not None:
@@ -108,7 +130,7 @@ class CnnTeacher(Teacher):
 
     @torch.no_grad()
     def patch_distances(self, x: np.ndarray) -> torch.Tensor:
-        """``[N, h, w]`` nearest-bank-feature L2 distance per patch (1/8 of the input)."""
+        """``[N, h, w]`` nearest-bank-feature L2 distance per patch (feature_scale/8 of the input)."""
         if self.bank is None:
             raise RuntimeError("CnnTeacher.fit() must run before maps()")
         f = self.features(x)
@@ -133,4 +155,5 @@ class CnnTeacher(Teacher):
                 "source_sha256": self.backbone.source_sha256, "coreset_ratio": self.coreset_ratio,
                 "max_bank": self.max_bank, "bank_size": int(self.bank.shape[0]) if self.bank is not None else 0,
                 "blur_sigma": BLUR_SIGMA, "max_feature_dim": MAX_FEATURE_DIM,
+                "feature_scale": self.feature_scale,
                 "distance": "euclidean, nearest neighbour (PatchCore)"}

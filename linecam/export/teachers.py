@@ -90,11 +90,18 @@ def greedy_coreset(features: torch.Tensor, n: int, *, seed: int = 0, proj_dim: i
         f = features @ proj
     chosen = torch.empty(n, dtype=torch.long)
     chosen[0] = int(torch.randint(m, (1,), generator=g))
-    dist = torch.cdist(f, f[chosen[0]][None]).squeeze(1)
+    # Squared distances as |f|^2 - 2 f.c + |c|^2: one matrix-vector product per step (cdist
+    # against a single row costs ~4x more on the CPU); the order of the maxima is the same.
+    sq = (f * f).sum(1)
+
+    def d2(i: int) -> torch.Tensor:
+        return (sq - 2 * (f @ f[i]) + sq[i]).clamp_min_(0)
+
+    dist = d2(int(chosen[0]))
     for i in range(1, n):
         idx = int(torch.argmax(dist))
         chosen[i] = idx
-        dist = torch.minimum(dist, torch.cdist(f, f[idx][None]).squeeze(1))
+        dist = torch.minimum(dist, d2(idx))
     return chosen
 
 

@@ -39,6 +39,8 @@ PER_KIND = 8
 #: Training crops come from x < TRAIN_FRACTION * width, test crops from beyond a gap of GAP px.
 TRAIN_FRACTION = 0.625
 GAP = 16
+#: Bumped whenever the painted test images change (2: contrast scaled to the surface's texture).
+DATA_VERSION = 2
 
 
 @dataclass
@@ -91,7 +93,7 @@ def build_category(name: str, out: str | Path, *, seed: int = 0, per_kind: int =
                    n_train: int = N_TRAIN, n_test_good: int = N_TEST_GOOD) -> BuildResult:
     """Write category ``name`` under ``out/<name>`` (see the module docstring)."""
     params = {"name": name, "seed": seed, "per_kind": per_kind, "n_train": n_train, "n_test_good": n_test_good,
-              "crop": CROP, "kinds": sorted(PAINTERS), "version": 1}
+              "crop": CROP, "kinds": sorted(PAINTERS), "version": DATA_VERSION}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(out) / name
     meta_path = root / "defects.json"

@@ -6,7 +6,9 @@ these are scratches (specular or dark grooves along smooth curves), branching cr
 dents (a height bump shaded by a light direction, with the texture displaced), translucent
 stains (absorption tint with a darker drying ring), contamination (dust specks and a fibre),
 missing material (abraded or broken-out areas) and colour shifts (discolouration). Each comes
-*soft* (low contrast, what a trained eye barely sees) or *strong*.
+*soft* (low contrast, what a trained eye barely sees) or *strong*; the thin and shaded kinds
+(scratch, crack, dent) scale their contrast with the surface's own fine-texture contrast
+(:func:`contrast_gain`), so a soft groove on grass is as visible as one on smooth brick.
 
 Every function takes an RGB float image in [0, 1] ``(H, W, 3)`` and a generator, and returns
 the defective image and its mask (bool, the pixels the defect changed).
@@ -69,13 +71,29 @@ def _luma(img: np.ndarray) -> np.ndarray:
     return img @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
+#: The fine-texture contrast (std of luma minus its 3 px blur) that the grooves' and dents'
+#: amplitudes below are written for: a smooth surface such as the brick photograph (0.056).
+REFERENCE_CONTRAST = 0.06
+
+
+def contrast_gain(img: np.ndarray) -> float:
+    """How much busier the surface is than :data:`REFERENCE_CONTRAST` (>= 1).
+
+    A 10 % groove is plain on smooth brick and lost among grass blades whose own edges vary by
+    13 %: an inspector judges a thin defect against the texture around it. Scratches, cracks
+    and dents scale their contrast by this, so a *soft* one stays low-contrast but visible."""
+    luma = _luma(img)
+    texture = float((luma - cv2.GaussianBlur(luma, (0, 0), 3)).std())
+    return max(1.0, texture / REFERENCE_CONTRAST)
+
+
 def scratch(img: np.ndarray, rng: np.random.Generator, soft: bool) -> tuple[np.ndarray, np.ndarray]:
     """A groove along a smooth curve: specular (brighter) or shadowed (darker), 1-3 px wide."""
     h, w = img.shape[:2]
     pts = _curve(rng, h, w, rng.uniform(0.3, 0.7) * min(h, w))
     cov = _stroke(h, w, pts, rng.uniform(1.0, 2.5))
     along = 0.6 + 0.4 * cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 6) * 2  # uneven depth
-    amp = rng.uniform(0.07, 0.13) if soft else rng.uniform(0.25, 0.45)
+    amp = (rng.uniform(0.08, 0.14) if soft else rng.uniform(0.25, 0.45)) * contrast_gain(img)
     sign = 1.0 if rng.random() < 0.5 else -1.0
     out = img + (sign * amp * cov * np.clip(along, 0, 1.2))[..., None]
     return np.clip(out, 0, 1), cov > 0.25
@@ -99,7 +117,7 @@ def crack(img: np.ndarray, rng: np.random.Generator, soft: bool) -> tuple[np.nda
                 starts.append((x, y, heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), width * 0.6))
         cov = np.maximum(cov, _stroke(h, w, np.clip(np.array(pts), 0, (w - 1, h - 1)), max(0.8, 1.6 * width)))
         segs += 1
-    dark = rng.uniform(0.12, 0.22) if soft else rng.uniform(0.45, 0.7)
+    dark = min(0.85, (rng.uniform(0.16, 0.26) if soft else rng.uniform(0.45, 0.7)) * contrast_gain(img))
     out = img * (1 - dark * cov)[..., None]
     return np.clip(out, 0, 1), cov > 0.25
 
@@ -115,7 +133,7 @@ def dent(img: np.ndarray, rng: np.random.Generator, soft: bool) -> tuple[np.ndar
     gy, gx = np.gradient(height)
     light = rng.uniform(0, 2 * np.pi)
     shade = (gx * np.cos(light) + gy * np.sin(light)) * min(sy, sx)
-    amp = rng.uniform(0.12, 0.2) if soft else rng.uniform(0.4, 0.6)
+    amp = (rng.uniform(0.18, 0.28) if soft else rng.uniform(0.4, 0.6)) * contrast_gain(img)
     pull = (1.5 if soft else 4.0) * height
     mapx = (xx + pull * (xx - cx) / sx).astype(np.float32)
     mapy = (yy + pull * (yy - cy) / sy).astype(np.float32)

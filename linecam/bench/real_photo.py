@@ -8,11 +8,12 @@ painted by code independent of the trainer). Each student is built with the real
 postprocessor). The PatchCore reference is the CNN teacher fitted on *all* training images and
 scored directly (image score = max of its map), as a user of PatchCore would run it.
 
-    python benchmarks/real_photo_accuracy.py --out .cache/realphoto          # all of it
-    python benchmarks/real_photo_accuracy.py --render                        # Markdown from the JSON
+    linecam bench real-photo --out .cache/realphoto          # all of it
+    linecam bench real-photo --keep-previous                 # old teacher rows kept, marked, until re-measured
+    linecam bench real-photo --render                        # Markdown from the JSON
 
 Results: ``benchmarks/results/real_photo_accuracy.{json,md}``, written after every step so an
-interrupted run keeps what it measured.
+interrupted run keeps what it measured. Run from the checkout (paths are relative to it).
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path("benchmarks") / "results"
 JSON_OUT = RESULTS / "real_photo_accuracy.json"
 MD_OUT = RESULTS / "real_photo_accuracy.md"
 TARGET = 0.95
@@ -174,9 +174,10 @@ def render(r: dict[str, Any]) -> str:
             imgs.append(o["image_auroc"])
             pixs.append(o["pixel_auroc"])
             cells.append(f"{_f(o['image_auroc'])} / {_f(o['pixel_auroc'])} / {_f(o['aupro'])}")
-        mi = _f(float(np.mean(imgs))) if len(imgs) == len(cats) and cats else "–"
-        mp = _f(float(np.mean(pixs))) if len(pixs) == len(cats) and cats else "–"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mi} | {mp} |")
+        whole = len(imgs) == len(cats) and cats and not _mixed(r, teacher)  # no mean across two runs
+        mi = _f(float(np.mean(imgs))) if whole else "–"
+        mp = _f(float(np.mean(pixs))) if whole else "–"
+        lines.append(f"| {label}{_previous_note(r, teacher)} | " + " | ".join(cells) + f" | {mi} | {mp} |")
     lines += ["", "Per defect kind, image AUROC (pixel AUROC), mean over categories:", ""]
     kinds = sorted({k for c in cats for k in (r["categories"][c].get("patchcore") or {}).get("per_kind", {})})
     lines.append("| model | " + " | ".join(kinds) + " | soft | strong |")
@@ -188,12 +189,12 @@ def render(r: dict[str, Any]) -> str:
             m = (e if prec is None else (e or {}).get("eval", {}).get(prec)) if e else None
             if m and "per_kind" in m:
                 ms.append(m)
-        if len(ms) != len(cats) or not cats:
+        if len(ms) != len(cats) or not cats or _mixed(r, teacher):
             continue
         cells = [f"{_f(np.mean([m['per_kind'][k]['image_auroc'] for m in ms]))} "
                  f"({_f(np.mean([m['per_kind'][k]['pixel_auroc'] for m in ms]))})" for k in kinds]
         cells += [_f(np.mean([m["by_strength"][s] for m in ms])) for s in ("soft", "strong")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label}{_previous_note(r, teacher)} | " + " | ".join(cells) + " |")
     lines += ["", "Distillation (export-engine distil, wall time on this machine; gate = the INT8/FP16 accuracy gate):", "",
               "| category | teacher | seconds (first run, nothing cached) | gate passed | INT8 AUROC drop (pts) | student vs teacher map r | "
               "FRR of new good parts at the bundle threshold (FP32) |", "| --- " * 7 + "|"]
@@ -206,45 +207,79 @@ def render(r: dict[str, Any]) -> str:
             drop = (d.get("gate") or {}).get("onnx_int8", {}).get("auroc_drop")
             frr = e.get("eval", {}).get("fp32", {}).get("frr_at_threshold")
             secs = (d.get("uncached") or {}).get("seconds", d.get("seconds", 0))
-            lines.append(f"| {c} | {teacher} | {secs:.0f} | {d.get('gate_passed')} | "
+            was = e.get("previous_run")
+            note = f" (previous run {was.get('started')}, test data v{was.get('data_version')})" if was else ""
+            lines.append(f"| {c} | {teacher}{note} | {secs:.0f} | {d.get('gate_passed')} | "
                          f"{'–' if drop is None else f'{drop:+.2f}'} | "
                          f"{_f((d.get('distillation') or {}).get('map_pearson'))} | {_f(frr)} |")
     lines.append("")
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "realphoto")
+def _keep_previous(results: dict[str, Any]) -> None:
+    """Start from the teacher rows of the results file, marked as a previous run's: each is
+    replaced when this run measures it, so an interrupted run leaves old rows marked, not gaps."""
+    if not JSON_OUT.is_file():
+        return
+    prev = json.loads(JSON_OUT.read_text())
+    stamp = {"started": prev.get("started"), "data_version": prev.get("data_version", 1),
+             "settings": prev.get("settings")}
+    for c in results["categories"]:
+        for t, rec in (prev.get("categories", {}).get(c) or {}).items():
+            if t in ("cnn", "scratch"):
+                results["categories"][c][t] = {**rec, "previous_run": rec.get("previous_run", stamp)}
+
+
+def _mixed(r: dict[str, Any], teacher: str) -> bool:
+    """Some categories of this teacher are from this run and some kept from a previous one."""
+    return len({bool((c.get(teacher) or {}).get("previous_run")) for c in r.get("categories", {}).values()}) > 1
+
+
+def _previous_note(r: dict[str, Any], teacher: str) -> str:
+    """`` (previous run ...)`` when this teacher's rows were kept from an earlier run."""
+    old = {name: (c.get(teacher) or {}).get("previous_run") for name, c in r.get("categories", {}).items()}
+    old = {k: v for k, v in old.items() if v}
+    if not old:
+        return ""
+    p = next(iter(old.values()))
+    return (f" (previous run {p.get('started')}, test data v{p.get('data_version')}: {', '.join(old)})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="linecam bench real-photo", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(".cache") / "realphoto")
     ap.add_argument("--categories", default="brick,grass,gravel")
     ap.add_argument("--teachers", default="cnn,scratch")
     ap.add_argument("--size", type=int, default=128, help="model input size (= the crops' size)")
     ap.add_argument("--extra", default="", help="more distil options, e.g. '--steps 600'")
     ap.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON")
-    a = ap.parse_args()
+    ap.add_argument("--keep-previous", action="store_true",
+                    help="start from the existing results' teacher rows, marked as a previous run's until re-measured")
+    a = ap.parse_args(argv)
     if a.render:
         MD_OUT.write_text(render(json.loads(JSON_OUT.read_text())))
         return
     from linecam.bench.machine import cpu_model
     from linecam.realdata import build_category
-    from linecam.realdata.build import CROP
+    from linecam.realdata.build import CROP, DATA_VERSION
 
     extra = a.extra.split()
     cats = [c for c in a.categories.split(",") if c]
     results: dict[str, Any] = {
         "machine": f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared",
-        "crop": CROP, "settings": f"export-engine distil --size {a.size} {a.extra}".strip(),
+        "crop": CROP, "data_version": DATA_VERSION, "settings": f"export-engine distil --size {a.size} {a.extra}".strip(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "categories": {c: {} for c in cats}}
+    teachers = [t for t in a.teachers.split(",") if t]
+    if a.keep_previous:
+        _keep_previous(results)
     data = {c: build_category(c, a.out / "data").root for c in cats}
     for c in cats:
         results["categories"][c]["patchcore"] = patchcore_reference(data[c], a.size)
         save(results)
-    for teacher in [t for t in a.teachers.split(",") if t]:
+    for teacher in teachers:
         for c in cats:
             out = a.out / "bundles" / f"{teacher}-{c}"
             entry: dict[str, Any] = {"distil": distil(teacher, data[c], out, a.size, extra), "eval": {}}
-            results["categories"][c][teacher] = entry
-            save(results)
             if (out / "manifest.json").is_file():
                 for prec in ("fp32", "int8"):
                     entry["eval"][prec] = evaluate_bundle(out, data[c], prec)
@@ -253,11 +288,9 @@ def main() -> None:
                     tb = sorted(work.glob("teacher-scratch-*"))
                     if tb:
                         entry["eval"]["teacher"] = evaluate_bundle(tb[0], data[c], "fp32")
+            results["categories"][c][teacher] = entry  # replaces a kept previous row only now, measured
             save(results)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save(results)
     print(MD_OUT.read_text())
 
-
-if __name__ == "__main__":
-    main()
