@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from linecam.errors import BundleError
 from linecam.export.backbones import Backbone, load_backbone
-from linecam.export.teachers import Teacher, greedy_coreset
+from linecam.export.teachers import Teacher, build_bank
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
 
@@ -120,13 +120,7 @@ class CnnTeacher(Teacher):
         # The ratio counts patches of the input's stride-8 grid: upsampling (feature_scale) makes
         # more, finer patches, not a bigger bank (the greedy coreset's time grows with both).
         n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio / self.feature_scale ** 2))))
-        logger.info("coreset: %d of %d patch features", n, allf.shape[0])
-        self.bank = allf[greedy_coreset(allf, n, seed=self.seed)].contiguous()
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
-            torch.save(self.bank, tmp)
-            tmp.replace(cache)
+        self.bank = build_bank(allf, n, seed=self.seed, cache=cache)
 
     @torch.no_grad()
     def patch_distances(self, x: np.ndarray) -> torch.Tensor:

@@ -105,6 +105,19 @@ def greedy_coreset(features: torch.Tensor, n: int, *, seed: int = 0, proj_dim: i
     return chosen
 
 
+def build_bank(features: torch.Tensor, n: int, *, seed: int, cache: Path | None) -> torch.Tensor:
+    """The memory bank of a feature-bank teacher: ``n`` greedy-coreset rows of ``features``,
+    written atomically to ``cache`` when given (a later fit with the same key loads it)."""
+    logger.info("coreset: %d of %d patch features", n, features.shape[0])
+    bank = features[greedy_coreset(features, n, seed=seed)].contiguous()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        torch.save(bank, tmp)
+        tmp.replace(cache)
+    return bank
+
+
 class Dinov2Teacher(Teacher):
     """Frozen DINOv2 + coreset memory bank + cosine 1-NN distance per patch."""
 
@@ -187,13 +200,7 @@ class Dinov2Teacher(Teacher):
                 bar.update(task, advance=batch.shape[0])
         allf = torch.cat(feats)
         n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio))))
-        logger.info("coreset: %d of %d patch features", n, allf.shape[0])
-        self.bank = allf[greedy_coreset(allf, n, seed=self.seed)].contiguous()
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
-            torch.save(self.bank, tmp)
-            tmp.replace(cache)
+        self.bank = build_bank(allf, n, seed=self.seed, cache=cache)
 
     @torch.no_grad()
     def maps(self, x: np.ndarray) -> np.ndarray:
