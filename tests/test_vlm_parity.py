@@ -132,7 +132,7 @@ def test_manifest_and_bundle_checks(exported, tmp_path):
         f.write(b"\x00\x01\x02")
     with pytest.raises(BundleError, match="sha256"):
         load_vlm_bundle(copy)
-    with pytest.raises(BundleError, match="no 'decoder_fp16'"):
+    with pytest.raises(BundleError, match="no fp16 'decoder_fp16' file.*export-engine vlm --model .* --fp16"):
         VlmEngine(bundle, precision="fp16")
 
 
