@@ -473,3 +473,9 @@ def test_real_photo_render_marks_rows_kept_from_a_previous_run():
     assert "previous run 2026-01-01T00:00:00Z, test data v1: b" in fp32
     assert fp32.endswith("| – | – |")  # no mean across two runs
     assert rows["| PatchCore reference (effnet-lite0, direct)"].endswith("| 0.900 | 0.800 |")
+
+
+def test_readme_reproduce_line_drops_the_measuring_machines_folders():
+    from linecam.bench.report import reproducible
+    cmd = "linecam bench --demo-cache /tmp/a/demo --workdir /tmp/w --out=/tmp/r --workers 2 --mode model"
+    assert reproducible(cmd) == "linecam bench --workers 2 --mode model"

@@ -288,7 +288,7 @@ def readme_block(r: dict[str, Any], results_path: str = "benchmarks/results/benc
         *((note, "") if (note := steadiness_note(r)) else ()),
         _table(["measure", "value", "target", "met"], headline_rows(r)),
         "",
-        f"Reproduce with `{r['command']}` (about {max(1, round(r['seconds'] / 60))} min); per-stage tables and "
+        f"Reproduce with `{reproducible(r['command'])}` (about {max(1, round(r['seconds'] / 60))} min); per-stage tables and "
         "plots: [`benchmarks/results/bench.md`](benchmarks/results/bench.md).",
     ])
 
@@ -307,3 +307,22 @@ def load_results(path: Path) -> dict[str, Any]:
     r = json.loads(path.read_text())
     validate_results(r)
     return r
+
+
+#: Options that name where a run kept its files: they default to the checkout's own folders.
+_PATH_OPTIONS = ("--demo-cache", "--workdir", "--out")
+
+
+def reproducible(command: str) -> str:
+    """The recorded command without the options that point at the measuring machine's folders
+    (a run from a scratch copy records /tmp paths a reader does not have)."""
+    words, out = command.split(), []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+        elif w in _PATH_OPTIONS:
+            skip = True
+        elif not w.startswith(tuple(o + "=" for o in _PATH_OPTIONS)):
+            out.append(w)
+    return " ".join(out)
