@@ -157,6 +157,9 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--max-score-diff", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Accuracy gate: largest |score - FP32 score| as a share of the FP32 map's range "
                    "(thresholds are fitted on FP32).")
+@click.option("--int8-max-float", type=click.IntRange(min=0), default=3, show_default=True,
+              help="When INT8 fails the accuracy gate, keep up to this many of its most sensitive "
+                   "convolutions in float until it passes (0: fail as is).")
 @click.option("--force", is_flag=True, help="Write the bundle even when the accuracy gate fails.")
 @click.option("--target-frr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
               show_default=True, help="Wanted false-reject rate on good parts.")
@@ -171,8 +174,8 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
            work_dir: Path | None, size: tuple[int, int], student: str, steps: int, batch_size: int, lr: float,
            pool_size: int, seed: int, holdout: float, bad_images: Path | None, calib_images: Path | None,
            calib_anomalies: float, quantize: str, int8_method: str | None, int8_tool: str, max_auroc_drop: float,
-           min_map_pearson: float, max_score_diff: float, force: bool, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
-           quiet: bool) -> None:
+           min_map_pearson: float, max_score_diff: float, int8_max_float: int, force: bool, target_frr: float,
+           sensitivity: float, name: str | None, threads: int | None, quiet: bool) -> None:
     """Distil a teacher into a compact student; FP16 + INT8 ONNX behind an accuracy gate; write a bundle."""
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
@@ -214,7 +217,8 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
                             seed=seed, holdout=holdout, target_frr=target_frr, sensitivity=sensitivity, quantize=q,
                             int8_method=int8_method, int8_tool=int8_tool, calib_anomaly_ratio=calib_anomalies,
                             max_auroc_drop=max_auroc_drop, max_score_diff=max_score_diff,
-                            min_map_pearson=min_map_pearson, force=force, threads=threads, name=name)
+                            min_map_pearson=min_map_pearson, int8_max_float=int8_max_float, force=force,
+                            threads=threads, name=name)
     result = run_distil(teacher, images, out, work_dir=work, options=options, bad_images=bad_images,
                         calib_images=calib_images, progress=not quiet)
     if not quiet:

@@ -47,6 +47,8 @@ from linecam.calibration.metrics import auroc, pearson
 from linecam.calibration.thresholds import evidence_warning, fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
+from linecam.export.int8_search import DEFAULT_MAX_FLOAT
+from linecam.export.quantize_stage import FP16_FILE, GATE_FILE, INT8_FILE, quantize_and_gate  # noqa: F401  (re-exported)
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.export.pool import SCALE_QUANTILE, Pool, build_pool, map_scale  # noqa: F401
@@ -66,10 +68,7 @@ from linecam.progress import make_progress
 logger = logging.getLogger(__name__)
 
 FP32_FILE = "model.onnx"
-FP16_FILE = "model_fp16.onnx"
-INT8_FILE = "model_int8.onnx"
 REPORT_FILE = "distil.json"
-GATE_FILE = "gate.json"
 #: Below this student-vs-teacher map correlation on held-out images the export warns.
 MIN_DISTIL_PEARSON = 0.9
 
@@ -94,6 +93,9 @@ class DistilOptions:
     max_auroc_drop: float = MAX_AUROC_DROP
     min_map_pearson: float = MIN_PEARSON
     max_score_diff: float = MAX_SCORE_DIFF
+    #: When INT8 fails the gate, keep up to this many of its most sensitive convolutions in
+    #: float (see :mod:`linecam.export.int8_search`); 0: fail as is.
+    int8_max_float: int = DEFAULT_MAX_FLOAT
     force: bool = False
     checkpoint_every: int = 100
     eval_good: int = 64
@@ -349,35 +351,11 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     gate_dict: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     if o.quantize:
-        from linecam.export import gate, quantize
-
         t = time.perf_counter()
-        candidates: dict[str, Path] = {}
-        if "fp16" in o.quantize:
-            candidates["onnx_fp16"] = quantize.to_fp16(fp32, out / FP16_FILE)
-        if "int8" in o.quantize:
-            calib_src = list_images(calib_images) if calib_images is not None else train_set
-            calib = quantize.calibration_batch(calib_src, spec, anomaly_ratio=o.calib_anomaly_ratio, seed=o.seed)
-            kwargs = {"tool": o.int8_tool}
-            if o.int8_method:
-                kwargs["method"] = o.int8_method
-            q = quantize.to_int8(fp32, out / INT8_FILE, calib, **kwargs)
-            candidates["onnx_int8"] = q.path
-            calibration = {**calib.describe(),
-                           "source": str(Path(calib_images).resolve()) if calib_images else "training images",
-                           **{k: v for k, v in q.to_dict().items()
-                              if k not in ("path", "calibration_sha256", "calibration_n")}}
-        report = gate.compare(fp32, candidates, ev.x, ev.labels, ev.masks if ev.masks.any() else None,
-                              threads=o.threads)
-        try:
-            report.enforce(max_auroc_drop=o.max_auroc_drop, force=o.force, min_pearson=o.min_map_pearson,
-                           max_score_diff=o.max_score_diff)
-        finally:
-            # Passed, forced or failed: the report stays next to the models for the record.
-            gate_dict = report.to_dict()
-            gate_dict["calibration"] = calibration
-            (out / GATE_FILE).write_text(json.dumps(gate_dict, indent=1, default=float) + "\n")
-            logger.info("accuracy gate:\n%s", report.table())
+        calib_src = list_images(calib_images) if calib_images is not None else train_set
+        calib_name = str(Path(calib_images).resolve()) if calib_images else "training images"
+        candidates, gate_dict = quantize_and_gate(fp32, out, o, spec, calib_src, calib_name, ev)
+        calibration = gate_dict.get("calibration")
         seconds["quantize_and_gate"] = time.perf_counter() - t
         for role, path in candidates.items():
             files[role] = file_entry(out, path.name, precision=role.split("_")[1])  # type: ignore[arg-type]

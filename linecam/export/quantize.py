@@ -203,7 +203,7 @@ class QuantResult:
     per_channel: bool
     #: Op types that got Q/DQ on their inputs, with how many nodes of each.
     ops_quantized: dict[str, int]
-    #: Nodes deliberately left in float (the head), by name.
+    #: Nodes deliberately left in float (``nodes_to_exclude``, then the head), by name.
     kept_float: tuple[str, ...]
     #: QuantizeLinear -> DequantizeLinear pairs on activations (weights have a DequantizeLinear only).
     qdq_pairs: int
@@ -368,7 +368,7 @@ def _quantize_ort(src: Path, dst: Path, calib: CalibrationSet, input_name: str, 
     if chatter.getvalue().strip():
         logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
     logger.info("INT8: quantized in %.1f s", time.perf_counter() - t)
-    return kept
+    return exclude
 
 
 def _quantize_modelopt(src: Path, dst: Path, calib: CalibrationSet, input_name: str, tmpdir: Path, *,
@@ -405,4 +405,4 @@ def _quantize_modelopt(src: Path, dst: Path, calib: CalibrationSet, input_name: 
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     logger.info("INT8: ModelOpt calibrating (%s) on %d image(s)", method, calib.n)
     mo_quantize(**kwargs)
-    return kept
+    return list(dict.fromkeys([*nodes_to_exclude, *kept]))

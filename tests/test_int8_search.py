@@ -1,0 +1,105 @@
+"""INT8 that fails the accuracy gate because of one convolution: the search keeps that one in
+float and the result passes (issue #13: "INT8 that passes its own gate by default").
+
+The model is built so exactly one convolution quantizes badly: each of its output channels
+has one huge weight on an input channel that is always zero (so FP32 ignores it) and small
+weights elsewhere; per-channel INT8 sets the channel's scale from the huge weight and rounds
+the small ones away. Everything else quantizes well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from linecam.export import gate  # noqa: E402
+from linecam.export import quantize as Q  # noqa: E402
+from linecam.export.int8_search import keep_sensitive_float, quantized_convs  # noqa: E402
+from linecam.export.onnx_export import export_onnx  # noqa: E402
+
+SIZE = 32
+BOUNDS = {"max_auroc_drop": gate.MAX_AUROC_DROP, "min_pearson": gate.MIN_PEARSON,
+          "max_score_diff": gate.MAX_SCORE_DIFF}
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 1, 1)
+        with torch.no_grad():
+            for conv in (self.a, self.b, self.c):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+                conv.bias.zero_()
+            self.a.weight[:, 2] = 0.0
+            self.a.weight[:, 2, 1, 1] = 60.0  # on the always-zero channel: FP32 never sees it
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g).abs() * 0.3)
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.relu(self.c(F.relu(self.b(F.relu(self.a(x))))))
+        amap = F.relu(self.head(y))
+        return amap, torch.amax(F.avg_pool2d(amap, 3, stride=1), dim=(1, 2, 3))
+
+
+def _images(rng: np.random.Generator, n: int, defect: bool) -> np.ndarray:
+    x = rng.normal(0, 0.5, (n, 3, SIZE, SIZE)).astype(np.float32)
+    x[:, 2] = 0.0
+    if defect:
+        for i in range(n):
+            r, c = rng.integers(4, SIZE - 10, 2)
+            x[i, :2, r:r + 6, c:c + 6] += 2.5
+    return x
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("int8search")
+    fp32 = export_onnx(Net().eval(), tmp / "model.onnx", (SIZE, SIZE))
+    rng = np.random.default_rng(0)
+    calib = Q.calibration_batch(np.concatenate([_images(rng, 24, False), _images(rng, 8, True)]))
+    x = np.concatenate([_images(rng, 24, False), _images(rng, 24, True)])
+    labels = np.r_[np.zeros(24), np.ones(24)]
+    return {"tmp": tmp, "fp32": fp32, "calib": calib, "x": x, "labels": labels}
+
+
+def test_all_int8_fails_and_the_search_keeps_the_bad_conv_float(setup: dict) -> None:
+    tmp, fp32, calib = setup["tmp"], setup["fp32"], setup["calib"]
+    dst = tmp / "model_int8.onnx"
+    Q.to_int8(fp32, dst, calib, tool="ort")
+    convs = quantized_convs(dst)
+    assert len(convs) == 3  # a, b, c (the head stays float by default)
+    rep = gate.compare(fp32, {"int8": dst}, setup["x"], setup["labels"])
+    assert not rep.evaluate(**BOUNDS), "the all-INT8 model should fail the gate (else this test proves nothing)"
+
+    res = keep_sensitive_float(fp32, dst, calib, setup["x"], setup["labels"], None, bounds=BOUNDS,
+                               quant_kwargs={"tool": "ort"}, max_float=2)
+    assert res.passed, res.tried
+    first = convs[0]  # conv a, the one with the huge weight, is first in graph order
+    assert min(res.sensitivity, key=res.sensitivity.get) == first
+    assert res.tried[-1]["float"] == [first] and len(res.tried) == 1
+    assert first in res.result.kept_float
+    # the file left in place is the passing one
+    rep = gate.compare(fp32, {"int8": dst}, setup["x"], setup["labels"])
+    assert rep.evaluate(**BOUNDS)
+    assert res.to_dict()["kept_float"] == list(res.result.kept_float)
+
+
+def test_no_search_when_max_float_is_zero(setup: dict) -> None:
+    dst = setup["tmp"] / "zero.onnx"
+    Q.to_int8(setup["fp32"], dst, setup["calib"], tool="ort")
+    res = keep_sensitive_float(setup["fp32"], dst, setup["calib"], setup["x"], setup["labels"], None,
+                               bounds=BOUNDS, quant_kwargs={"tool": "ort"}, max_float=0)
+    assert not res.passed and res.result is None and res.tried == []
