@@ -60,16 +60,14 @@ from linecam.export.scratch import (
 )
 from linecam.export.student import SIZES, STRIDE, Student, downsample, image_score, map_size
 from linecam.export.teachers import Teacher
+from linecam.export.variants import FP16_FILE, GATE_FILE, INT8_FILE, GateSettings, quantize_and_gate  # noqa: F401
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
 
 logger = logging.getLogger(__name__)
 
 FP32_FILE = "model.onnx"
-FP16_FILE = "model_fp16.onnx"
-INT8_FILE = "model_int8.onnx"
 REPORT_FILE = "distil.json"
-GATE_FILE = "gate.json"
 #: Below this student-vs-teacher map correlation on held-out images the export warns.
 MIN_DISTIL_PEARSON = 0.9
 
@@ -349,38 +347,16 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     gate_dict: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     if o.quantize:
-        from linecam.export import gate, quantize
-
         t = time.perf_counter()
-        candidates: dict[str, Path] = {}
-        if "fp16" in o.quantize:
-            candidates["onnx_fp16"] = quantize.to_fp16(fp32, out / FP16_FILE)
-        if "int8" in o.quantize:
-            calib_src = list_images(calib_images) if calib_images is not None else train_set
-            calib = quantize.calibration_batch(calib_src, spec, anomaly_ratio=o.calib_anomaly_ratio, seed=o.seed)
-            kwargs = {"tool": o.int8_tool}
-            if o.int8_method:
-                kwargs["method"] = o.int8_method
-            q = quantize.to_int8(fp32, out / INT8_FILE, calib, **kwargs)
-            candidates["onnx_int8"] = q.path
-            calibration = {**calib.describe(),
-                           "source": str(Path(calib_images).resolve()) if calib_images else "training images",
-                           **{k: v for k, v in q.to_dict().items()
-                              if k not in ("path", "calibration_sha256", "calibration_n")}}
-        report = gate.compare(fp32, candidates, ev.x, ev.labels, ev.masks if ev.masks.any() else None,
-                              threads=o.threads)
-        try:
-            report.enforce(max_auroc_drop=o.max_auroc_drop, force=o.force, min_pearson=o.min_map_pearson,
-                           max_score_diff=o.max_score_diff)
-        finally:
-            # Passed, forced or failed: the report stays next to the models for the record.
-            gate_dict = report.to_dict()
-            gate_dict["calibration"] = calibration
-            (out / GATE_FILE).write_text(json.dumps(gate_dict, indent=1, default=float) + "\n")
-            logger.info("accuracy gate:\n%s", report.table())
+        calib_src = list_images(calib_images) if calib_images is not None else train_set
+        v = quantize_and_gate(fp32, out, spec, calib_src,
+                              str(Path(calib_images).resolve()) if calib_images else "training images",
+                              ev.x, ev.labels, ev.masks, GateSettings(
+                                  o.quantize, o.max_auroc_drop, o.min_map_pearson, o.max_score_diff, o.force,
+                                  o.int8_method, o.int8_tool, o.calib_anomaly_ratio, o.seed, o.threads))
+        gate_dict, calibration = v.gate, v.calibration
+        files.update(v.files)
         seconds["quantize_and_gate"] = time.perf_counter() - t
-        for role, path in candidates.items():
-            files[role] = file_entry(out, path.name, precision=role.split("_")[1])  # type: ignore[arg-type]
 
     # 7. thresholds on the deployed FP32 model: its outputs on every good image of the evaluation
     # set — the held-out images as they are *and* their jittered copies (shifts, flips, light),
