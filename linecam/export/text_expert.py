@@ -218,11 +218,13 @@ class TextExpert(nn.Module):
         per_prompt, g = self.maps(x)
         amap = per_prompt.amax(dim=1, keepdim=True)  # [N, 1, gh, gw]
         score = 0.5 * (g + amap.flatten(1).amax(dim=1))
-        up = F.interpolate(amap, size=self.input_size, mode="bilinear", align_corners=False)
         if not self.n_labels:
-            return up, score
-        named = per_prompt[:, per_prompt.shape[1] - self.n_labels:]
-        return up, score, F.interpolate(named, size=self.input_size, mode="bilinear", align_corners=False)
+            return F.interpolate(amap, size=self.input_size, mode="bilinear", align_corners=False), score
+        # Upsample each prompt's map, then take the maximum: the anomaly map is then exactly the
+        # largest prompt map at every pixel, so a region above the pixel threshold always has a
+        # named map above it there (upsampling the maximum would be higher than every prompt's).
+        up = F.interpolate(per_prompt, size=self.input_size, mode="bilinear", align_corners=False)
+        return up.amax(dim=1, keepdim=True), score, up[:, up.shape[1] - self.n_labels:]
 
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, "grid": list(self.grid), "scales": list(self.scales),
