@@ -195,3 +195,15 @@ def test_distil_with_text_expert_teacher(zero_shot, category, tmp_path):
     assert m.extra["teacher"]["bundle"] == str(zero_shot.resolve())
     assert m.preprocess == load_bundle(zero_shot).manifest.preprocess  # CLIP's normalisation, 64 px
     assert "onnx_int8" in m.files
+
+
+def test_bench_text_expert_quick(tmp_path):
+    from linecam.bench.text_expert import main as bench_main
+
+    assert bench_main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    r = __import__("json").loads((tmp_path / "text_expert_quick.json").read_text())
+    assert r["quick"] and r["threads"] == [1] and r["input"] == [64, 64]
+    ms = r["runs"][0]["ms_per_frame_median"]
+    assert set(ms) == {"text_fp32", "text_int8", "student_s_fp32", "student_s_int8"}
+    assert all(len(v) == 3 and min(v) > 0 for v in r["runs"][0]["ms_per_frame_all"].values())
+    assert "| text expert INT8 (Q/DQ) |" in (tmp_path / "text_expert_quick.md").read_text()

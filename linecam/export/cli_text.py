@@ -81,6 +81,10 @@ def text_expert(clip_dir: Path, prompts: Path, out: Path, images: Path | None, z
     except ImportError as e:
         raise click.ClickException(f"export-engine text-expert needs torch and transformers ({e.name} is "
                                    f"missing): pip install 'linecam[export]'") from None
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
     options = TextExpertOptions(scales=_scales(scales), text_weight=text_weight, zero_shot=zero_shot,
                                 coreset_ratio=coreset_ratio, holdout=holdout, seed=seed, target_frr=target_frr,
                                 sensitivity=sensitivity, quantize=q, int8_method=int8_method, int8_tool=int8_tool,

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,11 @@ def _write(model: TextExpert, clip: Any, prompts: Any, spec: PreprocessSpec, lab
     real = (np.concatenate([pre(s.image, s.bit_depth, copy=True) for s in hold_set[:2]]) if hold_set else None)
     t = time.perf_counter()
     extra = (PROMPT_MAPS,) if labels else ()
-    fp32 = export_onnx(model, out / FP32_FILE, (h, w), seed=o.seed, inputs=real, extra_outputs=extra)
+    with warnings.catch_warnings():
+        # transformers' CLIP embedding checks the input size with a Python bool: the size is fixed
+        # here (static shapes), so the tracer's "might not generalize" is not the user's concern.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        fp32 = export_onnx(model, out / FP32_FILE, (h, w), seed=o.seed, inputs=real, extra_outputs=extra)
     leaks = text_leaks(fp32)
     if leaks:  # the prompts must be constants: a text tower on the edge is a bug of this exporter
         raise BundleError(f"the exported graph still holds text-encoder tensors ({', '.join(leaks[:3])}): "

@@ -165,12 +165,9 @@ class TextExpert(nn.Module):
         self.register_buffer("normal", prompts.normal[None].clone())  # [1, D]
         self.register_buffer("abnormal", prompts.abnormal.clone())  # [A, D]
         self.register_buffer("bank", bank.clone() if bank is not None else torch.zeros(0, prompts.normal.shape[0]))
+        self.has_bank = bank is not None and bank.shape[0] > 0  # a plain bool: fixed when traced
         for p in self.parameters():
             p.requires_grad_(False)
-
-    @property
-    def has_bank(self) -> bool:
-        return self.bank.shape[0] > 0
 
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch features ``[N, D, gh, gw]``, global feature ``[N, D]``), projected, not normalised."""
@@ -180,10 +177,8 @@ class TextExpert(nn.Module):
             glob, patches = t[:, 0], t[:, 1:]
         else:  # SigLIP: last_hidden_state is already normed; the attention-pool head is its global token
             glob, patches = out.pooler_output, out.last_hidden_state
-        n, p, d = patches.shape
-        if p != self.grid[0] * self.grid[1]:
-            raise BundleError(f"the vision tower returned {p} patch tokens, expected {self.grid[0]}x{self.grid[1]}")
-        return patches.transpose(1, 2).reshape(n, d, *self.grid), glob
+        d = patches.shape[-1]
+        return patches.transpose(1, 2).reshape(-1, d, *self.grid), glob
 
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised single-patch features ``[N * gh * gw, D]`` (what the good-image bank holds)."""
