@@ -207,3 +207,19 @@ def test_bench_text_expert_quick(tmp_path):
     assert set(ms) == {"text_fp32", "text_int8", "student_s_fp32", "student_s_int8"}
     assert all(len(v) == 3 and min(v) > 0 for v in r["runs"][0]["ms_per_frame_all"].values())
     assert "| text expert INT8 (Q/DQ) |" in (tmp_path / "text_expert_quick.md").read_text()
+
+
+def test_siglip_folder_exports_too(tmp_path, prompts):
+    import onnx
+
+    from linecam.export.clip_tiny import build_siglip_folder
+
+    folder = build_siglip_folder(tmp_path / "siglip")
+    out = tmp_path / "b"
+    assert export_main(["text-expert", "--clip", str(folder), "--prompts", str(prompts), "--out", str(out),
+                        "--threads", "1", "-q"]) == 0  # export_onnx refuses a graph off torch's map
+    m = load_bundle(out).manifest
+    assert m.provenance.details["family"] == "siglip" and m.preprocess.mean == (0.5, 0.5, 0.5)
+    g = onnx.load(str(out / "model.onnx")).graph
+    assert [i.name for i in g.input] == ["image"] and [o.name for o in g.output] == \
+        ["anomaly_map", "score", "prompt_maps"]

@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "bank": args.bank, "scales": list(expert.scales), "rounds": args.rounds, "threads": thread_counts,
         "runs": runs, "file_mb": sizes_mb, "export_seconds": round(export_s, 1),
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+        # other jobs' load: the figures are only comparable between runs at similar load
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "text_expert_quick" if args.quick else "text_expert"
@@ -135,8 +137,10 @@ LABELS = {"text_fp32": "text expert FP32", "text_int8": "text expert INT8 (Q/DQ)
 
 
 def table(r: dict) -> str:
-    lines = [f"Measured {r['date']} on {r['cpu']} ({r['cores']} cores, {r['device']}; a machine shared with other "
-             f"jobs), {r['input'][0]}x{r['input'][1]} input, ONNX Runtime {r['versions']['onnxruntime']}; median of "
+    load = r.get("load_average_1_5_15")
+    shared = f"load average {load[0]:.1f} at the end" if load else "a machine shared with other jobs"
+    lines = [f"Measured {r['date']} on {r['cpu']} ({r['cores']} cores, {r['device']}; {shared}), "
+             f"{r['input'][0]}x{r['input'][1]} input, ONNX Runtime {r['versions']['onnxruntime']}; median of "
              f"{r['rounds']} interleaved rounds. Text expert: {r['expert']}, window scales "
              f"{', '.join(map(str, r['scales']))}, a {r['bank']}-row good-patch bank, 3 prompt maps.", ""]
     lines += ["| model | file MB | " + " | ".join(f"ms / frame, {run['threads']} thread(s)" for run in r["runs"]) + " |",

@@ -3,7 +3,7 @@
 ``build_clip_folder(out, size=...)`` writes a Hugging Face folder (config, safetensors, a
 word-level ``tokenizer.json``) that ``export-engine text-expert --clip`` reads exactly like a
 downloaded CLIP. ``"tiny"`` is a 2-layer, 32-wide model at 64 px; ``"vit-b-16"`` has
-CLIP ViT-B/16's real dimensions (the benchmark's size). Random weights localise nothing:
+CLIP ViT-B/16's real dimensions (the benchmark's size); ``build_siglip_folder`` a tiny SigLIP. Random weights localise nothing:
 these folders test the plumbing and time the graph, never accuracy of the text side.
 """
 
@@ -42,6 +42,22 @@ def _write_tokenizer(out: Path, vocab_size: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIALS[0], "eos_token": SPECIALS[1],
         "pad_token": SPECIALS[1], "unk_token": "[UNK]", "model_max_length": 77}))
+
+
+def build_siglip_folder(out: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight SigLIP folder (64 px, patch 8) to ``out`` and return it."""
+    from transformers import SiglipConfig, SiglipModel
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, vocab_size=512, pad_token_id=1, eos_token_id=1, bos_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=64, patch_size=8)
+    torch.manual_seed(seed)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval().save_pretrained(str(out))
+    _write_tokenizer(out, 512)
+    return out
 
 
 def build_clip_folder(out: str | Path, *, size: Size = "tiny", seed: int = 0) -> Path:

@@ -40,7 +40,7 @@ from linecam.runtime.device import first_line
 
 logger = logging.getLogger(__name__)
 
-#: CLIP's normalisation (used when the folder has no preprocessor_config.json).
+#: CLIP's normalisation (used when a CLIP folder has no preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: CLIP's learned logit scale is ~100 in every released checkpoint; fixed so that a random-
@@ -90,14 +90,15 @@ def load_clip(folder: str | Path) -> ClipFolder:
     except (OSError, ValueError, ImportError) as e:
         raise BundleError(f"cannot load {family.upper()} from {folder}: {first_line(e)[:200]}; the folder needs "
                           "config.json, the weights and the tokenizer files") from None
-    mean, std = CLIP_MEAN, CLIP_STD
+    # the family's own normalisation unless the folder says otherwise (SigLIP's is 0.5 / 0.5)
+    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else ((0.5,) * 3, (0.5,) * 3)
     pp = folder / "preprocessor_config.json"
     if pp.is_file():
         try:
             d = json.loads(pp.read_text())
             mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
         except (OSError, ValueError):
-            logger.warning("cannot read %s: using CLIP's mean/std", pp)
+            logger.warning("cannot read %s: using %s's default mean/std", pp, family)
     vc = model.config.vision_config
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     digest = source_hash([sha256_file(p) for p in weights]) if weights else None
