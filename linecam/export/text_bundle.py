@@ -104,9 +104,7 @@ def text_leaks(path: str | Path) -> list[str]:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    names = [i.name for i in m.graph.input] + [i.name for i in m.graph.initializer]
-    names += [n.name for n in m.graph.node if n.op_type == "Gather" and "embed" in n.name.lower()
-              and "text" in n.name.lower()]
+    names = [i.name for i in m.graph.input] + [i.name for i in m.graph.initializer] + [n.name for n in m.graph.node]
     return [n for n in names if any(k in n for k in TEXT_MARKERS)]
 
 
