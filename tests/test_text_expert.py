@@ -223,3 +223,25 @@ def test_siglip_folder_exports_too(tmp_path, prompts):
     g = onnx.load(str(out / "model.onnx")).graph
     assert [i.name for i in g.input] == ["image"] and [o.name for o in g.output] == \
         ["anomaly_map", "score", "prompt_maps"]
+
+
+def test_text_leak_check_finds_a_text_tower(tmp_path):
+    """The exporter's own guard must be able to fire: a graph with token input and text weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from linecam.export.text_bundle import text_leaks
+
+    emb = numpy_helper.from_array(np.zeros((8, 4), np.float32), "text_model.embeddings.token_embedding.weight")
+    g = helper.make_graph([helper.make_node("Gather", ["text_model.embeddings.token_embedding.weight",
+                                                       "input_ids"], ["out"])], "g",
+                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4])], [emb])
+    onnx.save(helper.make_model(g), str(tmp_path / "t.onnx"))
+    assert {"input_ids", "text_model.embeddings.token_embedding.weight"} <= set(text_leaks(tmp_path / "t.onnx"))
+
+
+def test_distil_text_expert_needs_the_bundle(tmp_path, capsys):
+    assert export_main(["distil", "--teacher", "text-expert", "--images", str(tmp_path), "--out",
+                        str(tmp_path / "s")]) == 2
+    assert "--teacher text-expert needs --teacher-model <text-expert bundle folder>" in capsys.readouterr().err

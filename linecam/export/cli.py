@@ -204,7 +204,8 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
                                                threads=threads, progress=not quiet)
     else:
         if teacher_model is None:
-            raise click.UsageError(f"--teacher {teacher_kind} needs --teacher-model <model file>")
+            what = "text-expert bundle folder" if teacher_kind == "text-expert" else "model file"
+            raise click.UsageError(f"--teacher {teacher_kind} needs --teacher-model <{what}>")
         if teacher_kind == "text-expert" or (teacher_kind == "onnx" and teacher_model.is_dir()):
             teacher = teachers.BundleTeacher(teacher_model, threads=threads,
                                              kind="text-expert" if teacher_kind == "text-expert" else "onnx")
