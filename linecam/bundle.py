@@ -44,11 +44,20 @@ class TensorSpec(_Strict):
     layout: str | None = None
 
 
+class LabelMapsSpec(TensorSpec):
+    """Named per-prompt maps ([1, K, h, w], anomaly-map units): a region is labelled with the
+    names whose map reaches the pixel threshold inside it (the text expert's referring prompts)."""
+
+    labels: list[str]
+
+
 class OutputsSpec(_Strict):
     #: Per-pixel anomaly score at model resolution, shape [1, 1, h, w].
     anomaly_map: TensorSpec
     #: Image-level anomaly score, shape [1].
     image_score: TensorSpec
+    #: Optional; left out of the JSON when absent, so manifests without it read as before.
+    label_maps: LabelMapsSpec | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class Thresholds(_Strict):

@@ -93,6 +93,7 @@ def _script(name: str, module: str, doc: str) -> None:
 
 _script("engines", "engines", "The student region expert on TensorRT, ONNX Runtime CUDA, torch and the CPU.")
 _script("region-expert", "region_expert", "The DINOv2 memory-bank teacher vs the distilled students on the CPU.")
+_script("text-expert", "text_expert", "The CLIP text-prompted expert at FP32/INT8 and its distilled student on the CPU.")
 _script("linescan", "linescan", "Line-scan throughput: web lines/s processed vs offered.")
 _script("vlm-compare", "vlm_compare", "linecam's ONNX Runtime VLM vs transformers' generate.")
 _script("soak", "soak", "The daemon for 100k frames: RSS, fds, threads (--spool-cost: the spool per message).")

@@ -1,7 +1,8 @@
 """``export-engine``: build region-expert bundles on the workstation.
 
 Subcommands: ``fit`` (scratch expert), ``distil`` (teacher -> student -> FP16/INT8 behind
-the accuracy gate), ``trt`` (TensorRT engine for this device), ``vlm`` (compact VLM bundle).
+the accuracy gate), ``text-expert`` (CLIP + prompts, :mod:`linecam.export.cli_text`), ``trt``
+(TensorRT engine for this device), ``vlm`` (compact VLM bundle).
 Every user-caused error prints ``error: <one line>`` on stderr and exits with the error's
 code (:attr:`LinecamError.exit_code`), 2 for usage errors.
 """
@@ -98,9 +99,11 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 
 
 @cli.command()
-@click.option("--teacher", "teacher_kind", type=click.Choice(["cnn", "dinov2", "scratch", "onnx", "torchscript"]),
+@click.option("--teacher", "teacher_kind",
+              type=click.Choice(["cnn", "dinov2", "scratch", "text-expert", "onnx", "torchscript"]),
               required=True, help="cnn: PatchCore on a frozen ImageNet CNN (--backbone); dinov2: frozen DINOv2 + "
-                                  "memory bank; scratch: train the scratch expert; "
+                                  "memory bank; scratch: train the scratch expert; text-expert: a bundle "
+                                  "export-engine text-expert wrote (--teacher-model); "
                                   "onnx/torchscript: your own image -> anomaly-map model.")
 @click.option("--teacher-model", type=click.Path(path_type=Path), default=None,
               help="cnn: backbone state dict (.pth/.safetensors; default for efficientnet-lite0: the weights in "
@@ -204,9 +207,11 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
                                                threads=threads, progress=not quiet)
     else:
         if teacher_model is None:
-            raise click.UsageError(f"--teacher {teacher_kind} needs --teacher-model <model file>")
-        if teacher_kind == "onnx" and teacher_model.is_dir():
-            teacher = teachers.BundleTeacher(teacher_model, threads=threads)
+            what = "text-expert bundle folder" if teacher_kind == "text-expert" else "model file"
+            raise click.UsageError(f"--teacher {teacher_kind} needs --teacher-model <{what}>")
+        if teacher_kind == "text-expert" or (teacher_kind == "onnx" and teacher_model.is_dir()):
+            teacher = teachers.BundleTeacher(teacher_model, threads=threads,
+                                             kind="text-expert" if teacher_kind == "text-expert" else "onnx")
         else:
             if teacher_preprocess is not None:
                 spec = teachers.load_spec(teacher_preprocess)
@@ -401,6 +406,11 @@ def trt(bundle_dir: Path, precision: str, images: Path | None, verify_limit: int
 
     result = build_bundle_engine(bundle_dir, options, echo=echo)
     click.echo(f"engine '{result.role}' written: {result.engine}")
+
+from linecam.export.cli_text import text_expert  # noqa: E402  (torch-free until it runs)
+
+cli.add_command(text_expert)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: returns the exit status (console scripts ``sys.exit`` it)."""

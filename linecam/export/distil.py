@@ -48,7 +48,6 @@ from linecam.calibration.thresholds import evidence_warning, fit_image_threshold
 from linecam.errors import BundleError
 from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
 from linecam.export.int8_search import DEFAULT_MAX_FLOAT
-from linecam.export.quantize_stage import FP16_FILE, GATE_FILE, INT8_FILE, quantize_and_gate  # noqa: F401  (re-exported)
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.export.pool import SCALE_QUANTILE, Pool, build_pool, map_scale  # noqa: F401
@@ -62,6 +61,7 @@ from linecam.export.scratch import (
 )
 from linecam.export.student import SIZES, STRIDE, Student, downsample, image_score, map_size
 from linecam.export.teachers import Teacher
+from linecam.export.variants import FP16_FILE, GATE_FILE, INT8_FILE, GateSettings, quantize_and_gate  # noqa: F401
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
 
@@ -353,12 +353,15 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     if o.quantize:
         t = time.perf_counter()
         calib_src = list_images(calib_images) if calib_images is not None else train_set
-        calib_name = str(Path(calib_images).resolve()) if calib_images else "training images"
-        candidates, gate_dict = quantize_and_gate(fp32, out, o, spec, calib_src, calib_name, ev)
-        calibration = gate_dict.get("calibration")
+        v = quantize_and_gate(fp32, out, spec, calib_src,
+                              str(Path(calib_images).resolve()) if calib_images else "training images",
+                              ev.x, ev.labels, ev.masks, GateSettings(
+                                  o.quantize, o.max_auroc_drop, o.min_map_pearson, o.max_score_diff, o.force,
+                                  o.int8_method, o.int8_tool, o.calib_anomaly_ratio, o.seed, o.threads,
+                                  int8_max_float=o.int8_max_float))
+        gate_dict, calibration = v.gate, v.calibration
+        files.update(v.files)
         seconds["quantize_and_gate"] = time.perf_counter() - t
-        for role, path in candidates.items():
-            files[role] = file_entry(out, path.name, precision=role.split("_")[1])  # type: ignore[arg-type]
 
     # 7. thresholds on the deployed FP32 model: its outputs on every good image of the evaluation
     # set — the held-out images as they are *and* their jittered copies (shifts, flips, light),

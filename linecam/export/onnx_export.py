@@ -40,6 +40,7 @@ def export_onnx(
     rtol: float = PARITY_RTOL,
     seed: int = 0,
     inputs: np.ndarray | None = None,
+    extra_outputs: tuple[str, ...] = (),
 ) -> Path:
     """Write ``model`` (returning ``(anomaly_map, score)``) to ``path`` and check parity.
 
@@ -48,7 +49,8 @@ def export_onnx(
     run with onnxruntime on ``check_inputs`` random inputs plus ``inputs`` (real preprocessed
     images, ``[N, 3, H, W]``: what the model will see); a maximum absolute difference above
     ``rtol`` times the outputs' scale raises :class:`BundleError`, and the file is kept as
-    ``<name>.rejected.onnx`` for the bug report.
+    ``<name>.rejected.onnx`` for the bug report. ``extra_outputs`` names outputs the model
+    returns after those two (the text expert's per-prompt maps); parity covers them too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,7 @@ def export_onnx(
                 (dummy,),
                 str(path),
                 input_names=[INPUT_NAME],
-                output_names=[MAP_NAME, SCORE_NAME],
+                output_names=[MAP_NAME, SCORE_NAME, *extra_outputs],
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
@@ -76,7 +78,8 @@ def export_onnx(
 
     onnx.checker.check_model(str(path))
     try:
-        diff, scale = parity(model, path, input_size, n=check_inputs, seed=seed, inputs=inputs)
+        diff, scale = parity(model, path, input_size, n=check_inputs, seed=seed, inputs=inputs,
+                             outputs=(MAP_NAME, SCORE_NAME, *extra_outputs))
     except Exception:
         path.unlink(missing_ok=True)
         raise
@@ -94,7 +97,8 @@ def export_onnx(
 
 
 def parity(model: torch.nn.Module, path: str | Path, input_size: tuple[int, int], *,
-           n: int = 3, seed: int = 0, inputs: np.ndarray | None = None) -> tuple[float, float]:
+           n: int = 3, seed: int = 0, inputs: np.ndarray | None = None,
+           outputs: tuple[str, ...] = (MAP_NAME, SCORE_NAME)) -> tuple[float, float]:
     """``(max |onnxruntime - torch|, outputs' scale)`` over ``n`` random inputs and ``inputs``.
 
     The scale is the largest |torch output| seen (at least 1e-6): the tolerance follows the
@@ -115,7 +119,7 @@ def parity(model: torch.nn.Module, path: str | Path, input_size: tuple[int, int]
         checks += [np.ascontiguousarray(inputs[i:i + 1], dtype=np.float32) for i in range(inputs.shape[0])]
     worst, scale = 0.0, 1e-6
     for x in checks:
-        got = sess.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: x})
+        got = sess.run(list(outputs), {INPUT_NAME: x})
         with torch.no_grad():
             want = [t.numpy() for t in model(torch.from_numpy(x))]
         for g, e in zip(got, want):

@@ -75,12 +75,15 @@ def _tile(t: Mapping[str, Any]) -> dict[str, Any]:
 def _region(r: Mapping[str, Any]) -> dict[str, Any]:
     x, y, w, h = r["bbox"]
     cx, cy = r["centroid"]
-    return {
+    out = {
         "bbox": [int(x), int(y), int(w), int(h)],
         "area": int(r["area"]),
         "centroid": [float(cx), float(cy)],
         "max_score": float(r["max_score"]),
     }
+    if r.get("labels"):  # the text expert's named prompts that fired (optional: older events lack it)
+        out["labels"] = [str(v) for v in r["labels"]]
+    return out
 
 
 def defect(
@@ -99,7 +102,7 @@ def defect(
 ) -> dict[str, Any]:
     """One per NG frame. ``image_size`` is ``(w, h)``; each region is
     ``{"bbox": [x, y, w, h], "area": px, "centroid": [x, y], "max_score": normalised}``
-    in original-image pixels. ``verdict_event_id`` links it to its verdict."""
+    in original-image pixels, plus ``"labels": [names]`` when a text expert's named prompts fired. ``verdict_event_id`` links it to its verdict."""
     w, h = image_size
     msg = _header("defect", line, camera)
     msg.update(

@@ -105,6 +105,9 @@ class Inspector:
         except ValueError as e:
             raise BundleError(f"bundle {bundle.root} cannot be run on the line: {e} (image {t.image}, pixel "
                               f"{t.pixel}); refit its thresholds with export-engine") from None
+        spec = bundle.manifest.outputs.label_maps
+        #: The text expert's prompt names, one per label map (empty for other experts).
+        self.labels: tuple[str, ...] = tuple(spec.labels) if spec is not None else ()
         self._geometry_key: tuple[int, int] = (-1, -1)
         self._geometry = Geometry(0.0, 0.0, 0.0, 0.0)
 
@@ -147,7 +150,7 @@ class Inspector:
         if not (post.is_valid(amap) and math.isfinite(score)):
             return Inspection(None, score, amap, [], geometry, t0, t1, t2, time.monotonic_ns())
         verdict = post.verdict(score)
-        regions = (post.regions(amap, geometry, (h, w))
+        regions = (post.regions(amap, geometry, (h, w), out.label_maps, self.labels)
                    if verdict == "NG" or self.regions_always else [])
         return Inspection(verdict, score, amap, regions, geometry, t0, t1, t2, time.monotonic_ns())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,15 +45,23 @@ class Region:
     area: int
     centroid: tuple[float, float]
     max_score: float
+    #: Names of the text expert's prompts whose map reaches the pixel threshold in the region,
+    #: strongest first (empty for experts without named prompts).
+    labels: tuple[str, ...] = ()
 
     def to_dict(self, threshold: float) -> dict:
-        """JSON-ready form; ``max_score`` is normalised by ``threshold`` (1.0 = at threshold)."""
-        return {
+        """JSON-ready form; ``max_score`` is normalised by ``threshold`` (1.0 = at threshold).
+        ``labels`` only when there are some: a message from an expert without named prompts
+        stays what it was."""
+        d = {
             "bbox": list(self.bbox),
             "area": self.area,
             "centroid": [round(self.centroid[0], 2), round(self.centroid[1], 2)],
             "max_score": self.max_score / threshold,
         }
+        if self.labels:
+            d["labels"] = list(self.labels)
+        return d
 
 
 def _as_2d(anomaly_map: np.ndarray) -> np.ndarray:
@@ -126,6 +135,8 @@ class Postprocessor:
         anomaly_map: np.ndarray,
         geometry: Geometry,
         image_size: tuple[int, int] | None = None,
+        label_maps: np.ndarray | None = None,
+        names: Sequence[str] = (),
     ) -> list[Region]:
         """Connected regions of ``anomaly_map >= pixel_threshold`` in source pixels.
 
@@ -134,7 +145,9 @@ class Postprocessor:
         ``area`` is below ``min_area_px`` are dropped; the ``max_regions``
         highest-scoring remain, sorted by ``max_score`` descending. A map with
         NaN never yields a region there (NaN compares false); check
-        :meth:`is_valid` first.
+        :meth:`is_valid` first. ``label_maps`` ``(K, h, w)`` (same grid as the map) with
+        ``names``: each region's ``labels`` are the names whose map reaches the pixel
+        threshold somewhere inside it (IAD-GPT's mask-to-label step).
         """
         amap = _as_2d(anomaly_map)
         if amap.dtype.kind != "f":
@@ -185,6 +198,10 @@ class Postprocessor:
             if x1 <= x0 or y1 <= y0:
                 continue  # entirely outside the frame (view larger than the image)
             mx, my = centroids[k]
+            named: tuple[str, ...] = ()
+            if label_maps is not None and names:
+                peak = label_maps[:, labels == k].max(axis=1)  # per prompt, over this region's map pixels
+                named = tuple(names[i] for i in np.argsort(-peak, kind="stable") if peak[i] >= self.pixel_threshold)
             out.append(
                 Region(
                     bbox=(x0, y0, x1 - x0, y1 - y0),
@@ -192,6 +209,7 @@ class Postprocessor:
                     # cv2 centroids are means of pixel indices; index i's centre is i + 0.5.
                     centroid=(float(ox + (mx + 0.5) * sx), float(oy + (my + 0.5) * sy)),
                     max_score=float(maxes[k]),
+                    labels=named,
                 )
             )
         out.sort(key=lambda r: r.max_score, reverse=True)

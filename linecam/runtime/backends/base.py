@@ -14,6 +14,8 @@ class ExpertOutput:
     anomaly_map: np.ndarray
     #: Image-level raw score.
     score: float
+    #: (K, h, w) named per-prompt maps (the manifest's ``outputs.label_maps``), or None.
+    label_maps: np.ndarray | None = None
 
 
 class Runner(abc.ABC):

@@ -54,6 +54,7 @@ class _Binding:
     map_buffer: np.ndarray  # keeps the bound memory alive
     input_ptr: int
     input_ref: np.ndarray | None  # keeps the bound input alive
+    label_maps: np.ndarray | None = None  # (K, h, w) view of the bound per-prompt maps, if any
 
 
 class OrtRunner(Runner):
@@ -77,6 +78,8 @@ class OrtRunner(Runner):
         self._input = manifest.input.name
         names = {o.name for o in self._session.get_outputs()}
         want = [manifest.outputs.anomaly_map.name, manifest.outputs.image_score.name]
+        if manifest.outputs.label_maps is not None:  # the text expert's named prompts
+            want.append(manifest.outputs.label_maps.name)
         missing = [n for n in want if n not in names]
         if missing or self._input not in {i.name for i in self._session.get_inputs()}:
             raise BundleError(f"{model_path} does not match its manifest (missing tensors: "
@@ -91,8 +94,9 @@ class OrtRunner(Runner):
 
     def run(self, x: np.ndarray) -> ExpertOutput:
         if self._cuda:
-            amap, score = self._session.run(self._outputs, {self._input: x})
-            return ExpertOutput(anomaly_map=amap.reshape(amap.shape[-2:]), score=float(score.reshape(-1)[0]))
+            amap, score, *named = self._session.run(self._outputs, {self._input: x})
+            return ExpertOutput(anomaly_map=amap.reshape(amap.shape[-2:]), score=float(score.reshape(-1)[0]),
+                                label_maps=named[0].reshape(named[0].shape[-3:]) if named else None)
         b = getattr(self._local, "binding", None)
         if b is None or b.shape != x.shape:
             b = self._local.binding = self._bind(x)
@@ -102,15 +106,17 @@ class OrtRunner(Runner):
             b.io.bind_cpu_input(self._input, x)
             b.input_ptr, b.input_ref = x.ctypes.data, x
         self._session.run_with_iobinding(b.io)
-        return ExpertOutput(anomaly_map=b.amap, score=float(b.score[0]))
+        return ExpertOutput(anomaly_map=b.amap, score=float(b.score[0]), label_maps=b.label_maps)
 
     def _bind(self, x: np.ndarray) -> _Binding:
         """This thread's IOBinding for inputs shaped like ``x``: outputs written into arrays
         allocated once (ORT otherwise allocates the map, 256 KB at 256x256, on every call)."""
-        amap, score = self._session.run(self._outputs, {self._input: x})  # learns the output shapes
+        first = self._session.run(self._outputs, {self._input: x})  # learns the output shapes
         io = self._session.io_binding()
-        out_map = np.empty(amap.shape, np.float32)
-        out_score = np.empty(score.shape, np.float32)
-        for name, arr in zip(self._outputs, (out_map, out_score)):
+        bufs = [np.empty(a.shape, np.float32) for a in first]
+        for name, arr in zip(self._outputs, bufs):
             io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        return _Binding(x.shape, io, out_map.reshape(out_map.shape[-2:]), out_score.reshape(-1), out_map, -1, None)
+        out_map, out_score = bufs[0], bufs[1]
+        named = bufs[2].reshape(bufs[2].shape[-3:]) if len(bufs) > 2 else None
+        return _Binding(x.shape, io, out_map.reshape(out_map.shape[-2:]), out_score.reshape(-1), out_map, -1, None,
+                        named)

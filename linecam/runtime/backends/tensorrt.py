@@ -307,6 +307,7 @@ class TensorRTRunner(Runner):
         self._input = manifest.input.name
         self._map = manifest.outputs.anomaly_map.name
         self._score = manifest.outputs.image_score.name
+        self._labels = manifest.outputs.label_maps.name if manifest.outputs.label_maps else None  # text expert
         self._tensors = self._describe_io(engine_path)
         self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._all: list[_Slot] = []
@@ -330,7 +331,7 @@ class TensorRTRunner(Runner):
             if dynamic and is_input:
                 shape = tuple(int(d) for d in eng.get_tensor_profile_shape(name, 0)[2])  # profile max
             tensors[name] = _Tensor(name, is_input, numpy_dtype(trt, eng.get_tensor_dtype(name)), shape, dynamic)
-        missing = [n for n in (self._input, self._map, self._score) if n not in tensors]
+        missing = [n for n in (self._input, self._map, self._score, self._labels) if n and n not in tensors]
         if missing or not tensors[self._input].is_input:
             raise BundleError(f"engine {engine_path} does not match its manifest (missing tensors: "
                               f"{', '.join(missing) or self._input}); rebuild it with export-engine trt")
@@ -428,9 +429,14 @@ class TensorRTRunner(Runner):
             # Copies: the slot's pinned buffers are reused by the next call on this slot.
             amap = slot.host[self._map].reshape(-1)[:n].astype(np.float32).reshape(out_shape[-2:])
             score = float(slot.host[self._score].reshape(-1)[0])
+            named = None
+            if self._labels is not None:
+                lshape = tuple(int(d) for d in slot.context.get_tensor_shape(self._labels))
+                named = (slot.host[self._labels].reshape(-1)[:int(np.prod(lshape))].astype(np.float32)
+                         .reshape(lshape[-3:]))
         finally:
             self._slots.put(slot)
-        return ExpertOutput(anomaly_map=amap, score=score)
+        return ExpertOutput(anomaly_map=amap, score=score, label_maps=named)
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -27,7 +27,7 @@ DEFAULT_TEMPLATE = ("The line inspection model flagged {n_regions} anomalous reg
                     "Describe the defect in one sentence: its type, where it is and how large it is.")
 DEFAULT_REGION_TEMPLATE = ("Region {index}: box x={cx}, y={cy}, w={w}, h={h} in this crop "
                            "(x={x}, y={y} in the frame), area {area} px, anomaly score {score:.2f} "
-                           "(1.00 = threshold).\n")
+                           "(1.00 = threshold){label_text}.\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,9 @@ class PromptConfig:
 
     ``template`` fields: n_regions, regions (the joined region lines), image_w, image_h,
     crop_w, crop_h. ``region_template`` fields: index (1-based), x, y, w, h (frame pixels),
-    cx, cy (top-left in crop pixels), area, score (normalised, 1.0 = threshold).
+    cx, cy (top-left in crop pixels), area, score (normalised, 1.0 = threshold), labels (the
+    text expert's prompt names that fired, comma separated; "" for other experts) and
+    label_text (``", matching the inspection prompt(s): scratch"``, or "" without labels).
     """
 
     template: str = DEFAULT_TEMPLATE
@@ -60,9 +62,16 @@ class GroundedPrompt:
 
 def _as_dict(r: Region | Mapping[str, Any], threshold: float) -> dict[str, Any]:
     if isinstance(r, Region):
-        return {"bbox": tuple(int(v) for v in r.bbox), "area": int(r.area), "score": r.max_score / threshold}
+        return {"bbox": tuple(int(v) for v in r.bbox), "area": int(r.area), "score": r.max_score / threshold,
+                "labels": list(r.labels)}
     # A defect message's region: max_score is already normalised.
-    return {"bbox": tuple(int(v) for v in r["bbox"]), "area": int(r["area"]), "score": float(r["max_score"])}
+    return {"bbox": tuple(int(v) for v in r["bbox"]), "area": int(r["area"]), "score": float(r["max_score"]),
+            "labels": [str(v) for v in r.get("labels") or ()]}
+
+
+def _label_text(labels: Sequence[str]) -> str:
+    # IAD-GPT's mask fusion in text: the expert's region labels go to the VLM with its boxes.
+    return f", matching the inspection prompt(s): {', '.join(labels)}" if labels else ""
 
 
 class RegionPromptBuilder:
@@ -78,7 +87,9 @@ class RegionPromptBuilder:
         x0, y0, cw, ch = crop
         lines = "".join(c.region_template.format(index=i + 1, x=r["bbox"][0], y=r["bbox"][1], w=r["bbox"][2],
                                                  h=r["bbox"][3], cx=r["bbox"][0] - x0, cy=r["bbox"][1] - y0,
-                                                 area=r["area"], score=r["score"])
+                                                 area=r["area"], score=r["score"],
+                                                 labels=", ".join(r.get("labels", ())),
+                                                 label_text=_label_text(r.get("labels", ())))
                         for i, r in enumerate(regs))
         return c.template.format(n_regions=len(regs), regions=lines, image_w=iw, image_h=ih, crop_w=cw, crop_h=ch)
 
