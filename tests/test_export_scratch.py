@@ -167,3 +167,55 @@ def test_export_package_imports_without_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- issue 21: scores saturate
+
+
+def test_exported_map_keeps_growing_with_the_logits() -> None:
+    """The map is strictly increasing and unbounded in the logits (a sigmoid map is 1.0 at both 20
+    and 40), and below the decision boundary it is the old sigmoid map exactly."""
+    import torch
+
+    from linecam.export.scratch import PIXEL_THRESHOLD_CAP, expert_map
+
+    z = torch.tensor([-30.0, -8.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 8.0, 20.0, 40.0])
+    m = expert_map(z)
+    assert torch.all(m[1:] > m[:-1]), m
+    assert float(m[-1]) > 40.0
+    assert torch.equal(m[:4], torch.sigmoid(z[:4]))
+    assert float(m[4]) == PIXEL_THRESHOLD_CAP  # the cap is the map at the decision boundary
+
+
+def _constant_logit_expert(logit: float):
+    """A tiny untrained ScratchExpert whose logits are ``logit`` at every pixel."""
+    import torch
+
+    from linecam.export.scratch import ScratchExpert
+
+    model = ScratchExpert(base_width=4, score_pool=3).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(logit)
+    return model
+
+
+def test_exported_score_grows_with_the_logits_through_onnxruntime(tmp_path: Path) -> None:
+    """Through the exported graph as the daemon runs it: a stronger response gives a larger raw score
+    and a larger published (normalised) score; none of them stops at the sigmoid's 1.0."""
+    from linecam.export.onnx_export import export_onnx
+    from linecam.runtime.postprocess import Postprocessor
+
+    threshold = 0.05  # a fitted image threshold's order of magnitude
+    scores = []
+    for i, logit in enumerate((-6.0, 2.0, 10.0, 30.0)):
+        path = export_onnx(_constant_logit_expert(logit), tmp_path / f"m{i}.onnx", (32, 32))
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        amap, score = sess.run(None, {"image": np.zeros((1, 3, 32, 32), np.float32)})
+        assert float(amap.max()) == pytest.approx(1 / (1 + np.exp(-logit)) + max(0.0, logit), rel=1e-5)
+        scores.append(float(score[0]))
+    published = np.array(scores) / threshold  # the outbox's score = score_raw / threshold
+    assert np.all(np.diff(published) > 0), published
+    assert scores[-1] > 2 * scores[-2] > 2.0, scores  # logit 30 vs 10: not one saturated value
+    post = Postprocessor(pixel_threshold=0.5, image_threshold=threshold)
+    assert [post.verdict(s) for s in scores] == ["OK", "NG", "NG", "NG"]

@@ -354,8 +354,12 @@ class BundleTeacher(OnnxTeacher):
         self.bundle = bundle
 
     def describe(self) -> dict[str, Any]:
+        extra = self.bundle.manifest.extra
+        # The teacher's map units, in the student's provenance: a scratch bundle from before issue 21
+        # has no "map_scale" and a sigmoid map (its students learn a map that saturates too).
+        scale = extra.get("map_scale") or ("sigmoid" if extra.get("expert") == "scratch" else None)
         return {**super().describe(), "kind": self.kind, "bundle": str(self.bundle.root.resolve()),
-                "bundle_sha256": self.bundle.model_sha256}
+                "bundle_sha256": self.bundle.model_sha256, **({"map_scale": scale} if scale else {})}
 
 
 def load_spec(path: str | Path) -> PreprocessSpec:
@@ -386,12 +390,13 @@ def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int],
     It is fitted with the same ``seed`` and ``holdout`` as the distillation, hence on the
     same training split: the held-out images stay unseen by teacher and student alike."""
     from linecam.bundle import load_bundle
-    from linecam.export.scratch import fit_scratch_expert, list_images
+    from linecam.export.scratch import MAP_SCALE, fit_scratch_expert, list_images
 
-    # Keyed by the images' content, not the folder's name: edited images must retrain the teacher.
+    # Keyed by the images' content, not the folder's name: edited images must retrain the teacher;
+    # and by the map scale: a cached teacher from before issue 21 (saturating maps) is not reused.
     content = source_hash([s.sha256 for s in list_images(images)])
     key = hashlib.sha256(json.dumps([content, list(input_size), steps, seed, holdout,
-                                     base_width]).encode()).hexdigest()[:12]
+                                     base_width, MAP_SCALE]).encode()).hexdigest()[:12]
     folder = work / f"teacher-scratch-{key}"
     try:
         load_bundle(folder)
