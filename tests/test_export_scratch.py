@@ -219,3 +219,91 @@ def test_exported_score_grows_with_the_logits_through_onnxruntime(tmp_path: Path
     assert scores[-1] > 2 * scores[-2] > 2.0, scores  # logit 30 vs 10: not one saturated value
     post = Postprocessor(pixel_threshold=0.5, image_threshold=threshold)
     assert [post.verdict(s) for s in scores] == ["OK", "NG", "NG", "NG"]
+
+
+def _inspector(bundle_dir: Path):
+    from linecam.runtime.backends import make_runner
+    from linecam.runtime.inspector import Inspector
+
+    b = load_bundle(bundle_dir)
+    return Inspector(b, make_runner(b, "onnxruntime", intra_op_threads=1), regions_always=True)
+
+
+def _blobs(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One good texture and the same texture with a dark blob at one place, ever larger and darker."""
+    good = _texture(rng)
+    bad = []
+    for radius, grey in ((3, 90), (6, 50), (11, 15)):
+        img = good.copy()
+        cv2.circle(img, (SIZE // 2, SIZE // 2), radius, (grey, grey, grey), -1, cv2.LINE_AA)
+        bad.append(img)
+    return good, bad
+
+
+@pytest.mark.slow
+def test_published_score_ranks_defects_by_strength(fitted: tuple[Path, Path]) -> None:
+    """Issue 21: on the daemon's path (Inspector, score published as raw / threshold) a stronger
+    defect on the same part publishes a strictly larger score and region score, and the strongest
+    goes past 1.0 raw, where the sigmoid map stopped (every defect published 1 / threshold)."""
+    _, out = fitted
+    ins = _inspector(out)
+    thr = load_bundle(out).manifest.thresholds
+    assert load_bundle(out).manifest.extra["map_scale"] == "sigmoid+relu_logit"
+    for seed in (5, 6):
+        good, bad = _blobs(np.random.default_rng(seed))
+        runs = [ins.inspect(img) for img in [good, *bad]]
+        published = [r.score_raw / thr.image for r in runs]
+        region = [max((x.max_score for x in r.regions), default=0.0) / thr.pixel for r in runs]
+        # The faintest blob may pass (it is below the threshold); the other two are defects.
+        assert runs[0].verdict == "OK" and [r.verdict for r in runs[2:]] == ["NG"] * 2, published
+        assert np.all(np.diff(published) > 0), published
+        assert np.all(np.diff(region[1:]) > 0), region
+        assert runs[-1].score_raw > 1.0 and published[-1] > 1.5 * published[-2], published
+
+
+@pytest.mark.slow
+def test_a_sigmoid_bundle_from_before_issue_21_still_loads_and_gives_the_same_verdicts(
+        fitted: tuple[Path, Path], tmp_path: Path) -> None:
+    """A bundle exported before the change (sigmoid map, thresholds fitted on it, no map_scale in its
+    manifest) runs as it did: same thresholds where good pixels stay below logit 0, same verdicts."""
+    import shutil
+
+    import onnx
+
+    from linecam.bundle import file_entry, write_manifest
+    from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
+    from linecam.export.scratch import score_onnx
+    from linecam.export.images import list_images
+
+    images, out = fitted
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    model = onnx.load(str(old / "model.onnx"))  # back to the old graph: the map is the sigmoid alone
+    producer = {o: n for n in model.graph.node for o in n.output}
+    add = producer["anomaly_map"]
+    (sig,) = [i for i in add.input if producer[i].op_type == "Sigmoid"]
+    add.op_type = "Identity"
+    del add.input[:]
+    add.input.append(sig)
+    onnx.save(model, str(old / "model.onnx"))
+    m = load_bundle(out).manifest
+    hold = [s for s in list_images(images) if s.path.name in m.provenance.details["holdout_files"]]
+    scores, maps = score_onnx(old / "model.onnx", hold, m.preprocess)  # the old fit, on the old map
+    assert float(np.max(maps)) <= 1.0
+    th = to_thresholds(fit_image_threshold(scores), fit_pixel_threshold(maps))
+    th = th.model_copy(update={"pixel": min(th.pixel, 0.5)})
+    extra = {k: v for k, v in m.extra.items() if k != "map_scale"} | {"map_range": [0.0, 1.0]}
+    write_manifest(old, m.model_copy(update={"thresholds": th, "extra": extra,
+                                            "files": {"onnx_fp32": file_entry(old, "model.onnx")}}))
+    assert th.image == pytest.approx(m.thresholds.image, rel=1e-6)  # good images: logits below 0
+
+    new_ins, old_ins = _inspector(out), _inspector(old)
+    rng = np.random.default_rng(77)
+    imgs = [_texture(rng) for _ in range(6)]
+    imgs += [_paint_defect(rng, _texture(rng), "blob" if i % 2 else "scratch") for i in range(6)]
+    for seed in (5, 6):
+        imgs += list(_blobs(np.random.default_rng(seed))[1])
+    new_v = [new_ins.inspect(i).verdict for i in imgs]
+    old_runs = [old_ins.inspect(i) for i in imgs]
+    assert [r.verdict for r in old_runs] == new_v
+    assert all(r.score_raw <= 1.0 for r in old_runs)  # the old scale, as it was
