@@ -307,3 +307,30 @@ def test_a_sigmoid_bundle_from_before_issue_21_still_loads_and_gives_the_same_ve
     old_runs = [old_ins.inspect(i) for i in imgs]
     assert [r.verdict for r in old_runs] == new_v
     assert all(r.score_raw <= 1.0 for r in old_runs)  # the old scale, as it was
+    # A student distilled from it records which map it learnt.
+    from linecam.export.teachers import BundleTeacher
+
+    assert BundleTeacher(old, kind="scratch").describe()["map_scale"] == "sigmoid"
+    assert BundleTeacher(out, kind="scratch").describe()["map_scale"] == "sigmoid+relu_logit"
+
+
+@pytest.mark.slow
+def test_the_demo_refits_a_cached_scratch_bundle_from_before_issue_21(
+        fitted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import linecam.camera.synthetic as synthetic
+    import linecam.export.scratch as scratch
+    from linecam import demo
+
+    work = tmp_path / "demo"
+    shutil.copytree(fitted[1], work / "bundle")
+    (work / "bundle.key").write_text(demo._fit_key() + "\n")
+    fits: list[Path] = []
+    monkeypatch.setattr(synthetic, "write_good_images", lambda *a, **k: None)
+    monkeypatch.setattr(scratch, "fit_scratch_expert", lambda images, out, **k: fits.append(out))
+    assert demo.ensure_demo_bundle(work) == work / "bundle" and fits == []  # current: reused
+    manifest = json.loads((work / "bundle" / "manifest.json").read_text())
+    del manifest["extra"]["map_scale"]
+    (work / "bundle" / "manifest.json").write_text(json.dumps(manifest))
+    assert demo.ensure_demo_bundle(work) == work / "bundle" and fits == [work / "bundle"]

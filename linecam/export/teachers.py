@@ -354,10 +354,12 @@ class BundleTeacher(OnnxTeacher):
         self.bundle = bundle
 
     def describe(self) -> dict[str, Any]:
+        from linecam.export.scratch import LEGACY_MAP_SCALE
+
         extra = self.bundle.manifest.extra
         # The teacher's map units, in the student's provenance: a scratch bundle from before issue 21
         # has no "map_scale" and a sigmoid map (its students learn a map that saturates too).
-        scale = extra.get("map_scale") or ("sigmoid" if extra.get("expert") == "scratch" else None)
+        scale = extra.get("map_scale") or (LEGACY_MAP_SCALE if extra.get("expert") == "scratch" else None)
         return {**super().describe(), "kind": self.kind, "bundle": str(self.bundle.root.resolve()),
                 "bundle_sha256": self.bundle.model_sha256, **({"map_scale": scale} if scale else {})}
 
