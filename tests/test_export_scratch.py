@@ -187,6 +187,18 @@ def test_exported_map_keeps_growing_with_the_logits() -> None:
     assert float(m[4]) == PIXEL_THRESHOLD_CAP  # the cap is the map at the decision boundary
 
 
+def test_the_probability_behind_a_scratch_map_is_recovered() -> None:
+    import torch
+
+    from linecam.export.scratch import expert_map
+    from linecam.export.teachers import sigmoid_of_scratch_map
+
+    z = torch.linspace(-20, 60, 20001)
+    got = sigmoid_of_scratch_map(expert_map(z).numpy())
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, torch.sigmoid(z).numpy(), atol=1e-7)
+
+
 def _constant_logit_expert(logit: float):
     """A tiny untrained ScratchExpert whose logits are ``logit`` at every pixel."""
     import torch
@@ -307,11 +319,17 @@ def test_a_sigmoid_bundle_from_before_issue_21_still_loads_and_gives_the_same_ve
     old_runs = [old_ins.inspect(i) for i in imgs]
     assert [r.verdict for r in old_runs] == new_v
     assert all(r.score_raw <= 1.0 for r in old_runs)  # the old scale, as it was
-    # A student distilled from it records which map it learnt.
+    # As a distillation teacher, the new bundle hands the student the probability the old one did
+    # (an unbounded target fails the INT8 gate), and the student's provenance says so.
     from linecam.export.teachers import BundleTeacher
 
-    assert BundleTeacher(old, kind="scratch").describe()["map_scale"] == "sigmoid"
-    assert BundleTeacher(out, kind="scratch").describe()["map_scale"] == "sigmoid+relu_logit"
+    old_t, new_t = BundleTeacher(old, kind="scratch"), BundleTeacher(out, kind="scratch")
+    pre = Preprocessor(m.preprocess)
+    x = np.stack([pre(i, copy=True)[0] for i in imgs[-8:]])
+    assert float(new_ins.inspect(imgs[-1]).anomaly_map.max()) > 1.0  # the converted maps do exceed 0.5
+    np.testing.assert_allclose(new_t.maps(x), old_t.maps(x), atol=2e-6)
+    assert old_t.describe()["map_scale"] == "sigmoid" and "student_learns" not in old_t.describe()
+    assert new_t.describe()["map_scale"] == "sigmoid+relu_logit" and new_t.describe()["student_learns"] == "sigmoid"
 
 
 @pytest.mark.slow
