@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from linecam.errors import LinecamError
+from linecam.export.cli_sections import SectionedCommand
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
         click.echo(f"bundle written: {result.bundle}")
 
 
-@cli.command()
+@cli.command(cls=SectionedCommand)
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Local Hugging Face VLM folder (Qwen2.5-VL or Idefics3/SmolVLM): config, weights, tokenizer.json.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="VLM bundle folder to write.")
