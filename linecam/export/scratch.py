@@ -43,7 +43,7 @@ from linecam.bundle import (
     source_hash,
     write_manifest,
 )
-from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, isolated_warning, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.anomalies import RECIPES, synthesize
 from linecam.export.images import IMAGE_SUFFIXES, MIN_IMAGES, SourceImage, list_images, split_holdout  # noqa: F401
@@ -202,9 +202,6 @@ class AnomalySampler:
         for i in range(n):
             self.sample(x[i], y[i])
         return torch.from_numpy(x), torch.from_numpy(y)
-
-
-# --------------------------------------------------------------------------- training
 
 
 @dataclass
@@ -376,16 +373,18 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
 
     # Thresholds from the deployed artefact (onnxruntime), never from torch.
     scores, maps = score_onnx(model_path, hold_set, spec, threads=threads)
-    thresholds = to_thresholds(
-        fit_image_threshold(scores, target_frr=target_frr, sensitivity=sensitivity),
-        fit_pixel_threshold(maps, target_frr=target_frr, sensitivity=sensitivity),
-    )
+    image_fit = fit_image_threshold(scores, target_frr=target_frr, sensitivity=sensitivity)
+    thresholds = to_thresholds(image_fit, fit_pixel_threshold(maps, target_frr=target_frr, sensitivity=sensitivity))
     if thresholds.pixel > PIXEL_THRESHOLD_CAP:
         # At 0.5 (logit 0) the net itself calls the pixel anomalous, so a region threshold
         # beyond it would hide regions of real defects.
         details_px = {**thresholds.details["pixel"], "fitted": thresholds.pixel, "capped_at": PIXEL_THRESHOLD_CAP}
         thresholds = thresholds.model_copy(update={
             "pixel": PIXEL_THRESHOLD_CAP, "details": {**thresholds.details, "pixel": details_px}})
+
+    if odd := isolated_warning(image_fit, f"held-out good image ({hold_set[int(np.argmax(scores))].path.name})"):
+        logger.warning("THRESHOLD: %s", odd)
+        thresholds.details["warning"] = odd
 
     train_scores, _ = score_onnx(model_path, train_set, spec, threads=threads)
     folder = Path(images)
