@@ -167,3 +167,188 @@ def test_export_package_imports_without_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- issue 21: scores saturate
+
+
+def test_exported_map_keeps_growing_with_the_logits() -> None:
+    """The map is strictly increasing and unbounded in the logits (a sigmoid map is 1.0 at both 20
+    and 40), and below the decision boundary it is the old sigmoid map exactly."""
+    import torch
+
+    from linecam.export.scratch import PIXEL_THRESHOLD_CAP, expert_map
+
+    z = torch.tensor([-30.0, -8.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 8.0, 20.0, 40.0])
+    m = expert_map(z)
+    assert torch.all(m[1:] > m[:-1]), m
+    assert float(m[-1]) > 40.0
+    assert torch.equal(m[:4], torch.sigmoid(z[:4]))
+    assert float(m[4]) == PIXEL_THRESHOLD_CAP  # the cap is the map at the decision boundary
+
+
+def test_the_probability_behind_a_scratch_map_is_recovered() -> None:
+    import torch
+
+    from linecam.export.scratch import expert_map
+    from linecam.export.teachers import sigmoid_of_scratch_map
+
+    z = torch.linspace(-20, 60, 20001)
+    got = sigmoid_of_scratch_map(expert_map(z).numpy())
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, torch.sigmoid(z).numpy(), atol=1e-7)
+
+
+def _constant_logit_expert(logit: float):
+    """A tiny untrained ScratchExpert whose logits are ``logit`` at every pixel."""
+    import torch
+
+    from linecam.export.scratch import ScratchExpert
+
+    model = ScratchExpert(base_width=4, score_pool=3).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(logit)
+    return model
+
+
+def test_exported_score_grows_with_the_logits_through_onnxruntime(tmp_path: Path) -> None:
+    """Through the exported graph as the daemon runs it: a stronger response gives a larger raw score
+    and a larger published (normalised) score; none of them stops at the sigmoid's 1.0."""
+    from linecam.export.onnx_export import export_onnx
+    from linecam.runtime.postprocess import Postprocessor
+
+    threshold = 0.05  # a fitted image threshold's order of magnitude
+    scores = []
+    for i, logit in enumerate((-6.0, 2.0, 10.0, 30.0)):
+        path = export_onnx(_constant_logit_expert(logit), tmp_path / f"m{i}.onnx", (32, 32))
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        amap, score = sess.run(None, {"image": np.zeros((1, 3, 32, 32), np.float32)})
+        assert float(amap.max()) == pytest.approx(1 / (1 + np.exp(-logit)) + max(0.0, logit), rel=1e-5)
+        scores.append(float(score[0]))
+    published = np.array(scores) / threshold  # the outbox's score = score_raw / threshold
+    assert np.all(np.diff(published) > 0), published
+    assert scores[-1] > 2 * scores[-2] > 2.0, scores  # logit 30 vs 10: not one saturated value
+    post = Postprocessor(pixel_threshold=0.5, image_threshold=threshold)
+    assert [post.verdict(s) for s in scores] == ["OK", "NG", "NG", "NG"]
+
+
+def _inspector(bundle_dir: Path):
+    from linecam.runtime.backends import make_runner
+    from linecam.runtime.inspector import Inspector
+
+    b = load_bundle(bundle_dir)
+    return Inspector(b, make_runner(b, "onnxruntime", intra_op_threads=1), regions_always=True)
+
+
+def _blobs(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One good texture and the same texture with a dark blob at one place, ever larger and darker."""
+    good = _texture(rng)
+    bad = []
+    for radius, grey in ((3, 90), (6, 50), (11, 15)):
+        img = good.copy()
+        cv2.circle(img, (SIZE // 2, SIZE // 2), radius, (grey, grey, grey), -1, cv2.LINE_AA)
+        bad.append(img)
+    return good, bad
+
+
+@pytest.mark.slow
+def test_published_score_ranks_defects_by_strength(fitted: tuple[Path, Path]) -> None:
+    """Issue 21: on the daemon's path (Inspector, score published as raw / threshold) a stronger
+    defect on the same part publishes a strictly larger score and region score, and the strongest
+    goes past 1.0 raw, where the sigmoid map stopped (every defect published 1 / threshold)."""
+    _, out = fitted
+    ins = _inspector(out)
+    thr = load_bundle(out).manifest.thresholds
+    assert load_bundle(out).manifest.extra["map_scale"] == "sigmoid+relu_logit"
+    for seed in (5, 6):
+        good, bad = _blobs(np.random.default_rng(seed))
+        runs = [ins.inspect(img) for img in [good, *bad]]
+        published = [r.score_raw / thr.image for r in runs]
+        region = [max((x.max_score for x in r.regions), default=0.0) / thr.pixel for r in runs]
+        # The faintest blob may pass (it is below the threshold); the other two are defects.
+        assert runs[0].verdict == "OK" and [r.verdict for r in runs[2:]] == ["NG"] * 2, published
+        assert np.all(np.diff(published) > 0), published
+        assert np.all(np.diff(region[1:]) > 0), region
+        assert runs[-1].score_raw > 1.0 and published[-1] > 1.5 * published[-2], published
+
+
+@pytest.mark.slow
+def test_a_sigmoid_bundle_from_before_issue_21_still_loads_and_gives_the_same_verdicts(
+        fitted: tuple[Path, Path], tmp_path: Path) -> None:
+    """A bundle exported before the change (sigmoid map, thresholds fitted on it, no map_scale in its
+    manifest) runs as it did: same thresholds where good pixels stay below logit 0, same verdicts."""
+    import shutil
+
+    import onnx
+
+    from linecam.bundle import file_entry, write_manifest
+    from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
+    from linecam.export.scratch import score_onnx
+    from linecam.export.images import list_images
+
+    images, out = fitted
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    model = onnx.load(str(old / "model.onnx"))  # back to the old graph: the map is the sigmoid alone
+    producer = {o: n for n in model.graph.node for o in n.output}
+    add = producer["anomaly_map"]
+    (sig,) = [i for i in add.input if producer[i].op_type == "Sigmoid"]
+    add.op_type = "Identity"
+    del add.input[:]
+    add.input.append(sig)
+    onnx.save(model, str(old / "model.onnx"))
+    m = load_bundle(out).manifest
+    hold = [s for s in list_images(images) if s.path.name in m.provenance.details["holdout_files"]]
+    scores, maps = score_onnx(old / "model.onnx", hold, m.preprocess)  # the old fit, on the old map
+    assert float(np.max(maps)) <= 1.0
+    th = to_thresholds(fit_image_threshold(scores), fit_pixel_threshold(maps))
+    th = th.model_copy(update={"pixel": min(th.pixel, 0.5)})
+    extra = {k: v for k, v in m.extra.items() if k != "map_scale"} | {"map_range": [0.0, 1.0]}
+    write_manifest(old, m.model_copy(update={"thresholds": th, "extra": extra,
+                                            "files": {"onnx_fp32": file_entry(old, "model.onnx")}}))
+    assert th.image == pytest.approx(m.thresholds.image, rel=1e-6)  # good images: logits below 0
+
+    new_ins, old_ins = _inspector(out), _inspector(old)
+    rng = np.random.default_rng(77)
+    imgs = [_texture(rng) for _ in range(6)]
+    imgs += [_paint_defect(rng, _texture(rng), "blob" if i % 2 else "scratch") for i in range(6)]
+    for seed in (5, 6):
+        imgs += list(_blobs(np.random.default_rng(seed))[1])
+    new_v = [new_ins.inspect(i).verdict for i in imgs]
+    old_runs = [old_ins.inspect(i) for i in imgs]
+    assert [r.verdict for r in old_runs] == new_v
+    assert all(r.score_raw <= 1.0 for r in old_runs)  # the old scale, as it was
+    # As a distillation teacher, the new bundle hands the student the probability the old one did
+    # (an unbounded target fails the INT8 gate), and the student's provenance says so.
+    from linecam.export.teachers import BundleTeacher
+
+    old_t, new_t = BundleTeacher(old, kind="scratch"), BundleTeacher(out, kind="scratch")
+    pre = Preprocessor(m.preprocess)
+    x = np.stack([pre(i, copy=True)[0] for i in imgs[-8:]])
+    assert float(new_ins.inspect(imgs[-1]).anomaly_map.max()) > 1.0  # the converted maps do exceed 0.5
+    np.testing.assert_allclose(new_t.maps(x), old_t.maps(x), atol=2e-6)
+    assert old_t.describe()["map_scale"] == "sigmoid" and "student_learns" not in old_t.describe()
+    assert new_t.describe()["map_scale"] == "sigmoid+relu_logit" and new_t.describe()["student_learns"] == "sigmoid"
+
+
+@pytest.mark.slow
+def test_the_demo_refits_a_cached_scratch_bundle_from_before_issue_21(
+        fitted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import linecam.camera.synthetic as synthetic
+    import linecam.export.scratch as scratch
+    from linecam import demo
+
+    work = tmp_path / "demo"
+    shutil.copytree(fitted[1], work / "bundle")
+    (work / "bundle.key").write_text(demo._fit_key() + "\n")
+    fits: list[Path] = []
+    monkeypatch.setattr(synthetic, "write_good_images", lambda *a, **k: None)
+    monkeypatch.setattr(scratch, "fit_scratch_expert", lambda images, out, **k: fits.append(out))
+    assert demo.ensure_demo_bundle(work) == work / "bundle" and fits == []  # current: reused
+    manifest = json.loads((work / "bundle" / "manifest.json").read_text())
+    del manifest["extra"]["map_scale"]
+    (work / "bundle" / "manifest.json").write_text(json.dumps(manifest))
+    assert demo.ensure_demo_bundle(work) == work / "bundle" and fits == [work / "bundle"]

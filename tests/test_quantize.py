@@ -130,11 +130,13 @@ def test_int8_result_describes_the_file(expert: Expert, int8: Q.QuantResult) -> 
     # Every conv but the head reads int8 (dequantized) weights and activations; the float head
     # (and what follows it) reads no dequantized tensor.
     assert int8.ops_quantized["Conv"] == 12 and int8.weight_dq == 12 and int8.qdq_pairs >= 20
-    assert not {"Sigmoid", "AveragePool", "ReduceMax"} & set(int8.ops_quantized)
-    # The head stays float: last conv, logit upsampling, sigmoid, score pooling and max.
+    assert not {"Sigmoid", "Add", "AveragePool", "ReduceMax"} & set(int8.ops_quantized)
+    # The head stays float: last conv, logit upsampling, the map (sigmoid + relu of the logits),
+    # score pooling and max.
     kept = onnx.load(str(int8.path))
     op_of = {n.name: n.op_type for n in kept.graph.node}
-    assert sorted(op_of[n] for n in int8.kept_float) == ["AveragePool", "Conv", "ReduceMax", "Resize", "Sigmoid"]
+    assert sorted(op_of[n] for n in int8.kept_float) == ["Add", "AveragePool", "Conv", "ReduceMax", "Relu",
+                                                         "Resize", "Sigmoid"]
     assert int8.to_dict()["path"] == str(int8.path)
 
 
@@ -238,10 +240,11 @@ def test_default_method_agrees_best(expert: Expert, tmp_path: Path) -> None:
     paths = {m: Q.to_int8(expert.fp32, tmp_path / f"{m}.onnx", calib, method=m).path for m in Q.METHODS}
     rep = compare(expert.fp32, paths, expert.x, expert.y)
     diff = {m: c.score_max_rel_diff for m, c in rep.candidates.items()}
-    # Measured (% of the map range): min-max 12.8, percentile 14.1, entropy 91.3. (Only 16
-    # images, 8 with an anomaly: 32 bring min-max to 1.8, see test_int8_and_fp16_pass_the_gate.)
+    # Measured (% of the map range): min-max 22.8, percentile 24.8, entropy 62.1 on the unbounded
+    # map (issue 21; on the old sigmoid map, which hid logit errors above 0.5: 12.8, 14.1, 91.3).
+    # (Only 16 images, 8 with an anomaly: see test_int8_and_fp16_pass_the_gate for 32.)
     assert diff[Q.DEFAULT_METHOD] <= min(diff.values()) + 0.02, diff
-    assert diff["entropy"] > 3 * diff["minmax"], diff
+    assert diff["entropy"] > 2 * diff["minmax"], diff
 
 
 # --------------------------------------------------------------------------- errors and checks

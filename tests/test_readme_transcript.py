@@ -60,6 +60,7 @@ def _env(checkout: Path, home: Path) -> dict[str, str]:
                 LINECAM_STATE_DIR="", XDG_STATE_HOME="", COLUMNS="100")
 
 
+@pytest.mark.timeout(1800)  # the first demo fits its expert: minutes, more on a loaded machine
 def test_readme_commands_in_order(checkout, tmp_path):
     env = _env(checkout, tmp_path / "home")
     # 1. the demo

@@ -4,7 +4,10 @@ Good images only (the usual case on a line): the image threshold is the
 ``1 - target_frr`` quantile of the good scores. That quantile cannot be estimated
 from fewer than ``1 / target_frr`` images; then the threshold is the largest good
 score times a margin (default 3, for the non-negative scores linecam experts
-produce), and ``details`` states what the data can actually promise: a one-sided
+produce) — except that one good score standing alone far above the rest (more than
+``ISOLATED_RATIO`` times the second largest: an odd part, a mislabelled defect, an
+augmentation artefact) counts only as ``ISOLATED_RATIO`` times the second largest, and the
+threshold stays just above it — and ``details`` states what the data can actually promise: a one-sided
 Clopper-Pearson upper bound on the true false-reject rate (``≈ 3 / n`` when no good
 image exceeds the threshold, the "rule of three").
 
@@ -31,6 +34,9 @@ from linecam.bundle import Thresholds
 CONFIDENCE = 0.95
 #: Small-sample fallback: threshold = max good score x this margin (see ``_good_only``).
 SMALL_N_MARGIN = 3.0
+#: A largest good score above this many times the second largest is *isolated*: the margin is
+#: taken on ``ISOLATED_RATIO x second largest`` instead, so one image cannot triple the threshold.
+ISOLATED_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,23 @@ def evidence_warning(fit: ThresholdFit, what: str = "good images") -> str | None
             f"rejected: give more good images, or check the false rejects on the line before trusting it")
 
 
+def isolated_warning(fit: ThresholdFit, what: str = "good image") -> str | None:
+    """One line when the fit found one isolated good score (see ``ISOLATED_RATIO``): the user
+    should look at that image — a defective part in the good folder is the usual cause."""
+    if "isolated_max" not in fit.details:
+        return None
+    return (f"one {what} scores {fit.details['isolated_max']:.4g}, far above all the others: the threshold "
+            f"({fit.value:.4g}) is set from the rest and just accepts it; check that this image is really "
+            "good (a defect in the good folder makes the line blind to it)")
+
+
+def threshold_warning(fit: ThresholdFit, what: str = "good images") -> str | None:
+    """The warnings an exporter logs and stores with its thresholds: too little evidence for the
+    target rate, and an isolated good score; ``None`` when there is nothing to say."""
+    lines = [w for w in (evidence_warning(fit, what), isolated_warning(fit)) if w]
+    return "; ".join(lines) or None
+
+
 def _check(values: Any, what: str) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64).ravel()
     if a.size == 0:
@@ -130,15 +153,26 @@ def _good_only(good: np.ndarray, target_frr: float, margin: float) -> tuple[floa
         # Non-negative, probability-like scores (every linecam expert's): a relative
         # margin. Observed tails of good scores are heavy (rare poses, glints) and 30-50
         # held-out images do not show them; defects score orders of magnitude higher.
-        t = max(gmax * margin, float(np.nextafter(gmax, np.inf)))
-        rule = f"max good x {margin}"
+        # One isolated good score would otherwise set the threshold alone: a student that
+        # flags a glint on one augmented copy at 3x the others' scores put the threshold at
+        # 9x the good bulk and above most real defects. It still stays accepted (t > gmax).
+        ref, rule = gmax, f"max good x {margin}"
+        second = float(np.partition(good, n - 2)[n - 2]) if n >= 2 else 0.0
+        if second > 0 and gmax > ISOLATED_RATIO * second:
+            ref = ISOLATED_RATIO * second
+            rule = (f"{ISOLATED_RATIO} x second-largest good x {margin}, not below the largest: the largest "
+                    f"good score ({gmax:.4g}) is {gmax / second:.1f}x the second ({second:.4g}), isolated")
+        t = max(ref * margin, float(np.nextafter(gmax, np.inf)))
     else:  # scores with no natural zero: the same margin on the spread above the median
         spread = gmax - med if gmax > med else abs(gmax) * 0.05 or 1e-6
         t = gmax + (margin - 1.0) * spread
         rule = f"max good + {margin - 1.0} x (max - median)"
     note = (f"only {n} good images: the {1 - target_frr:.4g} quantile needs >= "
             f"{math.ceil(1 / target_frr)}; threshold = {rule}")
-    return t, "good_max_margin", {"note": note, "margin": margin}
+    details: dict[str, Any] = {"note": note, "margin": margin}
+    if "isolated" in rule:
+        details["isolated_max"] = gmax
+    return t, "good_max_margin", details
 
 
 def _fit(good: np.ndarray, bad: np.ndarray | None, target_frr: float, sensitivity: float,

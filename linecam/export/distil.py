@@ -44,7 +44,7 @@ from linecam.bundle import (
     write_manifest,
 )
 from linecam.calibration.metrics import auroc, pearson
-from linecam.calibration.thresholds import evidence_warning, fit_image_threshold, fit_pixel_threshold, to_thresholds
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
 from linecam.export.int8_search import DEFAULT_MAX_FLOAT
@@ -374,7 +374,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     image_fit = fit_image_threshold(scores, bad_scores, target_frr=o.target_frr, sensitivity=o.sensitivity)
     thresholds = to_thresholds(image_fit,
                                fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity))
-    warning = evidence_warning(image_fit, f"good images ({n_hold} held out + {int(good_sel.sum()) - n_hold} "
+    warning = threshold_warning(image_fit, f"good images ({n_hold} held out + {int(good_sel.sum()) - n_hold} "
                                           "augmented copies of them)")
     if warning:
         logger.warning("THRESHOLD: %s", warning)

@@ -22,7 +22,7 @@ def head_nodes(model: onnx.ModelProto) -> list[str]:
 
     Walks back from every graph output through non-conv nodes; the first Conv /
     ConvTranspose / Gemm / MatMul met on each path is included and the walk stops there.
-    For a region expert that is: head conv -> Resize (logits to input size) -> Sigmoid
+    For a region expert that is: head conv -> Resize (logits to input size) -> Sigmoid + Relu
     -> AveragePool -> ReduceMax, plus the small shape subgraph feeding the Resize.
     """
     producer = {o: n for n in model.graph.node for o in n.output}

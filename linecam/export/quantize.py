@@ -66,12 +66,13 @@ TOOLS: tuple[str, ...] = ("auto", "ort", "modelopt")
 #: Default calibration method, chosen by measurement on ScratchExpert (see tests/test_quantize.py):
 #: the anomaly signal *is* the tail of the activation distributions; percentile (99.999) and
 #: entropy clip it, min-max keeps the whole observed range. Max score difference vs FP32 (two
-#: seeds, % of the map range): min-max 1.7 / 1.5, percentile 2.1 / 2.1, entropy 6.8 / 8.3.
+#: seeds, % of the map range, on the old sigmoid map): min-max 1.7 / 1.5, percentile 2.1 / 2.1,
+#: entropy 6.8 / 8.3; min-max still agrees best on the unbounded map (tests/test_quantize.py).
 DEFAULT_METHOD: Method = "minmax"
 #: Below this many calibration images a warning says accuracy may collapse (NVIDIA suggests >= 500).
 MIN_CALIBRATION_IMAGES = 32
 #: Keep the head in float: the last conv(s) and everything after them (upsampling of the logits,
-#: sigmoid, score pooling and reduction), see :func:`head_nodes`. Measured on ScratchExpert
+#: the map's sigmoid + relu, score pooling and reduction), see :func:`head_nodes`. Measured on ScratchExpert
 #: (64x64, two seeds): slightly better map agreement (max score difference 1.67 % vs 1.80 % and
 #: 1.46 % vs 1.58 % of the map range; p99 map difference 0.89 % vs 1.00 %) for a tiny share
 #: of the compute on a GPU; on ORT CPU the float head costs ~6 % (its Resize runs in float).

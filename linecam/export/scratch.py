@@ -43,7 +43,7 @@ from linecam.bundle import (
     source_hash,
     write_manifest,
 )
-from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, isolated_warning, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.anomalies import RECIPES, synthesize
 from linecam.export.images import IMAGE_SUFFIXES, MIN_IMAGES, SourceImage, list_images, split_holdout  # noqa: F401
@@ -54,7 +54,10 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 TRAINING_FILE = "training.json"
-#: Upper bound of the fitted pixel (region) threshold on the sigmoid anomaly map.
+#: The map's scale (manifest ``extra["map_scale"]``; bundles without it: ``LEGACY_MAP_SCALE``, a
+#: sigmoid that saturates at 1.0, issue 21), see :func:`expert_map`.
+MAP_SCALE, LEGACY_MAP_SCALE = "sigmoid+relu_logit", "sigmoid"
+#: Upper bound of the fitted pixel threshold: the map at logit 0 (p = 0.5) on both scales.
 PIXEL_THRESHOLD_CAP = 0.5
 
 
@@ -111,8 +114,16 @@ class ScratchExpert(nn.Module):
         return torch.amax(pooled, dim=(1, 2, 3))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amap = torch.sigmoid(self.logits(x))
+        amap = expert_map(self.logits(x))
         return amap, self.score(amap)
+
+
+def expert_map(logits: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(z) + max(0, z)``: for z < 0 the old sigmoid map bit for bit (good images, hence
+    thresholds, as before); above, the log-odds keep a stronger defect scoring higher. Not bare
+    logits: thresholds must stay positive (scores are published as ``raw / threshold``) and the
+    small-sample rule (max good x 3) needs a zero. Not softplus: float32 rounds it to 0 for z < -16."""
+    return torch.sigmoid(logits) + F.relu(logits)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -191,9 +202,6 @@ class AnomalySampler:
         for i in range(n):
             self.sample(x[i], y[i])
         return torch.from_numpy(x), torch.from_numpy(y)
-
-
-# --------------------------------------------------------------------------- training
 
 
 @dataclass
@@ -365,16 +373,18 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
 
     # Thresholds from the deployed artefact (onnxruntime), never from torch.
     scores, maps = score_onnx(model_path, hold_set, spec, threads=threads)
-    thresholds = to_thresholds(
-        fit_image_threshold(scores, target_frr=target_frr, sensitivity=sensitivity),
-        fit_pixel_threshold(maps, target_frr=target_frr, sensitivity=sensitivity),
-    )
+    image_fit = fit_image_threshold(scores, target_frr=target_frr, sensitivity=sensitivity)
+    thresholds = to_thresholds(image_fit, fit_pixel_threshold(maps, target_frr=target_frr, sensitivity=sensitivity))
     if thresholds.pixel > PIXEL_THRESHOLD_CAP:
-        # The map is a per-pixel probability: above 0.5 the net itself calls the pixel
-        # anomalous, so a region threshold beyond it would hide regions of real defects.
+        # At 0.5 (logit 0) the net itself calls the pixel anomalous, so a region threshold
+        # beyond it would hide regions of real defects.
         details_px = {**thresholds.details["pixel"], "fitted": thresholds.pixel, "capped_at": PIXEL_THRESHOLD_CAP}
         thresholds = thresholds.model_copy(update={
             "pixel": PIXEL_THRESHOLD_CAP, "details": {**thresholds.details, "pixel": details_px}})
+
+    if odd := isolated_warning(image_fit, f"held-out good image ({hold_set[int(np.argmax(scores))].path.name})"):
+        logger.warning("THRESHOLD: %s", odd)
+        thresholds.details["warning"] = odd
 
     train_scores, _ = score_onnx(model_path, train_set, spec, threads=threads)
     folder = Path(images)
@@ -421,7 +431,7 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
             "base_width": base_width,
             "score_pool": score_pool,
             "score": f"max of the {score_pool}x{score_pool} mean-pooled anomaly map",
-            "map_range": [0.0, 1.0],
+            "map_scale": MAP_SCALE,  # no "map_range": the map grows without bound
         },
     )
     (out / TRAINING_FILE).write_text(json.dumps({

@@ -40,7 +40,7 @@ from linecam.bundle import (
     source_hash,
     write_manifest,
 )
-from linecam.calibration.thresholds import evidence_warning, fit_image_threshold, fit_pixel_threshold, to_thresholds
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.distil import FP32_FILE, eval_set
 from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
@@ -208,7 +208,7 @@ def _write(model: TextExpert, clip: Any, prompts: Any, spec: PreprocessSpec, lab
         image_fit = fit_image_threshold(scores[good], target_frr=o.target_frr, sensitivity=o.sensitivity)
         thresholds = to_thresholds(image_fit, fit_pixel_threshold(list(maps[good]), target_frr=o.target_frr,
                                                                   sensitivity=o.sensitivity))
-        warning = evidence_warning(image_fit, f"good images ({len(hold_set)} held out + "
+        warning = threshold_warning(image_fit, f"good images ({len(hold_set)} held out + "
                                               f"{int(good.sum()) - len(hold_set)} augmented copies of them)")
         if warning:
             logger.warning("THRESHOLD: %s", warning)
