@@ -58,7 +58,7 @@ CHECKPOINT = "checkpoint.pt"
 #: The settings a training checkpoint depends on (a resumed run must use the same).
 _TRAINING_FIELDS = ("steps", "batch_size", "lr", "lora_r", "lora_alpha", "lora_dropout", "lora_vision", "full_finetune",
                     "weight_decay", "warmup", "grad_clip", "seed", "kl_weight", "kl_temperature", "region_tokens",
-                    "train_projector_only")
+                    "train_projector_only", "projector_lr_scale")
 
 __all__ = ["DistilConfig", "DistilError", "DistilResult", "distil_vlm", "line_settings"]
 
@@ -114,6 +114,7 @@ class DistilConfig:
     # region-token injection (IAD-Unify): K rows from a trained region projector (0: prompt-only)
     region_tokens: int = 0
     train_projector_only: bool = False
+    projector_lr_scale: float = 3.0  # the projector's learning rate / --lr
     #: Also train a prompt-only and an ungrounded student and report the three side by side.
     ablation: bool = False
     #: Export gate on location-word accuracy (same split as the agreement gate).
@@ -277,7 +278,7 @@ def distil_vlm(student_dir: str | Path, out: str | Path, *, teacher_dir: str | P
         work.mkdir(parents=True, exist_ok=True)
         student = HfVlm(student_dir, device=cfg.device, dtype="fp32" if cfg.full_finetune else "auto",
                         trainable=True)
-        injector = Injector(student, cfg.region_tokens) if cfg.region_tokens else None
+        injector = Injector(student, cfg.region_tokens, lr_scale=cfg.projector_lr_scale) if cfg.region_tokens else None
         vocab = Vocabulary([*sorted({r.label for r in records if r.label}), *cfg.kinds])
         max_target = max(len(student.target_ids(ex.record.text or "")) for exs in splits.values() for ex in exs)
         max_new = min(cfg.max_new_tokens, max_target + 8)

@@ -27,7 +27,10 @@ from linecam.errors import BundleError
 from linecam.export.vlm.hfmodel import HfVlm, Sample
 from linecam.runtime.vlm.region_tokens import (
     EXTRA_KEY,
+    FREQS,
+    MAP_SIDE,
     N_FEATURES,
+    N_GEOMETRY,
     ROLE_PREFIX,
     ProjectorInfo,
     map_crop,
@@ -70,18 +73,44 @@ def placeholder_id(hf: HfVlm) -> int:
     return pid
 
 
+def augment(features: torch.Tensor, jitter: float = 0.01, map_drop: float = 0.5, map_noise: float = 0.1) -> torch.Tensor:
+    """Training-time noise on one feature row (torch's RNG: a resumed run draws the same): the box
+    centre moves by ~``jitter`` of the frame (Fourier features follow), the map crop is dropped
+    with probability ``map_drop`` (the projector must not lean on one image's map texture) or
+    gets noise. Keeps the projector from memorising images instead of reading geometry."""
+    f = features.clone()
+    c = f[:2] + torch.randn(2, device=f.device) * jitter
+    f[:2] = c
+    i = N_GEOMETRY
+    for fr in FREQS:
+        a = torch.pi * fr * c
+        f[i:i + 4] = torch.stack([torch.sin(a[0]), torch.cos(a[0]), torch.sin(a[1]), torch.cos(a[1])])
+        i += 4
+    n = MAP_SIDE * MAP_SIDE
+    if float(torch.rand(())) < map_drop:
+        f[i:i + n + 1] = 0.0
+    else:
+        f[i:i + n] += torch.randn(n, device=f.device) * map_noise
+    return f
+
+
 class Injector:
     """A projector bound to one HF student; see the module doc."""
 
     ATTR = "linecam_region_projector"
 
-    def __init__(self, hf: HfVlm, k: int, *, width: int = 128) -> None:
+    def __init__(self, hf: HfVlm, k: int, *, width: int = 128, lr_scale: float = 1.0,
+                 augment: bool = True) -> None:
         if k < 1:
             raise BundleError(f"--region-tokens {k}: give K >= 1 (or leave it out for prompt-only grounding)")
         self.hf, self.k = hf, k
+        #: The projector's learning rate relative to the adapters'.
+        self.lr_scale = lr_scale
+        #: Feature noise while training (:func:`augment`).
+        self.augment = augment
         tcfg = hf.model.config.text_config if hasattr(hf.model.config, "text_config") else hf.model.config
         self.hidden = int(tcfg.hidden_size)
-        self.net = RegionProjectorNet(k, self.hidden, width=width).to(hf.device)
+        self.net = RegionProjectorNet(k, self.hidden, width=width).to(hf.device).eval()
         self.placeholder = placeholder_id(hf)
         self._rows: torch.Tensor | None = None
         self._at = 0
@@ -104,6 +133,7 @@ class Injector:
     def detach(self, model: nn.Module) -> None:
         if hasattr(model, self.ATTR):
             delattr(model, self.ATTR)
+        self.net.eval()
 
     def close(self) -> None:
         self._hook.remove()
@@ -119,7 +149,10 @@ class Injector:
                 slot = torch.full((1, self.k), fill, dtype=t.dtype, device=t.device)
                 t = torch.cat([t[:, :at], slot, t[:, at:]], dim=1)
             inputs[name] = t
-        f = torch.as_tensor(np.asarray(features, np.float32)[None], device=self.hf.device)
+        f = torch.as_tensor(np.asarray(features, np.float32), device=self.hf.device)
+        if self.net.training and self.augment:
+            f = augment(f)
+        f = f[None]
         self._rows, self._at = self.net(f), at
         return Sample(inputs, s.prompt_len + self.k, s.target)
 
@@ -127,6 +160,8 @@ class Injector:
     def generate(self, image: np.ndarray, prompt: str, features: np.ndarray, *, max_new_tokens: int) -> str:
         """Greedy description with the region rows (what the bundle will say)."""
         hf = self.hf
+        net_training = self.net.training
+        self.net.eval()
         s = self.apply(hf.sample(image, prompt), features)
         was_training = hf.model.training
         hf.model.eval()
@@ -135,6 +170,7 @@ class Injector:
                                     eos_token_id=hf.eos_ids, pad_token_id=hf.eos_ids[0])
         finally:
             hf.model.train(was_training)
+            self.net.train(net_training)
             self._rows = None
         return hf.tokenizer.decode(out[0, s.inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
 

@@ -175,7 +175,13 @@ def train_student(student: HfVlm, examples: Sequence[Example], cfg: DistilConfig
         injector.attach(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if injector is not None:  # the projector starts from nothing: it may learn faster than the adapters
+        mine = {id(p) for p in injector.net.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in mine]},
+                  {"params": list(injector.net.parameters()), "lr": cfg.lr * injector.lr_scale}]
+        groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps, cfg.warmup))
     stats = TrainStats(trainable_params=sum(p.numel() for p in params))
     start, history = 0, []
