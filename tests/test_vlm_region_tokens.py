@@ -90,7 +90,8 @@ def test_injection_reaches_location_accuracy_and_the_ablation_is_reported(inject
     rows = ab["rows"]
     assert set(rows) == {"inject", "prompt", "none", "inject_onnx"}
     n = rows["inject"]["n"]
-    assert n >= 30 and all(r["n"] == n for r in rows.values())  # the same held-out images in every row
+    assert n >= 40 and rows["prompt"]["n"] == rows["none"]["n"] == n  # the same held-out images in every row
+    assert rows["inject_onnx"]["n"] == min(n, 32)  # the exported bundle is scored on the first 32 of them
     onnx = rows["inject_onnx"]
     assert onnx["runtime"] == "onnxruntime" and onnx["location"] >= 0.9, rows
     # IAD-Unify's point: without grounding the student cannot say where the defect is
@@ -245,7 +246,7 @@ def test_a_projector_of_another_model_is_refused_in_one_line(plain_bundle, tmp_p
     assert diffs["fp32"] < 1e-4
     # swap in a projector made for a 16-wide model (hashes updated: a bad export, not a corrupt copy)
     _export_onnx(RegionProjectorNet(2, 16), b / "region_projector.onnx")
-    vb = load_vlm_bundle(b)
+    vb = load_vlm_bundle(b, verify=False)
     files = dict(vb.manifest.files)
     files["region_projector_fp32"] = file_entry(b, "region_projector.onnx")
     write_manifest(b, vb.manifest.model_copy(update={"files": files}))
