@@ -145,7 +145,7 @@ def description(
     on it). ``status`` is ``"ok"`` with ``text``, or ``"skipped"`` / ``"error"`` with
     ``text`` None and ``reason`` saying why (e.g. ``"backlog_full"``). ``latency_ms`` keys:
     queue (defect -> VLM start), vision, prefill, ttft, decode, total (defect -> publish), and
-    inject (region features + projector) when the VLM bundle has a region projector.
+    inject (region projector + token slots) when the VLM bundle has a region projector.
     """
     msg = _header("description", line, camera)
     msg.update(

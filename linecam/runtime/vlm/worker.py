@@ -281,12 +281,14 @@ class DescriptionWorker:
         inject_ms = None
         try:
             if self._projector is not None and job.features is not None:
-                t_inj = time.perf_counter()
+                t_enc = time.perf_counter()
                 enc = self._engine.encode(job.grounded.image, job.grounded.prompt)  # type: ignore[attr-defined]
-                enc = self._projector.inject(enc, job.features)
+                t_inj = time.perf_counter()
+                enc = self._projector.inject(enc, job.features)  # projector run + K placeholder slots
                 inject_ms = (time.perf_counter() - t_inj) * 1e3
                 gen = self._engine.generate_encoded(  # type: ignore[attr-defined]
-                    enc, max_new_tokens=self.max_new_tokens, on_token=on_tok, should_stop=self._cancel.is_set)
+                    enc, max_new_tokens=self.max_new_tokens, on_token=on_tok, should_stop=self._cancel.is_set,
+                    t_start=t_enc)
             else:
                 gen = self._engine.generate(job.grounded.image, job.grounded.prompt,
                                             max_new_tokens=self.max_new_tokens, on_token=on_tok,
