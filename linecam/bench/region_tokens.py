@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         expert = args.expert or make_tiny_bundle(work / "expert", size=64, image_threshold=0.3, pixel_threshold=0.45)
         bundle = args.bundle or _bundle(args.size, args.k, work)
         res = measure(bundle, expert, _frames(args.frames, 128, seed=0), args.new_tokens, args.threads)
-    res.update({"command": " ".join(["linecam bench region-tokens", *(argv or [])]),
+    res.update({"command": " ".join(["linecam bench region-tokens", *(sys.argv[1:] if argv is None else argv)]),
                 "size": "given bundle" if args.bundle else args.size, "threads": args.threads,
                 "cpu_count": os.cpu_count(), "machine": machine_info()})
     args.out.parent.mkdir(parents=True, exist_ok=True)
