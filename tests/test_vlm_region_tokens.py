@@ -253,3 +253,16 @@ def test_a_projector_of_another_model_is_refused_in_one_line(plain_bundle, tmp_p
     with pytest.raises(BundleError) as e:
         rt.RegionProjector(load_vlm_bundle(b), "fp32")
     assert "belongs to another model" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bench_region_tokens_writes_both_modes(tmp_path):
+    """The benchmark's mechanics (never its speed): both modes run on the same NG frames."""
+    from linecam.bench.region_tokens import main
+
+    assert main(["--size", "tiny", "--k", "2", "--frames", "6", "--new-tokens", "2", "--out",
+                 str(tmp_path / "rt")]) == 0
+    res = json.loads((tmp_path / "rt.json").read_text())
+    assert res["ng_frames"] >= 3 and res["k"] == 2 and res["new_tokens"] == 2
+    assert set(res["median_ms"]) == {"prompt_total", "inject_total", "features", "projector", "prompt_ttft",
+                                     "inject_ttft"}
+    assert "| description, total (ms, median) |" in (tmp_path / "rt.md").read_text()
