@@ -266,3 +266,52 @@ def test_bench_region_tokens_writes_both_modes(tmp_path):
     assert set(res["median_ms"]) == {"prompt_total", "inject_total", "features", "projector", "prompt_ttft",
                                      "inject_ttft"}
     assert "| description, total (ms, median) |" in (tmp_path / "rt.md").read_text()
+
+
+def test_worker_injects_with_the_frames_map_and_only_with_a_projector():
+    """The worker's two paths, with stand-ins: a projector gets features carrying the NG frame's
+    map crop (the outbox passes map and geometry) and its rows reach generate_encoded; without
+    one the worker calls generate as before."""
+    from types import SimpleNamespace
+
+    from linecam.preprocess import Geometry
+    from linecam.runtime.vlm.worker import DescriptionWorker
+
+    calls: list[tuple[str, object]] = []
+
+    class Engine:
+        def encode(self, image, prompt):
+            return SimpleNamespace(input_ids=np.zeros((1, 3), np.int64))
+
+        def generate_encoded(self, enc, **kw):
+            calls.append(("encoded", enc))
+            return SimpleNamespace(text="A small stain at top left .", tokens=[1], stop_reason="stop_token",
+                                   timings_ms={})
+
+        def generate(self, image, prompt, **kw):
+            calls.append(("plain", prompt))
+            return SimpleNamespace(text="x", tokens=[1], stop_reason="stop_token", timings_ms={})
+
+    class Projector:
+        def inject(self, enc, features):
+            calls.append(("features", features))
+            return SimpleNamespace(input_ids=enc.input_ids, injected=(0, np.ones((2, 4), np.float32)))
+
+    image = np.full((64, 64, 3), 200, np.uint8)
+    amap = np.zeros((16, 16), np.float32)
+    amap[2:4, 2:4] = 5.0
+    region = {"bbox": (8, 8, 8, 8), "area": 64, "max_score": 3.0}
+    for projector in (Projector(), None):
+        calls.clear()
+        msgs: list[dict] = []
+        w = DescriptionWorker(Engine(), msgs.append, line="l", camera="c", nice=0, projector=projector).start()
+        w.submit(image, [region], "ev-1", frame_id=1, anomaly_map=amap, geometry=Geometry(0, 0, 64, 64))
+        assert w.wait_idle(10)
+        w.stop()
+        assert msgs[-1]["status"] == "ok"
+        if projector is not None:
+            (_, feats), (kind, _) = calls
+            assert kind == "encoded" and feats[-1] == 1.0 and feats[:2] == pytest.approx([12 / 64, 12 / 64])
+            assert "inject" in msgs[-1]["latency_ms"]
+        else:
+            assert [c[0] for c in calls] == ["plain"] and "inject" not in msgs[-1]["latency_ms"]
