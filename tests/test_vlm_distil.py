@@ -179,7 +179,9 @@ def test_student_learns_the_reviewed_descriptions_and_exports(distilled):
     assert after["overlap"] > before["overlap"] + 0.5
     assert rep["training"]["loss_last"] < rep["training"]["loss_first"] / 4
     assert rep["gate"] == {"split": "train", "agreement": after["agreement"], "min_agreement": 0.9,
+                           "location": after["fields"]["location"], "min_location": 0.0,
                            "passed": True, "forced": False}
+    assert "ablation" not in rep and rep["method"]["region_tokens"] == 0
     # The exported ONNX bundle, run by the edge runtime, says what the torch student said.
     assert rep["exported"]["train"]["agreement"] >= 0.9
     torch_says = {s["id"]: s["student"] for s in after["samples"]}

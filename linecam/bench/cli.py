@@ -4,7 +4,8 @@
 end, the VLM on NG frames); its subcommands run the other benchmarks, each with its own
 options (``linecam bench <name> --help``): ``engines`` (the student on TensorRT / ORT CUDA /
 torch / CPU), ``region-expert`` (DINOv2 teacher vs students), ``linescan`` (lines/s),
-``vlm-compare`` (linecam's VLM vs transformers' generate), ``soak`` (100k frames, RSS/fds;
+``vlm-compare`` (linecam's VLM vs transformers' generate), ``region-tokens`` (what region-token
+injection costs per NG frame), ``soak`` (100k frames, RSS/fds;
 ``--spool-cost``), ``prometheus`` (the per-frame cost of the daemon's /metrics), ``faults``, ``real-photo``
 (accuracy on real photographs: PatchCore reference, teachers, students FP32/INT8) and ``readme``
 (the README's table from a results file). Run them from the checkout: paths default to
@@ -96,6 +97,8 @@ _script("region-expert", "region_expert", "The DINOv2 memory-bank teacher vs the
 _script("text-expert", "text_expert", "The CLIP text-prompted expert at FP32/INT8 and its distilled student on the CPU.")
 _script("linescan", "linescan", "Line-scan throughput: web lines/s processed vs offered.")
 _script("vlm-compare", "vlm_compare", "linecam's ONNX Runtime VLM vs transformers' generate.")
+_script("region-tokens", "region_tokens", "What region-token injection costs per NG frame (features, projector, "
+        "K extra prefill rows).")
 _script("soak", "soak", "The daemon for 100k frames: RSS, fds, threads (--spool-cost: the spool per message).")
 _script("prometheus", "prometheus", "Per-frame CPU of the daemon's Prometheus histograms, and of one scrape.")
 _script("faults", "faults", "Faults through a TCP proxy to a real mosquitto: detection, loss, duplicates, recovery.")

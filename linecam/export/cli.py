@@ -275,7 +275,16 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
 @click.option("--resume", is_flag=True, help="Distil: continue from the work dir's checkpoint.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.8, show_default=True,
               help="Distil: refuse to export a student below this agreement (held-out if any).")
-@click.option("--force", is_flag=True, help="Distil: export even below --min-agreement.")
+@click.option("--force", is_flag=True, help="Distil: export even below --min-agreement / --min-location.")
+@click.option("--region-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Distil: train a region projector (K embedding rows beside the image tokens) and put it in the "
+                   "bundle; 0: prompt-only grounding.")
+@click.option("--train-projector-only", is_flag=True,
+              help="Distil: train only the region projector; the student VLM stays frozen.")
+@click.option("--ablation", is_flag=True,
+              help="Distil: also train prompt-only and ungrounded students; report the three side by side.")
+@click.option("--min-location", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Distil: refuse to export a student below this location-word accuracy.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Distil: teacher's answer length budget.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -339,7 +348,9 @@ def _distil(student: Path, out: Path, teacher: Path, name: str | None, quantize:
         max_new_tokens=o["max_new_tokens"], min_agreement=o["min_agreement"], force=o["force"], resume=o["resume"],
         device=o["device"], teacher_dtype=o["teacher_dtype"], teacher_quant=o["teacher_quant"], threads=o["threads"],
         kinds=tuple(k.strip() for k in str(o["kinds"]).split(",") if k.strip()), describe_only=o["describe_only"],
-        progress=not o["quiet"], quantize=quantize, fp16=fp16, **settings)
+        progress=not o["quiet"], quantize=quantize, fp16=fp16, region_tokens=o["region_tokens"],
+        train_projector_only=o["train_projector_only"], ablation=o["ablation"], min_location=o["min_location"],
+        **settings)
     res = distil_vlm(student, out, teacher_dir=teacher, images=o["images"], expert_bundle=expert,
                      review_file=o["review_file"], work_dir=o["work_dir"], config=cfg, name=name)
     if res.bundle is None:

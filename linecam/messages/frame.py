@@ -144,7 +144,8 @@ def description(
     ``defect_event_id`` is the ``event_id`` of the defect it describes (subscribers join
     on it). ``status`` is ``"ok"`` with ``text``, or ``"skipped"`` / ``"error"`` with
     ``text`` None and ``reason`` saying why (e.g. ``"backlog_full"``). ``latency_ms`` keys:
-    queue (defect -> VLM start), vision, prefill, ttft, decode, total (defect -> publish).
+    queue (defect -> VLM start), vision, prefill, ttft, decode, total (defect -> publish), and
+    inject (region projector + token slots) when the VLM bundle has a region projector.
     """
     msg = _header("description", line, camera)
     msg.update(

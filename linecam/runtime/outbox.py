@@ -73,7 +73,8 @@ class Describer(Protocol):
     def counters(self) -> dict[str, int]: ...
 
     def submit(self, image: np.ndarray, regions: Any, defect_event_id: str, *, frame_id: int,
-               verdict_event_id: str | None = None, threshold: float = 1.0, bit_depth: int = 8) -> bool: ...
+               verdict_event_id: str | None = None, threshold: float = 1.0, bit_depth: int = 8,
+               anomaly_map: np.ndarray | None = None, geometry: Any = None) -> bool: ...
 
     @property
     def backlog_depth(self) -> int: ...
@@ -238,7 +239,8 @@ class Outbox:
         if self.describer is not None:
             # Never blocks: the worker copies a crop and queues it (or publishes a skip).
             self.describer.submit(f.image, work.regions, msg["event_id"], frame_id=f.frame_id,
-                                  verdict_event_id=work.verdict_event_id, threshold=thr, bit_depth=f.bit_depth)
+                                  verdict_event_id=work.verdict_event_id, threshold=thr, bit_depth=f.bit_depth,
+                                  anomaly_map=work.anomaly_map, geometry=work.geometry)
 
     def _snapshot_worker(self) -> None:
         while True:

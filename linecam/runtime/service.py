@@ -53,7 +53,21 @@ def make_describer(cfg: LinecamConfig, publish: Callable[[dict], None]):
         lambda: VlmEngine(vb, precision=v.precision, device=v.device, intra_op_threads=v.intra_op_threads),
         publish, line=cfg.line, camera=cfg.camera_id, prompt_builder=builder, backlog=v.backlog,
         policy=v.policy, max_new_tokens=v.max_new_tokens, nice=v.nice,
-        model_info={"name": vb.manifest.name, "sha256": vb.model_sha256, "file": f"vlm_{v.precision}"})
+        model_info={"name": vb.manifest.name, "sha256": vb.model_sha256, "file": f"vlm_{v.precision}"},
+        projector=_projector_factory(vb, v))
+
+
+def _projector_factory(vb, v):
+    """Region-token injection when the VLM bundle has a region projector (else prompt-only grounding).
+    Checked here, before the camera opens; the session is built in the worker's thread."""
+    from linecam.runtime.vlm.region_tokens import ProjectorInfo, RegionProjector, projector_roles
+
+    if ProjectorInfo.of(vb.manifest.extra) is None or not projector_roles(vb):
+        logger.info("VLM bundle %s has no region projector: prompt-only grounding", vb.root)
+        return None
+    RegionProjector(vb, v.precision)  # a projector that does not fit fails the start, with one line
+    logger.info("VLM bundle %s: region-token injection (%s)", vb.root, ", ".join(projector_roles(vb)))
+    return lambda: RegionProjector(vb, v.precision)
 
 
 def plaintext_password_warning(cfg: LinecamConfig) -> str | None:

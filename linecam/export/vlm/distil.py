@@ -38,13 +38,12 @@ from linecam.export.vlm.dataset import (
     DescriptionRecord,
     DistilError,
     RegionLocator,
-    grounded,
     list_defect_images,
     prepare_records,
     read_records,
     write_records,
 )
-from linecam.export.vlm.evaluate import Vocabulary, score
+from linecam.export.vlm.evaluate import Vocabulary
 from linecam.export.vlm.hfmodel import Device, DType, HfVlm, Quant
 from linecam.progress import make_progress
 from linecam.export.vlm.train import Example, merged_model, save_student, seed_everything, train_student
@@ -58,7 +57,8 @@ CHECKPOINT = "checkpoint.pt"
 
 #: The settings a training checkpoint depends on (a resumed run must use the same).
 _TRAINING_FIELDS = ("steps", "batch_size", "lr", "lora_r", "lora_alpha", "lora_dropout", "lora_vision", "full_finetune",
-                    "weight_decay", "warmup", "grad_clip", "seed", "kl_weight", "kl_temperature")
+                    "weight_decay", "warmup", "grad_clip", "seed", "kl_weight", "kl_temperature", "region_tokens",
+                    "train_projector_only", "projector_lr_scale")
 
 __all__ = ["DistilConfig", "DistilError", "DistilResult", "distil_vlm", "line_settings"]
 
@@ -111,6 +111,14 @@ class DistilConfig:
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     min_region_area_px: int = 16
+    # region-token injection (IAD-Unify): K rows from a trained region projector (0: prompt-only)
+    region_tokens: int = 0
+    train_projector_only: bool = False
+    projector_lr_scale: float = 3.0  # the projector's learning rate / --lr
+    #: Also train a prompt-only and an ungrounded student and report the three side by side.
+    ablation: bool = False
+    #: Export gate on location-word accuracy (same split as the agreement gate).
+    min_location: float = 0.0
 
     def check(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.lora_r < 1 or self.save_every < 1:
@@ -120,6 +128,10 @@ class DistilConfig:
             raise DistilError(f"holdout {self.holdout} is out of range: give a fraction in [0, 1)")
         if not 0 <= self.kl_weight <= 1 or self.kl_temperature <= 0:
             raise DistilError("kl weight must be in [0, 1] and the KL temperature > 0: fix the options")
+        if self.region_tokens < 0 or (self.train_projector_only and not self.region_tokens):
+            raise DistilError("--train-projector-only trains the region projector: give --region-tokens K (K >= 1)")
+        if not 0 <= self.min_location <= 1:
+            raise DistilError(f"--min-location {self.min_location} is out of range: give a fraction in [0, 1]")
 
 
 @dataclass
@@ -162,20 +174,11 @@ def _eval_records(examples: Sequence[Example], limit: int) -> list[Example]:
     return sorted(examples, key=lambda e: e.record.id)[:limit]
 
 
-def evaluate_generator(generate: Callable[[np.ndarray, str], str], examples: Sequence[Example], vocab: Vocabulary,
-                       progress: Any, what: str) -> dict[str, Any]:
-    task = progress.add_task(what, total=len(examples), info="")
-    pairs = []
-    for ex in examples:
-        pairs.append((ex.record.id, ex.record.text, generate(ex.grounded.image, ex.grounded.prompt)))
-        progress.update(task, advance=1)
-    return score(pairs, vocab).as_dict()
-
-
 def _eval_torch(model_vlm: HfVlm, splits: dict[str, list[Example]], vocab: Vocabulary, max_new: int,
-                progress: Any, label: str) -> dict[str, Any]:
-    return {name: evaluate_generator(lambda im, p: model_vlm.generate(im, p, max_new_tokens=max_new), exs, vocab,
-                                     progress, f"{label} ({name})")
+                progress: Any, label: str, injector: Any = None) -> dict[str, Any]:
+    from linecam.export.vlm.grounding import evaluate, torch_generator
+
+    return {name: evaluate(torch_generator(model_vlm, injector, max_new), exs, vocab, progress, f"{label} ({name})")
             for name, exs in splits.items() if exs}
 
 
@@ -257,10 +260,14 @@ def distil_vlm(student_dir: str | Path, out: str | Path, *, teacher_dir: str | P
         if not any(r.split == "train" for r in usable):
             raise DistilError(f"{review} has no usable training record (regions found, 'use' true, a 'text', "
                               f"split 'train'): add defect images or fix the records")
-        builder = RegionPromptBuilder(cfg.prompt)
-        splits: dict[str, list[Example]] = {"train": [], "holdout": []}
-        for r in usable:
-            splits[r.split].append(Example(r, grounded(r, builder), kl=r.text == r.teacher_text))
+        from linecam.export.vlm.grounding import make_splits
+        from linecam.export.vlm.projector import FeatureMaker, Injector
+
+        features_of = None
+        if cfg.region_tokens:
+            maker = FeatureMaker(expert_bundle, cfg)
+            features_of = lambda r, g: maker(r.image, g.regions)  # noqa: E731
+        splits = make_splits(usable, RegionPromptBuilder(cfg.prompt), features_of)
         if cfg.kl_weight > 0 and teacher is None:
             logger.info("loading teacher %s for logit distillation", teacher_dir)
             teacher = HfVlm(teacher_dir, device=cfg.device, dtype=cfg.teacher_dtype, quant=cfg.teacher_quant)
@@ -271,37 +278,57 @@ def distil_vlm(student_dir: str | Path, out: str | Path, *, teacher_dir: str | P
         work.mkdir(parents=True, exist_ok=True)
         student = HfVlm(student_dir, device=cfg.device, dtype="fp32" if cfg.full_finetune else "auto",
                         trainable=True)
+        injector = Injector(student, cfg.region_tokens, lr_scale=cfg.projector_lr_scale) if cfg.region_tokens else None
         vocab = Vocabulary([*sorted({r.label for r in records if r.label}), *cfg.kinds])
         max_target = max(len(student.target_ids(ex.record.text or "")) for exs in splits.values() for ex in exs)
         max_new = min(cfg.max_new_tokens, max_target + 8)
         eval_sets = {k: _eval_records(v, cfg.eval_limit) for k, v in splits.items()}
-        before = _eval_torch(student, eval_sets, vocab, max_new, progress, "student before")
+        before = _eval_torch(student, eval_sets, vocab, max_new, progress, "student before", injector)
         fingerprint = _sha({"student": _model_fingerprint(student_dir),
                             "data": [(e.record.id, e.record.prompt, e.record.text, e.kl) for e in splits["train"]],
                             "cfg": {k: v for k, v in asdict(cfg).items() if k in _TRAINING_FIELDS}})
         trained, stats = train_student(student, splits["train"], cfg, checkpoint=work / CHECKPOINT,
-                                       fingerprint=fingerprint, teacher=teacher, progress=progress, on_step=on_step)
+                                       fingerprint=fingerprint, teacher=teacher, progress=progress, on_step=on_step,
+                                       injector=injector)
         teacher = None
+        if injector is not None:
+            injector.detach(trained)
+            torch.save(injector.net.state_dict(), work / "region_projector.pt")
         student.model = merged_model(trained)
         merged_dir = save_student(student.model, student_dir, work / "student")
 
         # 4. evaluate
-        after = _eval_torch(student, eval_sets, vocab, max_new, progress, "student after")
+        after = _eval_torch(student, eval_sets, vocab, max_new, progress, "student after", injector)
+        ablation = None
+        if cfg.ablation:
+            from linecam.export.vlm.grounding import row, run_ablation
+
+            split = "holdout" if after.get("holdout", {}).get("n") else "train"
+            ablation = {"split": split, "rows": {("inject" if injector else "prompt"): {**row(after[split], "torch"),
+                                                                                      "split": split}}}
+            ablation["rows"].update(run_ablation(student_dir, usable, cfg, vocab, work, progress, max_new,
+                                                 ("prompt", "none") if injector else ("none",)))
     gate_split = "holdout" if after.get("holdout", {}).get("n") else "train"
     agreement = after[gate_split]["agreement"]
+    location = after[gate_split]["fields"].get("location")  # None: the references name no location
     report: dict[str, Any] = {
         "teacher": str(teacher_dir), "student": str(student_dir), "review_file": str(review),
         "review_sha256": hashlib.sha256(review.read_bytes()).hexdigest(), "records": summary,
         "method": {"mode": "full" if cfg.full_finetune else "lora", "lora_r": None if cfg.full_finetune else cfg.lora_r,
-                   "kl_weight": cfg.kl_weight, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                   "kl_weight": cfg.kl_weight, "region_tokens": cfg.region_tokens,
+                   "train_projector_only": cfg.train_projector_only, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                    "seed": cfg.seed, "device": str(student.device)},
         "training": {k: v for k, v in asdict(stats).items() if k != "history"},
         "before": before, "after": after,
         "gate": {"split": gate_split, "agreement": agreement, "min_agreement": cfg.min_agreement,
-                 "passed": agreement >= cfg.min_agreement, "forced": False},
+                 "location": location, "min_location": cfg.min_location,
+                 "passed": agreement >= cfg.min_agreement and (location or 0.0) >= cfg.min_location,
+                 "forced": False},
         "max_target_tokens": max_target, "seconds": round(time.perf_counter() - t_start, 1),
         "versions": _versions(), "vocabulary": [" ".join(k) for k in vocab.kinds],
     }
+    if ablation is not None:
+        report["ablation"] = ablation
     if gate_split == "train":
         logger.warning("no held-out records (--holdout 0 or too few images): the gate reads agreement on the "
                        "training records, which says little about new defects")
@@ -313,17 +340,25 @@ def distil_vlm(student_dir: str | Path, out: str | Path, *, teacher_dir: str | P
                 before.get(gate_split, {}).get("agreement", 0.0), report_path)
     if not export:
         return DistilResult(review, report, report_path)
-    if agreement < cfg.min_agreement:
-        if not cfg.force:
+    if not report["gate"]["passed"]:
+        if not cfg.force and agreement < cfg.min_agreement:
             raise DistilError(f"distilled student agrees with the descriptions on {agreement:.0%} of the {gate_split} "
                               f"records, below --min-agreement {cfg.min_agreement:.0%}: no bundle written (see "
                               f"{report_path}); train longer, add images, or pass --force to export anyway")
+        if not cfg.force:
+            raise DistilError(f"distilled student names the right location on {location or 0.0:.0%} of the {gate_split} "
+                              f"records, below --min-location {cfg.min_location:.0%}: no bundle written (see "
+                              f"{report_path}); add --region-tokens, train longer, or pass --force")
         report["gate"]["forced"] = True
         logger.warning("exporting a student below --min-agreement because of --force")
 
     # 5. export, then score the exported bundle with the edge runtime
     report["exported"] = {gate_split: export_and_score(merged_dir, out, cfg, name or out.name,
-                                                       eval_sets[gate_split], vocab, max_new)}
+                                                       eval_sets[gate_split], vocab, max_new, injector)}
+    if ablation is not None and injector is not None and ablation["split"] == gate_split:
+        from linecam.export.vlm.grounding import row
+
+        ablation["rows"]["inject_onnx"] = {**row(report["exported"][gate_split], "onnxruntime"), "split": gate_split}
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     _write_json(work / REPORT_FILE, report)
     bundle_report = _write_json(out / REPORT_FILE, report)
@@ -369,16 +404,21 @@ def _summary(records: Sequence[DescriptionRecord]) -> dict[str, int]:
 
 
 def export_and_score(merged_dir: Path, out: Path, cfg: DistilConfig, name: str, examples: Sequence[Example],
-                     vocab: Vocabulary, max_new: int) -> dict[str, Any]:
-    """Export the merged student to the bundle ``out`` and score what the edge runtime says."""
+                     vocab: Vocabulary, max_new: int, injector: Any = None) -> dict[str, Any]:
+    """Export the merged student (and its region projector) to the bundle ``out``; score what the
+    edge runtime says."""
     from linecam.export.vlm.export import export_vlm
-    from linecam.runtime.vlm.engine import VlmEngine
+    from linecam.export.vlm.grounding import evaluate, onnx_generator
 
     export_vlm(merged_dir, out, name=name, quantize=cfg.quantize, fp16=cfg.fp16)
-    engine = VlmEngine(out, device="auto")
+    if injector is not None:
+        from linecam.export.vlm.projector import export_projector
+
+        probe = np.stack([ex.features for ex in examples[:16]]) if examples else None
+        export_projector(injector.net, out, placeholder=injector.placeholder, probe=probe)
     with make_progress(cfg.progress) as progress:
-        return evaluate_generator(lambda im, p: engine.generate(im, p, max_new_tokens=max_new).text,
-                                  examples[: cfg.export_eval_limit], vocab, progress, "bundle")
+        return evaluate(onnx_generator(out, max_new, injector is not None), examples[: cfg.export_eval_limit], vocab,
+                        progress, "bundle")
 
 
 def _record_in_manifest(out: Path, report: dict[str, Any]) -> None:
@@ -390,7 +430,10 @@ def _record_in_manifest(out: Path, report: dict[str, Any]) -> None:
     quality["distillation"] = {"split": report["gate"]["split"], "agreement": report["gate"]["agreement"],
                                "overlap": report["after"][report["gate"]["split"]]["overlap"],
                                "exported_agreement": next(iter(report["exported"].values()))["agreement"],
-                               "forced": report["gate"]["forced"]}
+                               "location": report["gate"]["location"], "forced": report["gate"]["forced"]}
+    if "ablation" in report:
+        quality["grounding_ablation"] = {k: {f: v.get(f) for f in ("n", "location", "kind", "size", "runtime")}
+                                         for k, v in report["ablation"]["rows"].items()}
     extra = dict(man.extra)
     extra["distillation"] = {"teacher": Path(report["teacher"]).name, "student": Path(report["student"]).name,
                              "review_sha256": report["review_sha256"], "method": report["method"],

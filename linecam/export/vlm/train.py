@@ -45,6 +45,8 @@ class Example:
     record: DescriptionRecord
     grounded: GroundedPrompt
     kl: bool  # the text is the teacher's own: its logits are a valid soft target
+    #: Region-token features (:func:`linecam.runtime.vlm.region_tokens.region_features`), with --region-tokens.
+    features: np.ndarray | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -144,8 +146,13 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimi
 
 def train_student(student: HfVlm, examples: Sequence[Example], cfg: DistilConfig, *, checkpoint: Path,
                   fingerprint: str, teacher: HfVlm | None = None, progress: Any = None,
-                  on_step: Callable[[int, float], None] | None = None) -> tuple[torch.nn.Module, TrainStats]:
+                  on_step: Callable[[int, float], None] | None = None,
+                  injector: Any = None) -> tuple[torch.nn.Module, TrainStats]:
     """Fine-tune ``student.model`` on ``examples``; returns the (peft-wrapped or full) model and stats.
+
+    ``injector`` (a :class:`linecam.export.vlm.projector.Injector`): the region projector trains
+    too (jointly with the adapters, or alone with the VLM frozen: ``cfg.train_projector_only``);
+    it is a submodule of the returned model until ``injector.detach(model)``.
 
     ``on_step(step, loss)`` is called after every optimiser step (tests interrupt through it).
     """
@@ -155,15 +162,26 @@ def train_student(student: HfVlm, examples: Sequence[Example], cfg: DistilConfig
     if cfg.full_finetune:
         for p in model.parameters():
             p.requires_grad_(True)
+    elif injector is not None and getattr(cfg, "train_projector_only", False):
+        for p in model.parameters():
+            p.requires_grad_(False)
     else:
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=cfg.lora_dropout,
                           target_modules=lora_targets(student.family, cfg.lora_vision), bias="none")
         model = get_peft_model(model, lcfg)
+    if injector is not None:
+        injector.attach(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if injector is not None:  # the projector starts from nothing: it may learn faster than the adapters
+        mine = {id(p) for p in injector.net.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in mine]},
+                  {"params": list(injector.net.parameters()), "lr": cfg.lr * injector.lr_scale}]
+        groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps, cfg.warmup))
     stats = TrainStats(trainable_params=sum(p.numel() for p in params))
     start, history = 0, []
@@ -198,6 +216,8 @@ def train_student(student: HfVlm, examples: Sequence[Example], cfg: DistilConfig
                     cache[k] = s
                     cached_bytes += size
             s = student.to_device(s)
+            if injector is not None:
+                s = injector.apply(s, ex.features)
             target = torch.tensor(s.target, device=student.device)
             with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
                 logits = model(**s.inputs, use_cache=False, logits_to_keep=len(s.target) + 1).logits[0, :-1]

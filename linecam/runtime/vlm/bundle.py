@@ -6,7 +6,11 @@ file entries, hashing, provenance and atomic write are :mod:`linecam.bundle`'s o
 
 File roles: ``vision_<prec>``, ``embedding_<prec>``, ``decoder_<prec>`` (prec one of
 fp32 / fp16 / int8 / int4), ``tokenizer`` (``tokenizer.json``), plus optional extras
-(``chat_template``, ``region_projector_<prec>``).
+(``chat_template``, ``region_projector_<prec>`` with prec fp32 / fp16 / int8: the region-token
+projector of :mod:`linecam.runtime.vlm.region_tokens`, described by ``extra.region_tokens``
+``{k, n_features, placeholder_id, features_version}``; its parity with torch is in
+``quality.region_tokens``). Bundles without a projector (every bundle before it existed) load
+unchanged and get prompt-only grounding; the manifest schema did not change.
 """
 
 from __future__ import annotations

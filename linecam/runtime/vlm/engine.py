@@ -39,6 +39,9 @@ class Encoded:
     vision_feeds: dict[str, np.ndarray]  # inputs of the vision graph (empty: text only)
     grids: list[rope.Grid] = field(default_factory=list)  # Qwen patch grids (for M-RoPE)
     vision_ms: float = 0.0
+    #: Region-token injection (:mod:`.region_tokens`): (index, rows [k, hidden]) overwrite the
+    #: embeddings of k placeholder ids at ``index``.
+    injected: tuple[int, np.ndarray] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -230,6 +233,9 @@ class VlmEngine:
         feats = self.image_features(enc)
         vision_ms = (time.perf_counter() - tv) * 1e3
         embeds = self.embed(enc.input_ids, feats)
+        if enc.injected is not None:
+            at, rows = enc.injected
+            embeds[0, at:at + rows.shape[0]] = rows.astype(embeds.dtype, copy=False)
         pos, delta = self.positions(enc)
         if extra_embeds is not None and len(extra_embeds):
             k = extra_embeds.shape[0]

@@ -54,6 +54,7 @@ class _Job:
     verdict_event_id: str | None
     frame_id: int
     submitted_ns: int
+    features: np.ndarray | None = None  # region-token features (a bundle with a projector)
 
 
 class DescriptionWorker:
@@ -71,7 +72,8 @@ class DescriptionWorker:
                  line: str, camera: str, prompt_builder: RegionPromptBuilder | None = None, backlog: int = 4,
                  policy: BacklogPolicy = "newest_first", max_new_tokens: int = 64,
                  model_info: Mapping[str, Any] | None = None, include_prompt: bool = True, nice: int = 10,
-                 on_token: Callable[[str, int, str], None] | None = None) -> None:
+                 on_token: Callable[[str, int, str], None] | None = None,
+                 projector: Any | Callable[[], Any] | None = None) -> None:
         if backlog < 1:
             raise ValueError("backlog must be >= 1")
         if policy not in ("newest_first", "skip"):
@@ -88,6 +90,9 @@ class DescriptionWorker:
         self.include_prompt = include_prompt
         self.nice = nice
         self.on_token = on_token
+        #: Region-token injection: a RegionProjector (or a factory called in the worker thread).
+        self._projector_or_factory = projector
+        self._projector: Any | None = None
         self._pending: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -114,7 +119,7 @@ class DescriptionWorker:
 
     def submit(self, image: np.ndarray, regions: Sequence[Region | Mapping[str, Any]], defect_event_id: str, *,
                frame_id: int, verdict_event_id: str | None = None, threshold: float = 1.0,
-               bit_depth: int = 8) -> bool:
+               bit_depth: int = 8, anomaly_map: np.ndarray | None = None, geometry: Any = None) -> bool:
         """Queue one defect for description; never blocks on the VLM.
 
         ``image``: the frame's image (linecam layout); ``regions``: the NG frame's
@@ -122,10 +127,20 @@ class DescriptionWorker:
         threshold) or the defect message's region dicts; ``defect_event_id``: the
         ``event_id`` of the published defect message. Returns False when this defect was
         dropped by the backlog policy (its ``skipped`` description is already published).
+        ``anomaly_map`` / ``geometry`` (the inspection's): the map crop of the region tokens.
         """
         now = time.monotonic_ns()
         try:
             grounded = self.builder.build(image, regions, threshold=threshold, bit_depth=bit_depth)
+            features = None
+            if self._projector_or_factory is not None:
+                from linecam.runtime.vlm.region_tokens import map_crop, region_features
+
+                crop = None
+                if anomaly_map is not None and geometry is not None and grounded.regions:
+                    top = max(grounded.regions, key=lambda r: r["score"])
+                    crop = map_crop(anomaly_map, top["bbox"], geometry)
+                features = region_features(grounded.regions, (image.shape[1], image.shape[0]), crop)
         except Exception as e:  # a bad frame must not break the caller (the daemon's defect path)
             logger.exception("defect %s (frame %d): prompt not built", defect_event_id, frame_id)
             with self._cond:
@@ -136,7 +151,7 @@ class DescriptionWorker:
                 verdict_event_id=verdict_event_id, status="error", text=None,
                 reason=f"prompt_error: {type(e).__name__}", n_regions=len(regions), model=self.model_info))
             return False
-        job = _Job(grounded, defect_event_id, verdict_event_id, int(frame_id), now)
+        job = _Job(grounded, defect_event_id, verdict_event_id, int(frame_id), now, features)
         dropped: _Job | None = None
         accepted = True
         with self._cond:
@@ -225,6 +240,8 @@ class DescriptionWorker:
         try:
             eng = self._engine_or_factory
             self._engine = eng if hasattr(eng, "generate") else eng()  # type: ignore[operator]
+            proj = self._projector_or_factory
+            self._projector = proj() if callable(proj) and not hasattr(proj, "inject") else proj
         except BaseException as e:  # reported by start(); every later submit is published as error
             self._start_error = e
             logger.error("VLM could not be loaded: %s", e)
@@ -261,9 +278,21 @@ class DescriptionWorker:
         if self.on_token is not None:
             cb, eid = self.on_token, job.defect_event_id
             on_tok = lambda tok, piece: cb(eid, tok, piece)  # noqa: E731  (tags the stream with its defect)
+        inject_ms = None
         try:
-            gen = self._engine.generate(job.grounded.image, job.grounded.prompt, max_new_tokens=self.max_new_tokens,
-                                        on_token=on_tok, should_stop=self._cancel.is_set)
+            if self._projector is not None and job.features is not None:
+                t_enc = time.perf_counter()
+                enc = self._engine.encode(job.grounded.image, job.grounded.prompt)  # type: ignore[attr-defined]
+                t_inj = time.perf_counter()
+                enc = self._projector.inject(enc, job.features)  # projector run + K placeholder slots
+                inject_ms = (time.perf_counter() - t_inj) * 1e3
+                gen = self._engine.generate_encoded(  # type: ignore[attr-defined]
+                    enc, max_new_tokens=self.max_new_tokens, on_token=on_tok, should_stop=self._cancel.is_set,
+                    t_start=t_enc)
+            else:
+                gen = self._engine.generate(job.grounded.image, job.grounded.prompt,
+                                            max_new_tokens=self.max_new_tokens, on_token=on_tok,
+                                            should_stop=self._cancel.is_set)
         except Exception as e:
             logger.exception("VLM failed on defect %s (frame %d)", job.defect_event_id, job.frame_id)
             with self._cond:
@@ -275,6 +304,8 @@ class DescriptionWorker:
         timings = dict(getattr(gen, "timings_ms", {}) or {})
         lat = {"queue": (t_start - job.submitted_ns) / 1e6}
         lat.update({k: v for k, v in timings.items() if k in ("vision", "prefill", "ttft", "decode")})
+        if inject_ms is not None:
+            lat["inject"] = inject_ms
         lat["total"] = (time.monotonic_ns() - job.submitted_ns) / 1e6
         with self._cond:
             self._counts["described"] += 1
