@@ -103,3 +103,28 @@ def test_no_search_when_max_float_is_zero(setup: dict) -> None:
     res = keep_sensitive_float(setup["fp32"], dst, setup["calib"], setup["x"], setup["labels"], None,
                                bounds=BOUNDS, quant_kwargs={"tool": "ort"}, max_float=0)
     assert not res.passed and res.result is None and res.tried == []
+
+
+def test_quantize_and_gate_rescues_int8_and_says_so_loudly(setup: dict, tmp_path: Path, caplog) -> None:
+    """Through the one FP16/INT8 + gate definition every exporter uses: the search runs when INT8
+    fails, the bundle's INT8 passes, gate.json records the search, and a WARNING names the
+    convolutions left in float (a float fallback often means calibration unlike the line)."""
+    import json
+    import logging
+
+    from linecam.export.variants import GateSettings, quantize_and_gate
+    from linecam.preprocess import PreprocessSpec
+
+    settings = GateSettings(("int8",), gate.MAX_AUROC_DROP, gate.MIN_PEARSON, gate.MAX_SCORE_DIFF,
+                            int8_tool="ort", int8_max_float=2)
+    spec = PreprocessSpec(input_size=(SIZE, SIZE))
+    with caplog.at_level(logging.WARNING, logger="linecam.export.variants"):
+        v = quantize_and_gate(setup["fp32"], tmp_path, spec, setup["calib"].inputs, "test array", setup["x"],
+                              setup["labels"], None, settings)
+    assert v.gate["passed"] and v.gate["int8_search"]["passed"]
+    Q.to_int8(setup["fp32"], tmp_path / "all.onnx", setup["calib"], tool="ort")
+    first = quantized_convs(tmp_path / "all.onnx")[0]  # conv a: the one the search must keep float
+    loud = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "kept in float" in r.getMessage()]
+    assert len(loud) == 1, caplog.text
+    assert first in loud[0]
+    assert json.loads((tmp_path / "gate.json").read_text())["int8_search"]["kept_float"]

@@ -88,6 +88,12 @@ def quantize_and_gate(fp32: Path, out: Path, spec: PreprocessSpec, calib_src: Se
                     s.int8_max_float)
         search = keep_sensitive_float(fp32, candidates["onnx_int8"], calib, x, labels, masks, bounds=bounds,
                                       quant_kwargs=kwargs, max_float=s.int8_max_float, threads=s.threads)
+        if search.passed and search.result is not None:
+            # Loud: the INT8 model that ships is slower than full INT8, and a gate that only a
+            # float fallback passes often means calibration images unlike the line's.
+            logger.warning("INT8 passes the accuracy gate only with %d convolution(s) kept in float (%s): check "
+                           "that the calibration images look like the line's; the INT8 file is that mixed model",
+                           len(search.result.kept_float), ", ".join(search.result.kept_float))
         if search.result is not None:
             calibration.update(kept_float=list(search.result.kept_float), qdq_pairs=search.result.qdq_pairs,
                                ops_quantized=search.result.ops_quantized)
