@@ -26,6 +26,7 @@ from linecam.runtime.vlm import rope
 from linecam.runtime.vlm.bundle import (
     Idefics3VisionSpec,
     PromptSpec,
+    Qwen3VisionSpec,
     QwenVisionSpec,
     TextSpec,
     VlmManifest,
@@ -45,7 +46,14 @@ DEFAULT_FORMATS = {
     "qwen2_5_vl": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                    "<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n"),
     "idefics3": "<|im_start|>User:{image}{prompt}<end_of_utterance>\nAssistant:",
+    "qwen3_5": "<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    "qwen3_vl": "<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n",
 }
+#: transformers class of each family (loaded by name: transformers is imported lazily).
+MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+                 "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+#: Families whose prompt marks the image with Qwen's vision tokens.
+QWEN_STYLE = ("qwen2_5_vl", "qwen3_5", "qwen3_vl")
 
 
 @dataclass
@@ -56,9 +64,11 @@ class _Family:
     vision: torch.nn.Module
     vision_inputs: dict[str, torch.Tensor]
     vision_dynamic: dict[str, dict[int, str]]
-    vision_spec: QwenVisionSpec | Idefics3VisionSpec
+    vision_spec: QwenVisionSpec | Qwen3VisionSpec | Idefics3VisionSpec
     positions: str
     image_token_id: int
+    #: Hybrid decoders: per-layer "linear_attention" / "full_attention" (None: a flat KV cache).
+    layer_types: list[str] | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -120,7 +130,17 @@ def _idefics3(model: torch.nn.Module, folder: Path) -> _Family:
                    inputs, dyn, spec, "rope", int(cfg.image_token_id))
 
 
-FAMILIES = {"qwen2_5_vl": _qwen, "idefics3": _idefics3}
+def _qwen3_5(model: torch.nn.Module, folder: Path) -> _Family:
+    from linecam.export.vlm import qwen3
+
+    spec = qwen3.vision_spec(model, folder, _read_json(folder / "preprocessor_config.json"))
+    graph, inputs, dyn = qwen3.vision_inputs(model, spec)
+    tcfg = model.config.text_config
+    return _Family("qwen3_5", model.model.language_model, model.lm_head, graph, inputs, dyn, spec, "mrope",
+                   int(model.config.image_token_id), list(tcfg.layer_types))
+
+
+FAMILIES = {"qwen2_5_vl": _qwen, "idefics3": _idefics3, "qwen3_5": _qwen3_5}
 
 
 def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
@@ -164,7 +184,7 @@ def _prompt_format(folder: Path, family: str) -> str:
     except Exception as e:  # no processor / no template: a tiny or custom model
         logger.info("no usable chat template in %s (%s); using the %s default", folder, type(e).__name__, family)
         return DEFAULT_FORMATS[family]
-    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if family == "qwen2_5_vl" else "<image>"
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if family in QWEN_STYLE else "<image>"
     if placeholder not in text or _SENTINEL not in text:
         logger.warning("chat template of %s has no %r image placeholder; using the %s default",
                        folder, placeholder, family)
@@ -184,10 +204,9 @@ def load_hf_model(folder: Path) -> tuple[torch.nn.Module, str]:
     if family not in FAMILIES:
         raise BundleError(f"{folder} is a '{family}' model; export-engine vlm supports: "
                           f"{', '.join(sorted(FAMILIES))}")
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration as cls
-    else:
-        from transformers import Idefics3ForConditionalGeneration as cls
+    import transformers
+
+    cls = getattr(transformers, MODEL_CLASSES[family])
     model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32,
                                 attn_implementation="eager").eval()
     return model, family
@@ -207,9 +226,6 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
     fam = FAMILIES[family](model, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     tcfg = model.config.text_config if hasattr(model.config, "text_config") else model.config
-    n_layers = tcfg.num_hidden_layers
-    n_kv = tcfg.num_key_value_heads
-    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     checks: dict[str, float] = {}
 
     # 1. vision
@@ -231,6 +247,27 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
         checks["embedding"] = _check(epath, {"input_ids": ids.numpy()}, [emb(ids).numpy()], "embedding")
 
     # 3. decoder (traced with a non-empty past so the concat and mask paths are dynamic)
+    if fam.layer_types:
+        from linecam.export.vlm.qwen3 import export_hybrid_decoder
+
+        checks.update(export_hybrid_decoder(fam.text_model, fam.lm_head, tcfg, out, opset, _onnx_export, _check))
+    else:
+        checks.update(_export_kv_decoder(fam, tcfg, out, opset))
+    logger.info("graphs exported; max |ORT - torch|: %s", {k: f"{v:.1e}" for k, v in checks.items()})
+    _write_bundle(fam, family, model_dir, out, tcfg, checks, name, opset)
+    if fp16 or quantize:
+        from linecam.export.vlm.quantize import add_variants
+
+        add_variants(out, quantize=quantize, fp16=fp16, n_prompts=agreement_prompts,
+                     n_tokens=agreement_tokens)
+    return out / "manifest.json"
+
+
+def _export_kv_decoder(fam: _Family, tcfg: Any, out: Path, opset: int) -> dict[str, float]:
+    n_layers = tcfg.num_hidden_layers
+    n_kv = tcfg.num_key_value_heads
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    checks: dict[str, float] = {}
     dec = DecoderGraph(fam.text_model, fam.lm_head).eval()
     s, p = 5, 3
     g = torch.Generator().manual_seed(1)
@@ -265,7 +302,14 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
         ref0 = [t.numpy() for t in dec(*args0)]
     checks["decoder_prefill"] = _check(dpath, {n: a.numpy() for n, a in zip(in_names, args0)}, ref0,
                                        "decoder (empty cache)")
-    logger.info("graphs exported; max |ORT - torch|: %s", {k: f"{v:.1e}" for k, v in checks.items()})
+    return checks
+
+
+def _write_bundle(fam: _Family, family: str, model_dir: Path, out: Path, tcfg: Any,
+                  checks: dict[str, float], name: str | None, opset: int) -> None:
+    n_layers = tcfg.num_hidden_layers
+    n_kv = tcfg.num_key_value_heads
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
 
     # 4. tokenizer, template, manifest
     if not (model_dir / "tokenizer.json").is_file():
@@ -292,16 +336,12 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
         name=name or model_dir.name, family=family,
         text=TextSpec(hidden_size=tcfg.hidden_size, num_layers=n_layers, num_kv_heads=n_kv, head_dim=head_dim,
                       vocab_size=tcfg.vocab_size, positions=fam.positions, image_token_id=fam.image_token_id,
-                      eos_token_ids=eos_ids, pad_token_id=getattr(tcfg, "pad_token_id", None)),
+                      eos_token_ids=eos_ids, pad_token_id=getattr(tcfg, "pad_token_id", None),
+                      layer_types=fam.layer_types),
         vision=fam.vision_spec, prompt=PromptSpec(format=_prompt_format(model_dir, family)), files=files,
         provenance=new_provenance(tool_versions={"torch": torch.__version__,
                                                  "transformers": transformers.__version__},
                                   details={"source": str(model_dir), "opset": opset,
-                                           "max_abs_diff": checks}))
+                                           "max_abs_diff": checks}),
+        extra={"linear_attention_ops": "plain"} if fam.layer_types else {})
     write_manifest(out, manifest)
-    if fp16 or quantize:
-        from linecam.export.vlm.quantize import add_variants
-
-        add_variants(out, quantize=quantize, fp16=fp16, n_prompts=agreement_prompts,
-                     n_tokens=agreement_tokens)
-    return out / "manifest.json"

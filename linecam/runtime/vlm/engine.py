@@ -22,9 +22,9 @@ import onnxruntime as ort
 
 from linecam.errors import BundleError
 from linecam.runtime.vlm import image as vimg
-from linecam.runtime.vlm import rope
+from linecam.runtime.vlm import qwen3, rope
 from linecam.runtime.session import make_session
-from linecam.runtime.vlm.bundle import Idefics3VisionSpec, QwenVisionSpec, VlmBundle, load_vlm_bundle
+from linecam.runtime.vlm.bundle import Idefics3VisionSpec, Qwen3VisionSpec, QwenVisionSpec, VlmBundle, load_vlm_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSes
 
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
 
 
 class VlmEngine:
@@ -109,11 +110,11 @@ class VlmEngine:
         self.embedding = _session(self.bundle.path(self.roles["embedding"]), self.providers, intra_op_threads)
         self.decoder = _session(self.bundle.path(self.roles["decoder"]), self.providers, intra_op_threads)
         self.tokenizer = Tokenizer.from_file(str(self.bundle.path("tokenizer")))
-        t = man.text
-        self._past_names = [(f"past.{i}.key", f"past.{i}.value") for i in range(t.num_layers)]
-        dec_in = {i.name: i.type for i in self.decoder.get_inputs()}
-        self._kv_dtype = _NP.get(dec_in.get("past.0.key", "tensor(float)"), np.float32)
-        self._emb_dtype = _NP.get(dec_in.get("inputs_embeds", "tensor(float)"), np.float32)
+        # Cache inputs in graph order (a flat KV cache, or a hybrid decoder's KV + conv / recurrent
+        # states); the decoder returns their successors in the same order after the logits.
+        dec_in = self.decoder.get_inputs()
+        self._state_inputs = [i for i in dec_in if i.name not in _DECODER_INPUTS]
+        self._emb_dtype = _NP.get({i.name: i.type for i in dec_in}.get("inputs_embeds", "tensor(float)"), np.float32)
         self._out_names = [o.name for o in self.decoder.get_outputs()]
         logger.info("VLM %s (%s) on %s: %s", man.name, man.family, self.providers[0], self.roles)
 
@@ -127,7 +128,13 @@ class VlmEngine:
         image_text = ""
         if image is not None:
             rgb = vimg.to_rgb_u8(image, bit_depth)
-            if isinstance(vis, QwenVisionSpec):
+            if isinstance(vis, Qwen3VisionSpec):
+                q = vimg.qwen_preprocess(rgb, vis)  # type: ignore[arg-type]  # same processor fields
+                grids = [q.grid]
+                feeds = qwen3.vision_feeds(q.pixel_values, q.grid, side=vis.num_grid_per_side, merge=vis.merge_size,
+                                           head_dim=vis.head_dim, theta=vis.rope_theta)
+                image_text = vis.vision_start + vis.image_pad * q.n_tokens + vis.vision_end
+            elif isinstance(vis, QwenVisionSpec):
                 q = vimg.qwen_preprocess(rgb, vis)
                 grids = [q.grid]
                 extra = rope.qwen_vision_inputs(grids, merge=vis.merge_size, window_size=vis.window_size,
@@ -167,7 +174,8 @@ class VlmEngine:
         of later positions (M-RoPE: an image's rows take fewer positions than tokens)."""
         n = enc.n_tokens
         if self.manifest.text.positions == "mrope":
-            merge = self.manifest.vision.merge_size if isinstance(self.manifest.vision, QwenVisionSpec) else 1
+            vis = self.manifest.vision
+            merge = vis.merge_size if isinstance(vis, (QwenVisionSpec, Qwen3VisionSpec)) else 1
             if enc.grids:
                 pos, delta = rope.mrope_positions(enc.input_ids[0], self.manifest.text.image_token_id,
                                                   enc.grids, merge)
@@ -178,10 +186,11 @@ class VlmEngine:
 
     # -- decoding -------------------------------------------------------------------------
     def empty_past(self) -> list[np.ndarray]:
-        """An empty KV cache for :meth:`decoder_step` (key, value per layer)."""
-        t = self.manifest.text
-        empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), dtype=self._kv_dtype)
-        return [empty] * (2 * len(self._past_names))
+        """The cache before the first token, for :meth:`decoder_step`: empty KV tensors (key, value
+        per layer) and, for a hybrid decoder, zero conv / recurrent states, in graph order."""
+        return [np.zeros(tuple(1 if isinstance(d, str) and d == "batch" else d if isinstance(d, int) else 0
+                               for d in i.shape), dtype=_NP.get(i.type, np.float32))
+                for i in self._state_inputs]
 
     def decoder_step(self, embeds: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
                      length: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -190,10 +199,10 @@ class VlmEngine:
         conversation that continues on a kept cache: linecam.station.ask)."""
         feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": positions,
                                         "attention_mask": np.ones((1, length), dtype=np.int64)}
-        for i, (kn, vn) in enumerate(self._past_names):
-            feeds[kn], feeds[vn] = past[2 * i], past[2 * i + 1]
+        n = len(self._state_inputs)
+        feeds.update({i.name: p for i, p in zip(self._state_inputs, past)})
         outs = self.decoder.run(self._out_names, feeds)
-        return outs[0][0, -1], list(outs[1:1 + 2 * len(self._past_names)])
+        return outs[0][0, -1], list(outs[1:1 + n])
 
     def generate(self, image: np.ndarray | None, prompt: str, *, max_new_tokens: int = 64,
                  stop_token_ids: Sequence[int] | None = None, on_token: Callable[[int, str], None] | None = None,
@@ -211,7 +220,8 @@ class VlmEngine:
                          on_token: Callable[[int, str], None] | None = None,
                          should_stop: Callable[[], bool] | None = None, t_start: float | None = None,
                          extra_embeds: np.ndarray | None = None,
-                         force_tokens: Sequence[int] | None = None) -> Generation:
+                         force_tokens: Sequence[int] | None = None,
+                         on_state: Callable[[list[np.ndarray]], None] | None = None) -> Generation:
         """Greedy decoding with KV cache.
 
         Stops at a token in ``stop_token_ids`` (default: the bundle's EOS ids; the stop
@@ -221,6 +231,8 @@ class VlmEngine:
         appended after the prompt rows, e.g. region tokens from a region projector.
         ``force_tokens`` (teacher forcing, for accuracy checks): feed these tokens instead
         of the model's own choices; ``tokens`` still records the model's argmax at each step.
+        ``on_state(present)`` sees the decoder's cache outputs after every decoder run (the
+        parity tests compare them with transformers' cache).
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -239,18 +251,17 @@ class VlmEngine:
             pos = np.concatenate([pos, np.broadcast_to(tail, pos.shape[:-1] + (k,))], axis=-1)
             delta = last + k - embeds.shape[1]
         t = self.manifest.text
-        empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), dtype=self._kv_dtype)
         feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "attention_mask":
                                         np.ones((1, embeds.shape[1]), dtype=np.int64), "position_ids": pos}
-        for kn, vn in self._past_names:
-            feeds[kn] = empty
-            feeds[vn] = empty
+        feeds.update({i.name: p for i, p in zip(self._state_inputs, self.empty_past())})
         tokens: list[int] = []
         reason: StopReason = "max_tokens"
         t_first = t_prefill = None
         length = embeds.shape[1]
         while True:
             outs = self.decoder.run(self._out_names, feeds)
+            if on_state is not None:
+                on_state(outs[1:])
             nxt = int(np.argmax(outs[0][0, -1]))
             if t_first is None:
                 t_first = time.perf_counter()
@@ -270,9 +281,7 @@ class VlmEngine:
             if should_stop is not None and should_stop():
                 reason = "cancelled"
                 break
-            for i, (kn, vn) in enumerate(self._past_names):
-                feeds[kn] = outs[1 + 2 * i]
-                feeds[vn] = outs[2 + 2 * i]
+            feeds.update({i.name: o for i, o in zip(self._state_inputs, outs[1:])})
             feeds["inputs_embeds"] = self.embed(np.asarray([[nxt]], dtype=np.int64))
             length += 1
             feeds["attention_mask"] = np.ones((1, length), dtype=np.int64)

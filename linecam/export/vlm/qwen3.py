@@ -1,0 +1,97 @@
+"""``export-engine vlm`` for the Qwen3.5 family: vision spec + graph and the hybrid decoder export.
+
+Registered in :data:`linecam.export.vlm.export.FAMILIES`; the graphs are in
+:mod:`linecam.export.vlm.hybrid`, the host-side vision inputs in
+:mod:`linecam.runtime.vlm.qwen3`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from linecam.export.vlm.hybrid import HybridDecoderGraph, Qwen3VisionGraph, state_names
+from linecam.runtime.vlm import qwen3 as host
+from linecam.runtime.vlm.bundle import Qwen3VisionSpec
+
+#: The manifest's word for how the linear-attention layers are written (see the module notes).
+LINEAR_ATTENTION_OPS = "plain"
+
+
+def vision_spec(model: torch.nn.Module, folder: Path, pp: dict) -> Qwen3VisionSpec:
+    vc = model.config.vision_config
+    size = pp.get("size") or {}
+    return Qwen3VisionSpec(
+        patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
+        head_dim=vc.hidden_size // vc.num_heads,
+        rope_theta=float((getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+        num_grid_per_side=int(vc.num_position_embeddings ** 0.5),
+        min_pixels=int(pp.get("min_pixels") or size.get("shortest_edge") or 56 * 56),
+        max_pixels=int(pp.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280),
+        image_mean=list(pp.get("image_mean", [0.5, 0.5, 0.5])), image_std=list(pp.get("image_std", [0.5, 0.5, 0.5])))
+
+
+def vision_inputs(model: torch.nn.Module, spec: Qwen3VisionSpec) -> tuple[torch.nn.Module, dict, dict]:
+    """The vision wrapper, example inputs (a non-square grid) and dynamic axes."""
+    vc = model.config.vision_config
+    m = spec.merge_size
+    grid = (1, 4 * m, 6 * m)
+    n = grid[1] * grid[2]
+    g = torch.Generator().manual_seed(0)
+    pv = torch.randn(n, vc.in_channels * spec.temporal_patch_size * spec.patch_size ** 2, generator=g).numpy()
+    feeds = host.vision_feeds(pv, grid, side=spec.num_grid_per_side, merge=m, head_dim=spec.head_dim,
+                              theta=spec.rope_theta)
+    inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    dyn = {k: {0: "patches"} for k in inputs} | {"image_features": {0: "merged"}}
+    return Qwen3VisionGraph(model.model.visual), inputs, dyn
+
+
+def export_hybrid_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Module, tcfg, out: Path, opset: int,
+                          export, check) -> dict[str, float]:
+    """Write ``decoder.onnx`` for a hybrid (linear + full attention) text model; check it against torch
+    with a non-empty cache and with the empty cache of a prefill. Returns the max differences."""
+    layer_types = list(tcfg.layer_types)
+    dec = HybridDecoderGraph(text_model, lm_head, layer_types).eval()
+    la = next(layer.linear_attn for layer, lt in zip(text_model.layers, layer_types) if lt == "linear_attention")
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    s, p = 5, 3
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, s, tcfg.hidden_size, generator=g)
+    pos = torch.arange(p, p + s).view(1, 1, s).expand(3, 1, s).contiguous()
+
+    def states(past: int, scale: float) -> list[torch.Tensor]:
+        out_: list[torch.Tensor] = []
+        for lt in layer_types:
+            if lt == "linear_attention":
+                out_ += [scale * torch.randn(1, la.conv_dim, la.conv_kernel_size - 1, generator=g),
+                         scale * torch.randn(1, la.num_v_heads, la.head_k_dim, la.head_v_dim, generator=g)]
+            else:
+                out_ += [torch.randn(1, tcfg.num_key_value_heads, past, head_dim, generator=g) for _ in range(2)]
+        return out_
+
+    past = states(p, 0.5)
+    in_names = ["inputs_embeds", "attention_mask", "position_ids", *state_names(layer_types, "past_key_values")]
+    out_names = ["logits", *state_names(layer_types, "present")]
+    dyn: dict[str, dict[int, str]] = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                                      "position_ids": {1: "batch", 2: "seq"}, "logits": {0: "batch"}}
+    for name in in_names[3:] + out_names[1:]:
+        kv = name.endswith((".key", ".value"))
+        dyn[name] = {0: "batch", 2: ("past" if name.startswith("past") else "total")} if kv else {0: "batch"}
+    path = out / "decoder.onnx"
+    args = (x, torch.ones(1, p + s, dtype=torch.int64), pos, *past)
+    export(dec, args, path, in_names, out_names, dyn, opset)
+    checks = {}
+    with torch.no_grad():
+        ref = [t.numpy() for t in dec(*args)]
+    checks["decoder"] = check(path, {n: a.numpy() for n, a in zip(in_names, args)}, ref, "decoder")
+    args0 = (x, torch.ones(1, s, dtype=torch.int64), pos - p, *states(0, 0.0))
+    with torch.no_grad():
+        ref0 = [t.numpy() for t in dec(*args0)]
+    checks["decoder_prefill"] = check(path, {n: a.numpy() for n, a in zip(in_names, args0)}, ref0,
+                                      "decoder (empty cache)")
+    one = (x[:, :1], torch.ones(1, p + 1, dtype=torch.int64), pos[:, :, :1], *past)
+    with torch.no_grad():
+        ref1 = [t.numpy() for t in dec(*one)]
+    checks["decoder_step"] = check(path, {n: a.numpy() for n, a in zip(in_names, one)}, ref1, "decoder (one token)")
+    return checks

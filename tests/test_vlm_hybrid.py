@@ -1,0 +1,134 @@
+"""Qwen3.5's hybrid decoder on ONNX Runtime == transformers' generate, token for token and state for state.
+
+A tiny random-weight ``Qwen3_5ForConditionalGeneration`` (3 Gated-DeltaNet layers + 1 full
+attention layer, a Qwen3 vision tower) is exported with ``export-engine vlm`` and run with
+linecam's runtime; greedy tokens must equal ``generate(do_sample=False)`` and the decoder's
+conv / recurrent states and KV cache must equal transformers' cache after the prefill and
+after every decode step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from linecam.export.cli import main as export_main  # noqa: E402
+from linecam.export.vlm.export import load_hf_model  # noqa: E402
+from linecam.export.vlm.tiny import build_model_folder  # noqa: E402
+from linecam.runtime.vlm.engine import VlmEngine  # noqa: E402
+
+N_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3_5")
+    model_dir = build_model_folder("qwen3_5", root / "model", seed=0)
+    rc = export_main(["vlm", "--model", str(model_dir), "--out", str(root / "bundle"), "--quantize", "int8,int4",
+                      "--agreement-prompts", "1"])
+    assert rc == 0
+    model, _ = load_hf_model(model_dir)
+    return model_dir, root / "bundle", model
+
+
+def _image(h, w, seed):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img[h // 3: h // 2, w // 4: w // 2] = 255
+    return img
+
+
+def _hf_kwargs(model, enc):
+    ids = torch.from_numpy(enc.input_ids)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0,
+              return_dict_in_generate=True)
+    if enc.vision_feeds:
+        kw.update(pixel_values=torch.from_numpy(enc.vision_feeds["pixel_values"]),
+                  image_grid_thw=torch.tensor(enc.grids), mm_token_type_ids=(ids == model.config.image_token_id).int())
+    return kw
+
+
+def _cache_tensors(cache) -> list[np.ndarray]:
+    """transformers' hybrid cache in the decoder graph's state order (conv state: its last K - 1 columns,
+    the only ones a causal convolution of width K reads again)."""
+    out = []
+    for layer in cache.layers:
+        if hasattr(layer, "conv_states"):
+            out += [layer.conv_states[0][..., 1:].numpy(), layer.recurrent_states[0].numpy()]
+        else:
+            out += [layer.keys.numpy(), layer.values.numpy()]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(90, 130), (150, 100)])
+def test_greedy_tokens_and_states_match_generate(exported, shape):
+    _, bundle, model = exported
+    eng = VlmEngine(bundle)
+    enc = eng.encode(_image(*shape, seed=shape[0]), "Describe the defect in box x = 3 , y = 4 , area 12 px .")
+    assert (enc.input_ids == eng.manifest.text.image_token_id).sum() > 0
+    states: list[list[np.ndarray]] = []
+    ours = eng.generate_encoded(enc, max_new_tokens=N_NEW, stop_token_ids=[], on_state=states.append)
+    kw = _hf_kwargs(model, enc)
+    with torch.no_grad():
+        ref = model.generate(**kw, max_new_tokens=N_NEW).sequences[0, enc.n_tokens:].tolist()
+    assert ours.tokens == ref and len(set(ref)) > 3
+    assert len(states) == N_NEW
+    # After the prefill (k = 1) and after each decode step: generate(max_new_tokens=k) leaves the cache
+    # of the prompt + k - 1 fed tokens, which is what our k-th decoder run returned.
+    for k in range(1, N_NEW + 1):
+        with torch.no_grad():
+            theirs = _cache_tensors(model.generate(**kw, max_new_tokens=k).past_key_values)
+        assert len(theirs) == len(states[k - 1])
+        for a, b in zip(states[k - 1], theirs):
+            assert a.dtype == np.float32 and a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_text_only_prompt_matches_generate(exported):
+    _, bundle, model = exported
+    eng = VlmEngine(bundle)
+    enc = eng.encode(None, "What is a scratch ?")
+    ours = eng.generate_encoded(enc, max_new_tokens=8, stop_token_ids=[])
+    with torch.no_grad():
+        ref = model.generate(**_hf_kwargs(model, enc), max_new_tokens=8).sequences[0, enc.n_tokens:].tolist()
+    assert ours.tokens == ref
+
+
+def test_decoder_io_follows_onnxruntime_genai(exported):
+    _, bundle, _ = exported
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["family"] == "qwen3_5" and man["vision"]["kind"] == "qwen3_vl"
+    types = man["text"]["layer_types"]
+    assert types == ["linear_attention"] * 3 + ["full_attention"]
+    assert man["extra"]["linear_attention_ops"] == "plain"
+    eng = VlmEngine(bundle)
+    names = [i.name for i in eng.decoder.get_inputs()]
+    assert names[3:] == ["past_key_values.0.conv_state", "past_key_values.0.recurrent_state",
+                         "past_key_values.1.conv_state", "past_key_values.1.recurrent_state",
+                         "past_key_values.2.conv_state", "past_key_values.2.recurrent_state",
+                         "past_key_values.3.key", "past_key_values.3.value"]
+    outs = [o.name for o in eng.decoder.get_outputs()]
+    assert outs[1:] == [n.replace("past_key_values", "present") for n in names[3:]]
+    empty = eng.empty_past()
+    assert empty[0].shape == (1, 64, 3) and empty[1].shape == (1, 4, 8, 8) and empty[6].shape == (1, 2, 0, 16)
+    assert not any(e.any() for e in empty)
+
+
+def test_quantized_hybrid_decoders(exported):
+    """INT8 / INT4 weight-only decoders of the hybrid model: agreement recorded, states stay FP32."""
+    _, bundle, _ = exported
+    man = json.loads((bundle / "manifest.json").read_text())
+    for prec in ("int8", "int4"):
+        assert man["files"][f"decoder_{prec}"]["precision"] == prec
+        assert 0.0 <= man["quality"][f"decoder_{prec}"]["teacher_forced"] <= 1.0
+        eng = VlmEngine(bundle, precision=prec)
+        assert all(i.type == "tensor(float)" for i in eng._state_inputs)
+        g = eng.generate(_image(80, 80, 1), "Describe the defect .", max_new_tokens=4, stop_token_ids=[])
+        assert len(g.tokens) == 4
+    assert man["quality"]["decoder_int8"]["teacher_forced"] >= 0.9
+    assert (bundle / "decoder_int4.onnx").stat().st_size < (bundle / "decoder.onnx").stat().st_size
