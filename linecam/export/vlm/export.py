@@ -176,9 +176,9 @@ def _check(path: Path, feeds: dict[str, np.ndarray], expect: list[np.ndarray], w
 def _prompt_format(folder: Path, family: str) -> str:
     """Render the model's chat template once with sentinels; fall back to the family default."""
     try:
-        from transformers import AutoProcessor
+        from linecam.export.vlm.processor import load_hf_processor
 
-        proc = AutoProcessor.from_pretrained(str(folder))
+        proc = load_hf_processor(folder)
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
         text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # no processor / no template: a tiny or custom model

@@ -148,15 +148,44 @@ def _idefics3(size: Size):
     return Idefics3ForConditionalGeneration, cfg, pp, specials, fixed, vocab
 
 
-def build_model_folder(family: Family, out: str | Path, *, size: Size = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight ``family`` model folder to ``out`` and return it."""
+#: Vocabulary of the tiny models with a byte-level BPE tokenizer (256 byte tokens + merges + specials).
+BPE_VOCAB = 400
+
+
+def build_model_folder(family: Family, out: str | Path, *, size: Size = "tiny", seed: int = 0,
+                       tokenizer: Literal["word", "bpe"] = "word") -> Path:
+    """Write a random-weight ``family`` model folder to ``out`` and return it.
+
+    ``tokenizer="bpe"``: a byte-level BPE tokenizer, the family's chat template and processor
+    configs (:mod:`linecam.export.vlm.tiny_processor`), so ``AutoProcessor`` loads the folder;
+    a tiny model's vocabulary then grows to :data:`BPE_VOCAB`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cls, cfg, pp, specials, fixed, vocab = {"qwen2_5_vl": _qwen, "idefics3": _idefics3, "qwen3_5": _qwen3_5}[family](size)
+    if tokenizer == "bpe":
+        if family == "idefics3":
+            specials = specials + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)
+                                   if f"<row_{r}_col_{c}>" not in specials]
+        elif family == "qwen3_5":
+            specials = specials + ["<think>", "</think>"]
+        if vocab < BPE_VOCAB:
+            vocab = BPE_VOCAB
+            cfg.text_config.vocab_size = vocab
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     model.save_pretrained(str(out))
     (out / "preprocessor_config.json").write_text(json.dumps(pp, indent=2))
-    write_word_tokenizer(out / "tokenizer.json", vocab, specials, fixed)
+    if tokenizer == "bpe":
+        from linecam.export.vlm.tiny_processor import write_bpe_tokenizer, write_processor_files
+
+        write_bpe_tokenizer(out / "tokenizer.json", vocab, specials, fixed)
+        idefics = family == "idefics3"
+        seq = ((cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 // cfg.scale_factor ** 2
+               if idefics else None)
+        write_processor_files(out, family, eos="<end_of_utterance>" if idefics else "<|im_end|>",
+                              pad="<|endoftext|>", image_seq_len=seq)
+    else:
+        write_word_tokenizer(out / "tokenizer.json", vocab, specials, fixed)
     return out
