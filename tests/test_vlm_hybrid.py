@@ -21,6 +21,7 @@ from linecam.export.cli import main as export_main  # noqa: E402
 from linecam.export.vlm.export import load_hf_model  # noqa: E402
 from linecam.export.vlm.tiny import build_model_folder  # noqa: E402
 from linecam.runtime.vlm.engine import VlmEngine  # noqa: E402
+from vlm_cache import cache_tensors  # noqa: E402
 
 N_NEW = 10
 
@@ -53,18 +54,6 @@ def _hf_kwargs(model, enc):
     return kw
 
 
-def _cache_tensors(cache) -> list[np.ndarray]:
-    """transformers' hybrid cache in the decoder graph's state order (conv state: its last K - 1 columns,
-    the only ones a causal convolution of width K reads again)."""
-    out = []
-    for layer in cache.layers:
-        if hasattr(layer, "conv_states"):
-            out += [layer.conv_states[0][..., 1:].numpy(), layer.recurrent_states[0].numpy()]
-        else:
-            out += [layer.keys.numpy(), layer.values.numpy()]
-    return out
-
-
 @pytest.mark.parametrize("shape", [(90, 130), (150, 100)])
 def test_greedy_tokens_and_states_match_generate(exported, shape):
     _, bundle, model = exported
@@ -82,7 +71,7 @@ def test_greedy_tokens_and_states_match_generate(exported, shape):
     # of the prompt + k - 1 fed tokens, which is what our k-th decoder run returned.
     for k in range(1, N_NEW + 1):
         with torch.no_grad():
-            theirs = _cache_tensors(model.generate(**kw, max_new_tokens=k).past_key_values)
+            theirs = cache_tensors(model.generate(**kw, max_new_tokens=k).past_key_values)
         assert len(theirs) == len(states[k - 1])
         for a, b in zip(states[k - 1], theirs):
             assert a.dtype == np.float32 and a.shape == b.shape

@@ -14,7 +14,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -69,6 +69,11 @@ class _Family:
     image_token_id: int
     #: Hybrid decoders: per-layer "linear_attention" / "full_attention" (None: a flat KV cache).
     layer_types: list[str] | None = None
+    #: Outputs of the vision graph (Qwen3-VL adds "deepstack_features").
+    vision_outputs: tuple[str, ...] = ("image_features",)
+    #: Writes and checks decoder.onnx ``(out, opset, export, check) -> max diffs``; None: the flat-KV
+    #: decoder of :class:`DecoderGraph`.
+    export_decoder: Callable[..., dict[str, float]] | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -130,17 +135,13 @@ def _idefics3(model: torch.nn.Module, folder: Path) -> _Family:
                    inputs, dyn, spec, "rope", int(cfg.image_token_id))
 
 
-def _qwen3_5(model: torch.nn.Module, folder: Path) -> _Family:
+def _qwen3(model: torch.nn.Module, folder: Path) -> _Family:
     from linecam.export.vlm import qwen3
 
-    spec = qwen3.vision_spec(model, folder, _read_json(folder / "preprocessor_config.json"))
-    graph, inputs, dyn = qwen3.vision_inputs(model, spec)
-    tcfg = model.config.text_config
-    return _Family("qwen3_5", model.model.language_model, model.lm_head, graph, inputs, dyn, spec, "mrope",
-                   int(model.config.image_token_id), list(tcfg.layer_types))
+    return qwen3.family(model, folder, _read_json(folder / "preprocessor_config.json"), _Family)
 
 
-FAMILIES = {"qwen2_5_vl": _qwen, "idefics3": _idefics3, "qwen3_5": _qwen3_5}
+FAMILIES = {"qwen2_5_vl": _qwen, "idefics3": _idefics3, "qwen3_5": _qwen3, "qwen3_vl": _qwen3}
 
 
 def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
@@ -231,11 +232,12 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
     # 1. vision
     vnames = list(fam.vision_inputs)
     vpath = out / "vision.onnx"
-    _onnx_export(fam.vision, tuple(fam.vision_inputs.values()), vpath, vnames, ["image_features"],
+    _onnx_export(fam.vision, tuple(fam.vision_inputs.values()), vpath, vnames, list(fam.vision_outputs),
                  fam.vision_dynamic, opset)
     with torch.no_grad():
-        vref = fam.vision(*fam.vision_inputs.values()).numpy()
-    checks["vision"] = _check(vpath, {k: v.numpy() for k, v in fam.vision_inputs.items()}, [vref], "vision")
+        vref = fam.vision(*fam.vision_inputs.values())
+    vref = [t.numpy() for t in (vref if isinstance(vref, tuple) else (vref,))]
+    checks["vision"] = _check(vpath, {k: v.numpy() for k, v in fam.vision_inputs.items()}, vref, "vision")
 
     # 2. embedding
     emb = EmbeddingGraph(fam.text_model.embed_tokens)
@@ -247,10 +249,8 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
         checks["embedding"] = _check(epath, {"input_ids": ids.numpy()}, [emb(ids).numpy()], "embedding")
 
     # 3. decoder (traced with a non-empty past so the concat and mask paths are dynamic)
-    if fam.layer_types:
-        from linecam.export.vlm.qwen3 import export_hybrid_decoder
-
-        checks.update(export_hybrid_decoder(fam.text_model, fam.lm_head, tcfg, out, opset, _onnx_export, _check))
+    if fam.export_decoder is not None:
+        checks.update(fam.export_decoder(out, opset, _onnx_export, _check))
     else:
         checks.update(_export_kv_decoder(fam, tcfg, out, opset))
     logger.info("graphs exported; max |ORT - torch|: %s", {k: f"{v:.1e}" for k, v in checks.items()})

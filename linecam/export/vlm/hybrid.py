@@ -1,4 +1,5 @@
-"""Exportable graphs of the Qwen3.5 family: a hybrid decoder and the Qwen3-style vision encoder.
+"""Exportable graphs of the Qwen3 families: Qwen3.5's hybrid decoder, Qwen3-VL's deepstack
+decoder and the Qwen3-style vision encoder they share.
 
 Qwen3.5's decoder is hybrid: most layers are Gated-DeltaNet linear attention (a causal
 depthwise convolution with a state of the last ``K - 1`` inputs, then the gated delta
@@ -129,12 +130,50 @@ def state_names(layer_types: list[str], prefix: str) -> list[str]:
     return out
 
 
+class DeepstackDecoderGraph(nn.Module):
+    """Qwen3-VL's decoder: a flat KV cache (``past_key_values.N.key`` / ``.value``) plus
+    ``deepstack_embeds [k, B, S, H]``, added to the hidden states after each of the first ``k``
+    layers (zero rows for text tokens: transformers adds them at the image positions only).
+    """
+
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.layers = text_model.layers
+        self.norm = text_model.norm
+        self.rotary_emb = text_model.rotary_emb
+        self.lm_head = lm_head
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                deepstack_embeds: torch.Tensor, *past: torch.Tensor):
+        s = inputs_embeds.shape[1]
+        t = attention_mask.shape[1]
+        dtype = inputs_embeds.dtype
+        q_pos = torch.arange(s, device=inputs_embeds.device).unsqueeze(1) + (t - s)
+        k_pos = torch.arange(t, device=inputs_embeds.device).unsqueeze(0)
+        allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & (attention_mask[:, None, None, :] > 0)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids)
+        cache = _FlatKV([(past[2 * i], past[2 * i + 1]) for i in range(len(self.layers))])
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask=mask, position_ids=position_ids[0], cache=cache,
+                      position_embeddings=(cos, sin))
+            if i < deepstack_embeds.shape[0]:
+                h = h + deepstack_embeds[i].to(h.dtype)
+        logits = self.lm_head(self.norm(h[:, -1:, :]))
+        out = [logits]
+        for k, v in cache.present:
+            out += [k, v]
+        return tuple(out)
+
+
 class Qwen3VisionGraph(nn.Module):
     """Qwen3.5 / Qwen3-VL vision encoder + merger for one image, host-computed positions.
 
     Inputs: ``pixel_values [n, C*T*P*P]``, ``pos_indices`` / ``pos_weights [n, 4]`` (bilinear
     resampling of the learned position table to the image grid), ``rotary_cos`` /
-    ``rotary_sin [n, head_dim]``. Output: ``image_features [n / merge^2, text_hidden]``.
+    ``rotary_sin [n, head_dim]``. Output: ``image_features [n / merge^2, text_hidden]``, and for
+    Qwen3-VL ``deepstack_features [k, n / merge^2, text_hidden]`` (the deepstack mergers' outputs).
     One image is one attention segment, so every patch attends to every patch.
     """
 
@@ -144,6 +183,8 @@ class Qwen3VisionGraph(nn.Module):
         self.pos_embed = visual.pos_embed
         self.blocks = visual.blocks
         self.merger = visual.merger
+        self.deepstack_index = [int(i) for i in getattr(visual, "deepstack_visual_indexes", None) or []]
+        self.deepstack_mergers = getattr(visual, "deepstack_merger_list", None)
 
     @staticmethod
     def _attn(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -161,7 +202,12 @@ class Qwen3VisionGraph(nn.Module):
                 rotary_cos: torch.Tensor, rotary_sin: torch.Tensor) -> torch.Tensor:
         h = self.patch_embed(pixel_values)
         h = h + (self.pos_embed(pos_indices) * pos_weights[:, :, None]).sum(1).to(h.dtype)
-        for blk in self.blocks:
+        deep = []
+        for i, blk in enumerate(self.blocks):
             h = h + self._attn(blk.attn, blk.norm1(h), rotary_cos, rotary_sin)
             h = h + blk.mlp(blk.norm2(h))
+            if i in self.deepstack_index:
+                deep.append(self.deepstack_mergers[self.deepstack_index.index(i)](h))
+        if deep:
+            return self.merger(h), torch.stack(deep)
         return self.merger(h)

@@ -1,4 +1,5 @@
-"""``export-engine vlm`` for the Qwen3.5 family: vision spec + graph and the hybrid decoder export.
+"""``export-engine vlm`` for Qwen3.5 and Qwen3-VL: vision spec + graph, the hybrid decoder
+(Qwen3.5) and the deepstack decoder (Qwen3-VL) exports.
 
 Registered in :data:`linecam.export.vlm.export.FAMILIES`; the graphs are in
 :mod:`linecam.export.vlm.hybrid`, the host-side vision inputs in
@@ -7,11 +8,13 @@ Registered in :data:`linecam.export.vlm.export.FAMILIES`; the graphs are in
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from linecam.export.vlm.hybrid import HybridDecoderGraph, Qwen3VisionGraph, state_names
+from linecam.export.vlm.hybrid import DeepstackDecoderGraph, HybridDecoderGraph, Qwen3VisionGraph, state_names
 from linecam.runtime.vlm import qwen3 as host
 from linecam.runtime.vlm.bundle import Qwen3VisionSpec
 
@@ -30,6 +33,24 @@ def vision_spec(model: torch.nn.Module, folder: Path, pp: dict) -> Qwen3VisionSp
         min_pixels=int(pp.get("min_pixels") or size.get("shortest_edge") or 56 * 56),
         max_pixels=int(pp.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280),
         image_mean=list(pp.get("image_mean", [0.5, 0.5, 0.5])), image_std=list(pp.get("image_std", [0.5, 0.5, 0.5])))
+
+
+def family(model: torch.nn.Module, folder: Path, pp: dict, family_cls: Any) -> Any:
+    """The export plan (``export._Family``) of a Qwen3.5 or Qwen3-VL model."""
+    name = model.config.model_type
+    spec = vision_spec(model, folder, pp)
+    graph, inputs, dyn = vision_inputs(model, spec)
+    tcfg = model.config.text_config
+    text_model = model.model.language_model
+    if name == "qwen3_5":
+        return family_cls(name, text_model, model.lm_head, graph, inputs, dyn, spec, "mrope",
+                          int(model.config.image_token_id), list(tcfg.layer_types),
+                          export_decoder=partial(export_hybrid_decoder, text_model, model.lm_head, tcfg))
+    dyn["deepstack_features"] = {1: "merged"}
+    return family_cls(name, text_model, model.lm_head, graph, inputs, dyn, spec, "mrope",
+                      int(model.config.image_token_id), None, ("image_features", "deepstack_features"),
+                      partial(export_deepstack_decoder, text_model, model.lm_head, tcfg,
+                              len(model.config.vision_config.deepstack_visual_indexes)))
 
 
 def vision_inputs(model: torch.nn.Module, spec: Qwen3VisionSpec) -> tuple[torch.nn.Module, dict, dict]:
@@ -94,4 +115,39 @@ def export_hybrid_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Module,
     with torch.no_grad():
         ref1 = [t.numpy() for t in dec(*one)]
     checks["decoder_step"] = check(path, {n: a.numpy() for n, a in zip(in_names, one)}, ref1, "decoder (one token)")
+    return checks
+
+
+def export_deepstack_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Module, tcfg, n_deep: int, out: Path,
+                             opset: int, export, check) -> dict[str, float]:
+    """Write ``decoder.onnx`` for Qwen3-VL (flat KV cache + ``deepstack_embeds``); check it against torch."""
+    dec = DeepstackDecoderGraph(text_model, lm_head).eval()
+    n_layers = tcfg.num_hidden_layers
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    s, p = 5, 3
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, s, tcfg.hidden_size, generator=g)
+    deep = torch.randn(n_deep, 1, s, tcfg.hidden_size, generator=g)
+    deep[:, :, :2] = 0  # text rows
+    pos = torch.arange(p, p + s).view(1, 1, s).expand(3, 1, s).contiguous()
+    past = [torch.randn(1, tcfg.num_key_value_heads, p, head_dim, generator=g) for _ in range(2 * n_layers)]
+    names = ["key", "value"]
+    in_names = ["inputs_embeds", "attention_mask", "position_ids", "deepstack_embeds",
+                *[f"past_key_values.{i}.{n}" for i in range(n_layers) for n in names]]
+    out_names = ["logits", *[f"present.{i}.{n}" for i in range(n_layers) for n in names]]
+    dyn: dict[str, dict[int, str]] = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                                      "position_ids": {1: "batch", 2: "seq"}, "deepstack_embeds": {1: "batch", 2: "seq"},
+                                      "logits": {0: "batch"}}
+    dyn.update({n: {0: "batch", 2: "past"} for n in in_names[4:]})
+    dyn.update({n: {0: "batch", 2: "total"} for n in out_names[1:]})
+    path = out / "decoder.onnx"
+    args = (x, torch.ones(1, p + s, dtype=torch.int64), pos, deep, *past)
+    export(dec, args, path, in_names, out_names, dyn, opset)
+    checks = {}
+    for what, a in (("decoder", args),
+                    ("decoder_prefill", (x, torch.ones(1, s, dtype=torch.int64), pos - p, deep,
+                                         *[t[:, :, :0] for t in past]))):
+        with torch.no_grad():
+            ref = [t.numpy() for t in dec(*a)]
+        checks[what] = check(path, {n: v.numpy() for n, v in zip(in_names, a)}, ref, what)
     return checks

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-Family = Literal["qwen2_5_vl", "idefics3", "qwen3_5"]
+Family = Literal["qwen2_5_vl", "idefics3", "qwen3_5", "qwen3_vl"]
 Size = Literal["tiny", "smolvlm-256m", "qwen3.5-0.8b"]
 
 _WORDS = ("system You are a helpful assistant user User Assistant Describe describe the defect defects in image "
@@ -118,6 +118,30 @@ def _qwen3_5(size: Size):
     return Qwen3_5ForConditionalGeneration, cfg, pp, QWEN_SPECIALS, ids, vocab
 
 
+def _qwen3_vl(size: Size):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if size != "tiny":
+        raise ValueError("only size='tiny' is defined for qwen3_vl")
+    ids = {t: i for i, t in enumerate(QWEN_SPECIALS)}
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True,
+                                          "rope_theta": 5000000.0},
+                         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=42, num_heads=4, out_hidden_size=32, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    pp = {"size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 24}, "patch_size": 16,
+          "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return Qwen3VLForConditionalGeneration, cfg, pp, QWEN_SPECIALS, ids, 99
+
+
 def _idefics3(size: Size):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
@@ -162,7 +186,8 @@ def build_model_folder(family: Family, out: str | Path, *, size: Size = "tiny", 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cls, cfg, pp, specials, fixed, vocab = {"qwen2_5_vl": _qwen, "idefics3": _idefics3, "qwen3_5": _qwen3_5}[family](size)
+    cls, cfg, pp, specials, fixed, vocab = {"qwen2_5_vl": _qwen, "idefics3": _idefics3, "qwen3_5": _qwen3_5,
+                                               "qwen3_vl": _qwen3_vl}[family](size)
     if tokenizer == "bpe":
         if family == "idefics3":
             specials = specials + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)

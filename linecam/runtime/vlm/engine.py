@@ -78,7 +78,7 @@ def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSes
 
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-_DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
+_DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids", "deepstack_embeds")
 
 
 class VlmEngine:
@@ -115,6 +115,9 @@ class VlmEngine:
         dec_in = self.decoder.get_inputs()
         self._state_inputs = [i for i in dec_in if i.name not in _DECODER_INPUTS]
         self._emb_dtype = _NP.get({i.name: i.type for i in dec_in}.get("inputs_embeds", "tensor(float)"), np.float32)
+        # Qwen3-VL: vision features added inside the first k decoder layers at the image positions.
+        deep = [i for i in dec_in if i.name == "deepstack_embeds"]
+        self._n_deep = int(deep[0].shape[0]) if deep else 0
         self._out_names = [o.name for o in self.decoder.get_outputs()]
         logger.info("VLM %s (%s) on %s: %s", man.name, man.family, self.providers[0], self.roles)
 
@@ -164,10 +167,25 @@ class VlmEngine:
         return e.astype(self._emb_dtype, copy=False)
 
     def image_features(self, enc: Encoded) -> np.ndarray | None:
+        return self.vision_outputs(enc)[0]
+
+    def vision_outputs(self, enc: Encoded) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(image_features, deepstack_features)``; the second only for Qwen3-VL bundles."""
         if not enc.vision_feeds:
-            return None
-        (f,) = self.vision.run(None, enc.vision_feeds)
-        return f
+            return None, None
+        outs = self.vision.run(None, enc.vision_feeds)
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
+    def deepstack(self, input_ids: np.ndarray, features: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
+        """The decoder's ``deepstack_embeds`` feed for ``n`` rows: the deepstack features at the image
+        tokens of ``input_ids`` (its first rows), zeros elsewhere; ``{}`` for other families."""
+        if not self._n_deep:
+            return {}
+        out = np.zeros((self._n_deep, 1, n, self.manifest.text.hidden_size), dtype=self._emb_dtype)
+        if features is not None:
+            sel = np.flatnonzero(input_ids[0] == self.manifest.text.image_token_id)
+            out[:, 0, sel] = features.astype(out.dtype, copy=False)
+        return {"deepstack_embeds": out}
 
     def positions(self, enc: Encoded) -> tuple[np.ndarray, int]:
         """Position ids of the prompt (``[3, 1, n]`` for M-RoPE, else ``[1, n]``) and the offset
@@ -198,7 +216,8 @@ class VlmEngine:
         ``length`` counts both. Returns the last row's logits and the grown cache (a
         conversation that continues on a kept cache: linecam.station.ask)."""
         feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": positions,
-                                        "attention_mask": np.ones((1, length), dtype=np.int64)}
+                                        "attention_mask": np.ones((1, length), dtype=np.int64),
+                                        **self.deepstack(np.zeros((1, 0), np.int64), None, embeds.shape[1])}
         n = len(self._state_inputs)
         feeds.update({i.name: p for i, p in zip(self._state_inputs, past)})
         outs = self.decoder.run(self._out_names, feeds)
@@ -239,7 +258,7 @@ class VlmEngine:
         t0 = time.perf_counter() if t_start is None else t_start
         stops = set(self.manifest.text.eos_token_ids if stop_token_ids is None else stop_token_ids)
         tv = time.perf_counter()
-        feats = self.image_features(enc)
+        feats, deep = self.vision_outputs(enc)
         vision_ms = (time.perf_counter() - tv) * 1e3
         embeds = self.embed(enc.input_ids, feats)
         pos, delta = self.positions(enc)
@@ -254,6 +273,7 @@ class VlmEngine:
         feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "attention_mask":
                                         np.ones((1, embeds.shape[1]), dtype=np.int64), "position_ids": pos}
         feeds.update({i.name: p for i, p in zip(self._state_inputs, self.empty_past())})
+        feeds.update(self.deepstack(enc.input_ids, deep, embeds.shape[1]))
         tokens: list[int] = []
         reason: StopReason = "max_tokens"
         t_first = t_prefill = None
@@ -283,6 +303,7 @@ class VlmEngine:
                 break
             feeds.update({i.name: o for i, o in zip(self._state_inputs, outs[1:])})
             feeds["inputs_embeds"] = self.embed(np.asarray([[nxt]], dtype=np.int64))
+            feeds.update(self.deepstack(enc.input_ids, None, 1))
             length += 1
             feeds["attention_mask"] = np.ones((1, length), dtype=np.int64)
             p = np.int64(length - 1 + delta)
