@@ -54,10 +54,12 @@ def _hf_kwargs(model, enc):
     return kw
 
 
+@pytest.mark.parametrize("graph", ["plain", "contrib"])
 @pytest.mark.parametrize("shape", [(90, 130), (150, 100)])
-def test_greedy_tokens_and_states_match_generate(exported, shape):
+def test_greedy_tokens_and_states_match_generate(exported, shape, graph):
     _, bundle, model = exported
-    eng = VlmEngine(bundle)
+    eng = VlmEngine(bundle, graph=graph)
+    assert eng.roles["decoder"] == ("decoder_contrib_fp32" if graph == "contrib" else "decoder_fp32")
     enc = eng.encode(_image(*shape, seed=shape[0]), "Describe the defect in box x = 3 , y = 4 , area 12 px .")
     assert (enc.input_ids == eng.manifest.text.image_token_id).sum() > 0
     states: list[list[np.ndarray]] = []
@@ -94,8 +96,8 @@ def test_decoder_io_follows_onnxruntime_genai(exported):
     assert man["family"] == "qwen3_5" and man["vision"]["kind"] == "qwen3_vl"
     types = man["text"]["layer_types"]
     assert types == ["linear_attention"] * 3 + ["full_attention"]
-    assert man["extra"]["linear_attention_ops"] == "plain"
-    eng = VlmEngine(bundle)
+    assert set(man["extra"]["linear_attention_ops"]) == {"decoder_<precision>", "decoder_contrib_<precision>"}
+    eng = VlmEngine(bundle, graph="plain")
     names = [i.name for i in eng.decoder.get_inputs()]
     assert names[3:] == ["past_key_values.0.conv_state", "past_key_values.0.recurrent_state",
                          "past_key_values.1.conv_state", "past_key_values.1.recurrent_state",
@@ -106,6 +108,17 @@ def test_decoder_io_follows_onnxruntime_genai(exported):
     empty = eng.empty_past()
     assert empty[0].shape == (1, 64, 3) and empty[1].shape == (1, 4, 8, 8) and empty[6].shape == (1, 2, 0, 16)
     assert not any(e.any() for e in empty)
+    # The two graphs: plain ops (a Loop over the sequence, TensorRT-friendly) and ORT's fused contrib ops,
+    # which the runtime picks on CPU; the same I/O.
+    import onnx
+
+    plain = {n.op_type for n in onnx.load(str(bundle / "decoder.onnx")).graph.node}
+    contrib = {(n.domain, n.op_type) for n in onnx.load(str(bundle / "decoder_contrib.onnx")).graph.node}
+    assert "Loop" in plain and not {"LinearAttention", "CausalConvWithState"} & plain
+    assert {("com.microsoft", "LinearAttention"), ("com.microsoft", "CausalConvWithState")} <= contrib
+    auto = VlmEngine(bundle)
+    assert auto.roles["decoder"] == "decoder_contrib_fp32"
+    assert [i.name for i in auto.decoder.get_inputs()] == names
 
 
 def test_quantized_hybrid_decoders(exported):
@@ -113,11 +126,15 @@ def test_quantized_hybrid_decoders(exported):
     _, bundle, _ = exported
     man = json.loads((bundle / "manifest.json").read_text())
     for prec in ("int8", "int4"):
-        assert man["files"][f"decoder_{prec}"]["precision"] == prec
-        assert 0.0 <= man["quality"][f"decoder_{prec}"]["teacher_forced"] <= 1.0
-        eng = VlmEngine(bundle, precision=prec)
-        assert all(i.type == "tensor(float)" for i in eng._state_inputs)
-        g = eng.generate(_image(80, 80, 1), "Describe the defect .", max_new_tokens=4, stop_token_ids=[])
-        assert len(g.tokens) == 4
+        for kind, graph in (("decoder", "plain"), ("decoder_contrib", "contrib")):
+            assert man["files"][f"{kind}_{prec}"]["precision"] == prec
+            assert 0.0 <= man["quality"][f"{kind}_{prec}"]["teacher_forced"] <= 1.0
+            eng = VlmEngine(bundle, precision=prec, graph=graph)
+            assert eng.roles["decoder"] == f"{kind}_{prec}"
+            assert all(i.type == "tensor(float)" for i in eng._state_inputs)
+            g = eng.generate(_image(80, 80, 1), "Describe the defect .", max_new_tokens=4, stop_token_ids=[])
+            assert len(g.tokens) == 4
+        assert man["quality"][f"decoder_{prec}"]["teacher_forced"] == man["quality"][f"decoder_contrib_{prec}"][
+            "teacher_forced"]
     assert man["quality"]["decoder_int8"]["teacher_forced"] >= 0.9
     assert (bundle / "decoder_int4.onnx").stat().st_size < (bundle / "decoder.onnx").stat().st_size

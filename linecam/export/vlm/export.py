@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,12 @@ DEFAULT_FORMATS = {
 #: transformers class of each family (loaded by name: transformers is imported lazily).
 MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
                  "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+#: How a hybrid bundle's two decoder graphs are written and where each runs (the manifest's extra).
+LINEAR_ATTENTION_OPS = {
+    "decoder_<precision>": "plain ONNX ops (Loop over the sequence, Concat+Conv+Slice): TensorRT, any provider",
+    "decoder_contrib_<precision>": "com.microsoft CausalConvWithState + LinearAttention (onnxruntime >= 1.31 CPU / "
+                                   "CUDA kernels): the runtime's choice on CPU, where it is faster",
+}
 #: Families whose prompt marks the image with Qwen's vision tokens.
 QWEN_STYLE = ("qwen2_5_vl", "qwen3_5", "qwen3_vl")
 
@@ -148,12 +156,25 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: 
                  output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
     # The TorchScript exporter (dynamo=False) traces these wrappers reliably; the dynamo
     # exporter still trips over transformers' masking utilities (see the VLM notes).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
-                              do_constant_folding=True)
+    # Over 2 GB the exporter scatters one external file per weight next to the graph: export into a
+    # scratch folder and keep one <name>.data beside <name> (linecam.export.quantize's writer).
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        tmp_path = Path(tmp) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                torch.onnx.export(module, args, str(tmp_path), input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
+                                  do_constant_folding=True)
+        Path(f"{path}.data").unlink(missing_ok=True)
+        if len(os.listdir(tmp)) == 1:
+            os.replace(tmp_path, path)
+        else:
+            import onnx
+
+            from linecam.export.quantize import _save_atomic
+
+            _save_atomic(onnx.load(str(tmp_path)), path)
 
 
 def _check(path: Path, feeds: dict[str, np.ndarray], expect: list[np.ndarray], what: str,
@@ -327,6 +348,11 @@ def _write_bundle(fam: _Family, family: str, model_dir: Path, out: Path, tcfg: A
              "embedding_fp32": file_entry(out, "embedding.onnx"),
              "decoder_fp32": file_entry(out, "decoder.onnx"),
              "tokenizer": file_entry(out, "tokenizer.json")}
+    if (out / "decoder_contrib.onnx").is_file():  # hybrid decoders: the contrib-op twin
+        files["decoder_contrib_fp32"] = file_entry(out, "decoder_contrib.onnx")
+    for kind in ("vision", "embedding", "decoder", "decoder_contrib"):  # over 2 GB: weights listed and hashed too
+        if (out / f"{kind}.onnx.data").is_file():
+            files[f"{kind}_fp32_data"] = file_entry(out, f"{kind}.onnx.data")
     for fname in copied:
         if fname not in ("tokenizer.json",):
             files[fname.split(".")[0]] = file_entry(out, fname)
@@ -343,5 +369,5 @@ def _write_bundle(fam: _Family, family: str, model_dir: Path, out: Path, tcfg: A
                                                  "transformers": transformers.__version__},
                                   details={"source": str(model_dir), "opset": opset,
                                            "max_abs_diff": checks}),
-        extra={"linear_attention_ops": "plain"} if fam.layer_types else {})
+        extra={"linear_attention_ops": LINEAR_ATTENTION_OPS} if fam.layer_types else {})
     write_manifest(out, manifest)

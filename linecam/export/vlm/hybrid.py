@@ -9,8 +9,11 @@ state plain graph I/O, named as onnxruntime-genai's ``qwen3_5`` does:
 ``past_key_values.N.key`` / ``.value`` (full-attention layers), ``past_key_values.N.conv_state``
 / ``.recurrent_state`` (linear-attention layers, always FP32), and ``present.N.*`` out.
 
-Plain ops only: the delta rule is a scripted loop over the sequence (an ONNX ``Loop``),
-which TensorRT and every ONNX Runtime provider run. The same numbers as transformers'
+Two graphs of the same layers: ``plain`` ops only (the delta rule is a scripted loop over
+the sequence, an ONNX ``Loop``; the convolution Concat + Conv + Slice), which TensorRT and
+every ONNX Runtime provider run; and ``contrib``: ONNX Runtime's ``com.microsoft``
+``CausalConvWithState`` and ``LinearAttention`` (``update_rule="gated_delta"``), fused
+kernels on its CPU and CUDA providers (ORT >= 1.31). The same recurrence as transformers'
 recurrent kernel; its chunked prefill kernel is the same recurrence reassociated.
 """
 
@@ -23,8 +26,7 @@ from torch import nn
 from linecam.export.vlm.graphs import _FlatKV
 
 
-@torch.jit.script
-def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+def _delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated delta rule over ``S`` steps. ``q, k [B, H, S, Dk]`` (normalised, q scaled), ``v [B, H, S, Dv]``,
     ``g, beta [B, H, S]``, ``state [B, H, Dk, Dv]`` -> ``(out [B, H, S, Dv], state)``."""
@@ -39,12 +41,47 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     return torch.stack(outs, 2), state
 
 
+#: Scripted, so the plain graph gets an ONNX Loop over the sequence instead of a traced, fixed-length unroll.
+delta_rule = torch.jit.script(_delta_rule)
+
+
+class _CausalConvOp(torch.autograd.Function):
+    """``com.microsoft::CausalConvWithState`` (SiLU fused) in the graph; eager: Concat + Conv + Slice."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, state):  # noqa: ARG004
+        full = torch.cat([state, x], dim=-1)
+        out = F.silu(F.conv1d(full, weight, bias, groups=full.shape[1]))
+        return out, full[:, :, full.shape[2] - state.shape[2]:]
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, state):
+        return g.op("com.microsoft::CausalConvWithState", x, weight, bias, state, activation_s="silu", outputs=2)
+
+
+class _LinearAttentionOp(torch.autograd.Function):
+    """``com.microsoft::LinearAttention`` (gated delta rule) in the graph; eager: :func:`delta_rule`.
+    ``q, k [B, T, H*Dk]`` (L2-normalised, q not yet scaled), ``v [B, T, H*Dv]``, ``g, beta [B, T, H]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, state, g, beta, heads):  # noqa: ARG004
+        b, t = q.shape[:2]
+        q4, k4, v4 = (x.reshape(b, t, heads, -1).transpose(1, 2) for x in (q, k, v))
+        out, new = _delta_rule(q4 / (q4.shape[-1] ** 0.5), k4, v4, g.transpose(1, 2), beta.transpose(1, 2), state)
+        return out.transpose(1, 2).reshape(b, t, -1), new
+
+    @staticmethod
+    def symbolic(g, q, k, v, state, decay, beta, heads):
+        return g.op("com.microsoft::LinearAttention", q, k, v, state, decay, beta, q_num_heads_i=heads,
+                    kv_num_heads_i=heads, update_rule_s="gated_delta", outputs=2)
+
+
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def linear_attention(la: nn.Module, x: torch.Tensor, conv_state: torch.Tensor,
-                     rec_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_attention(la: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, rec_state: torch.Tensor,
+                     contrib: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Gated-DeltaNet token mixer (transformers' ``Qwen3_5GatedDeltaNet``) on explicit states.
 
     ``conv_state [B, conv_dim, K - 1]`` (the last inputs of the convolution; zeros before the
@@ -55,10 +92,16 @@ def linear_attention(la: nn.Module, x: torch.Tensor, conv_state: torch.Tensor,
     z = la.in_proj_z(x).reshape(b, s, -1, la.head_v_dim)
     beta = la.in_proj_b(x).sigmoid()
     g = -la.A_log.float().exp() * F.softplus(la.in_proj_a(x).float() + la.dt_bias)
-    full = torch.cat([conv_state.to(mixed.dtype), mixed], dim=-1)  # [B, conv_dim, K - 1 + S]
-    new_conv = full[:, :, full.shape[2] - (la.conv_kernel_size - 1):]
-    conv = F.conv1d(full, la.conv1d.weight, la.conv1d.bias, groups=full.shape[1])  # [B, conv_dim, S]
-    conv = F.silu(conv) if la.activation in ("silu", "swish") else getattr(F, la.activation)(conv)
+    if contrib:
+        if la.activation not in ("silu", "swish"):
+            raise ValueError("the contrib-op graph covers SiLU convolutions (Qwen3.5's)")
+        bias = la.conv1d.bias if la.conv1d.bias is not None else torch.zeros(la.conv_dim, dtype=mixed.dtype)
+        conv, new_conv = _CausalConvOp.apply(mixed, la.conv1d.weight, bias, conv_state.to(mixed.dtype))
+    else:
+        full = torch.cat([conv_state.to(mixed.dtype), mixed], dim=-1)  # [B, conv_dim, K - 1 + S]
+        new_conv = full[:, :, full.shape[2] - (la.conv_kernel_size - 1):]
+        conv = F.conv1d(full, la.conv1d.weight, la.conv1d.bias, groups=full.shape[1])  # [B, conv_dim, S]
+        conv = F.silu(conv) if la.activation in ("silu", "swish") else getattr(F, la.activation)(conv)
     q, k, v = torch.split(conv.transpose(1, 2), [la.key_dim, la.key_dim, la.value_dim], dim=-1)
     q = q.reshape(b, s, -1, la.head_k_dim)
     k = k.reshape(b, s, -1, la.head_k_dim)
@@ -66,11 +109,17 @@ def linear_attention(la: nn.Module, x: torch.Tensor, conv_state: torch.Tensor,
     if la.num_v_heads != la.num_k_heads:
         rep = la.num_v_heads // la.num_k_heads
         q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-    q, k, v, beta, g = (t.transpose(1, 2).float() for t in (q, k, v, beta, g))
-    q = _l2norm(q) / (q.shape[-1] ** 0.5)
-    k = _l2norm(k)
-    core, new_rec = delta_rule(q, k, v, g, beta, rec_state.float())
-    core = core.transpose(1, 2).to(x.dtype).reshape(-1, la.head_v_dim)
+    if contrib:
+        q, k = _l2norm(q.float()).reshape(b, s, -1), _l2norm(k.float()).reshape(b, s, -1)
+        core, new_rec = _LinearAttentionOp.apply(q, k, v.float().reshape(b, s, -1), rec_state.float(), g.float(),
+                                                 beta.float(), la.num_v_heads)
+        core = core.to(x.dtype).reshape(-1, la.head_v_dim)
+    else:
+        q, k, v, beta, g = (t.transpose(1, 2).float() for t in (q, k, v, beta, g))
+        q = _l2norm(q) / (q.shape[-1] ** 0.5)
+        k = _l2norm(k)
+        core, new_rec = delta_rule(q, k, v, g, beta, rec_state.float())
+        core = core.transpose(1, 2).to(x.dtype).reshape(-1, la.head_v_dim)
     core = la.norm(core, z.reshape(-1, la.head_v_dim)).reshape(b, s, -1)
     return la.out_proj(core), new_conv.float(), new_rec
 
@@ -82,8 +131,10 @@ class HybridDecoderGraph(nn.Module):
     recurrent_state`` for a linear-attention one (see :func:`state_names`).
     """
 
-    def __init__(self, text_model: nn.Module, lm_head: nn.Module, layer_types: list[str]) -> None:
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module, layer_types: list[str],
+                 contrib: bool = False) -> None:
         super().__init__()
+        self.contrib = contrib
         self.layers = text_model.layers
         self.norm = text_model.norm
         self.rotary_emb = text_model.rotary_emb
@@ -108,7 +159,7 @@ class HybridDecoderGraph(nn.Module):
             res = h
             x = layer.input_layernorm(h)
             if self.layer_types[i] == "linear_attention":
-                x, conv, rec = linear_attention(layer.linear_attn, x, past[2 * i], past[2 * i + 1])
+                x, conv, rec = linear_attention(layer.linear_attn, x, past[2 * i], past[2 * i + 1], self.contrib)
                 present += [conv, rec]
             else:
                 x, _ = layer.self_attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=mask,

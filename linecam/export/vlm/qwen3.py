@@ -18,10 +18,6 @@ from linecam.export.vlm.hybrid import DeepstackDecoderGraph, HybridDecoderGraph,
 from linecam.runtime.vlm import qwen3 as host
 from linecam.runtime.vlm.bundle import Qwen3VisionSpec
 
-#: The manifest's word for how the linear-attention layers are written (see the module notes).
-LINEAR_ATTENTION_OPS = "plain"
-
-
 def vision_spec(model: torch.nn.Module, folder: Path, pp: dict) -> Qwen3VisionSpec:
     vc = model.config.vision_config
     size = pp.get("size") or {}
@@ -70,10 +66,10 @@ def vision_inputs(model: torch.nn.Module, spec: Qwen3VisionSpec) -> tuple[torch.
 
 def export_hybrid_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Module, tcfg, out: Path, opset: int,
                           export, check) -> dict[str, float]:
-    """Write ``decoder.onnx`` for a hybrid (linear + full attention) text model; check it against torch
-    with a non-empty cache and with the empty cache of a prefill. Returns the max differences."""
+    """Write ``decoder.onnx`` (plain ops) and ``decoder_contrib.onnx`` (ONNX Runtime's linear-attention
+    contrib ops) for a hybrid text model; check each against torch with a non-empty cache, the empty
+    cache of a prefill and a one-token step. Returns the max differences."""
     layer_types = list(tcfg.layer_types)
-    dec = HybridDecoderGraph(text_model, lm_head, layer_types).eval()
     la = next(layer.linear_attn for layer, lt in zip(text_model.layers, layer_types) if lt == "linear_attention")
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     s, p = 5, 3
@@ -99,22 +95,19 @@ def export_hybrid_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Module,
     for name in in_names[3:] + out_names[1:]:
         kv = name.endswith((".key", ".value"))
         dyn[name] = {0: "batch", 2: ("past" if name.startswith("past") else "total")} if kv else {0: "batch"}
-    path = out / "decoder.onnx"
-    args = (x, torch.ones(1, p + s, dtype=torch.int64), pos, *past)
-    export(dec, args, path, in_names, out_names, dyn, opset)
+    cases = {"": (x, torch.ones(1, p + s, dtype=torch.int64), pos, *past),
+             "_prefill": (x, torch.ones(1, s, dtype=torch.int64), pos - p, *states(0, 0.0)),
+             "_step": (x[:, :1], torch.ones(1, p + 1, dtype=torch.int64), pos[:, :, :1], *past)}
     checks = {}
-    with torch.no_grad():
-        ref = [t.numpy() for t in dec(*args)]
-    checks["decoder"] = check(path, {n: a.numpy() for n, a in zip(in_names, args)}, ref, "decoder")
-    args0 = (x, torch.ones(1, s, dtype=torch.int64), pos - p, *states(0, 0.0))
-    with torch.no_grad():
-        ref0 = [t.numpy() for t in dec(*args0)]
-    checks["decoder_prefill"] = check(path, {n: a.numpy() for n, a in zip(in_names, args0)}, ref0,
-                                      "decoder (empty cache)")
-    one = (x[:, :1], torch.ones(1, p + 1, dtype=torch.int64), pos[:, :, :1], *past)
-    with torch.no_grad():
-        ref1 = [t.numpy() for t in dec(*one)]
-    checks["decoder_step"] = check(path, {n: a.numpy() for n, a in zip(in_names, one)}, ref1, "decoder (one token)")
+    for contrib, fname in ((False, "decoder.onnx"), (True, "decoder_contrib.onnx")):
+        dec = HybridDecoderGraph(text_model, lm_head, layer_types, contrib=contrib).eval()
+        path = out / fname
+        export(dec, cases[""], path, in_names, out_names, dyn, opset)
+        for suffix, args in cases.items():
+            with torch.no_grad():
+                ref = [t.numpy() for t in dec(*args)]
+            what = f"{path.stem}{suffix}"
+            checks[what] = check(path, {n: a.numpy() for n, a in zip(in_names, args)}, ref, what)
     return checks
 
 

@@ -85,11 +85,15 @@ class VlmEngine:
     """One loaded VLM. Not thread-safe: one engine per worker thread.
 
     ``precision`` picks the decoder file (``decoder_<precision>``); vision and embedding
-    use fp16 on CUDA when the bundle has them, fp32 otherwise.
+    use fp16 on CUDA when the bundle has them, fp32 otherwise. ``graph`` (hybrid Qwen3.5
+    bundles, which carry two decoders): ``auto`` runs ``decoder_contrib_<precision>``
+    (ONNX Runtime's fused linear-attention ops) on CPU, where it is faster, and the plain-op
+    ``decoder_<precision>`` elsewhere; ``plain`` / ``contrib`` force one.
     """
 
     def __init__(self, bundle: VlmBundle | str | Path, *, precision: str = "fp32",
-                 device: Literal["cpu", "cuda", "auto"] = "cpu", intra_op_threads: int = 0) -> None:
+                 device: Literal["cpu", "cuda", "auto"] = "cpu", intra_op_threads: int = 0,
+                 graph: Literal["auto", "plain", "contrib"] = "auto") -> None:
         from tokenizers import Tokenizer
 
         self.bundle = bundle if isinstance(bundle, VlmBundle) else load_vlm_bundle(bundle)
@@ -105,7 +109,11 @@ class VlmEngine:
                     return f"{kind}_{prec}"
             return f"{kind}_fp32"  # path() raises the one-line error
 
-        self.roles = {"vision": pick("vision"), "embedding": pick("embedding"), "decoder": f"decoder_{precision}"}
+        dec = f"decoder_{precision}"
+        contrib = f"decoder_contrib_{precision}"
+        if graph == "contrib" or (graph == "auto" and not cuda and self.bundle.has(contrib)):
+            dec = contrib
+        self.roles = {"vision": pick("vision"), "embedding": pick("embedding"), "decoder": dec}
         self.vision = _session(self.bundle.path(self.roles["vision"]), self.providers, intra_op_threads)
         self.embedding = _session(self.bundle.path(self.roles["embedding"]), self.providers, intra_op_threads)
         self.decoder = _session(self.bundle.path(self.roles["decoder"]), self.providers, intra_op_threads)
