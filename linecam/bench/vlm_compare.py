@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     from linecam.export.vlm.export import load_hf_model
 
     engines = {p: VlmEngine(bundle_dir, precision=p, intra_op_threads=threads) for p in ("fp32", "int8", "int4")}
+    if qwen:  # the hybrid bundle's two decoders side by side: contrib ops (the CPU default) and plain ops
+        engines.update({f"{p}_plain": VlmEngine(bundle_dir, precision=p, intra_op_threads=threads, graph="plain")
+                        for p in ("fp32", "int8", "int4")})
     enc = engines["fp32"].encode(grounded.image, grounded.prompt)
     model, _ = load_hf_model(model_dir)
     model.config._attn_implementation = "sdpa"  # transformers' default attention: the fair baseline
@@ -144,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         r["speedup_tokens_per_s_vs_hf"] = r["tokens_per_s"] / base if base else None
         r["ttft_speedup_vs_hf"] = results["hf_generate_fp32"]["ttft_ms"] / r["ttft_ms"] if r["ttft_ms"] else None
     ref = results["hf_generate_fp32"]["tokens"]
-    results["linecam_ort_fp32"]["same_tokens_as_hf"] = results["linecam_ort_fp32"]["tokens"] == ref
+    for k in [k for k in results if k.startswith("linecam_ort_fp32")]:
+        results[k]["same_tokens_as_hf"] = results[k]["tokens"] == ref
+    for k, e in engines.items():
+        results[f"linecam_ort_{k}"]["decoder"] = e.roles["decoder"]
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     t = manifest["text"]
@@ -182,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     for role, q in doc["token_agreement_vs_fp32"].items():
         lines.append(f"- {role}: teacher-forced {q['teacher_forced']:.3f}, exact sequences "
                      f"{q['exact_sequences']:.2f}, prefix {q['prefix']:.3f}")
-    lines.append(f"\nFP32 runtime tokens identical to HF generate: {results['linecam_ort_fp32']['same_tokens_as_hf']}")
+    for k in [k for k in results if k.startswith("linecam_ort_fp32")]:
+        lines.append(f"\n{k} ({results[k]['decoder']}) tokens identical to HF generate: "
+                     f"{results[k]['same_tokens_as_hf']}")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
