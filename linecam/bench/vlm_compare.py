@@ -104,10 +104,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from linecam.export.vlm.export import load_hf_model
 
-    engines = {p: VlmEngine(bundle_dir, precision=p, intra_op_threads=threads) for p in ("fp32", "int8", "int4")}
+    engines: dict[str, VlmEngine] = {}
+    variants = [(p, "auto") for p in ("fp32", "int8", "int4")]
     if qwen:  # the hybrid bundle's two decoders side by side: contrib ops (the CPU default) and plain ops
-        engines.update({f"{p}_plain": VlmEngine(bundle_dir, precision=p, intra_op_threads=threads, graph="plain")
-                        for p in ("fp32", "int8", "int4")})
+        variants += [(p, "plain") for p in ("fp32", "int8", "int4")]
+    for p, graph in variants:
+        e = VlmEngine(bundle_dir, precision=p, intra_op_threads=threads, graph=graph)  # type: ignore[arg-type]
+        if engines:  # one vision + embedding session for all (only the decoder differs): less memory
+            first = next(iter(engines.values()))
+            e.vision, e.embedding = first.vision, first.embedding
+        engines[p if graph == "auto" else f"{p}_{graph}"] = e
     enc = engines["fp32"].encode(grounded.image, grounded.prompt)
     model, _ = load_hf_model(model_dir)
     model.config._attn_implementation = "sdpa"  # transformers' default attention: the fair baseline
