@@ -77,3 +77,14 @@ def test_lora_targets_cover_the_language_model_and_projector(exported):
         assert any(".visual.blocks." in n for n in hit) == vision
         if fam == "qwen3_5":
             assert any("linear_attn.in_proj_qkv" in n for n in hit)
+
+
+def test_unsupported_family_is_one_line_naming_the_supported(tmp_path, capsys):
+    from linecam.export.cli import main as export_main
+
+    (tmp_path / "config.json").write_text('{"model_type": "llava"}')
+    assert export_main(["vlm", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'llava'" in err
+    for fam in ("idefics3", "qwen2_5_vl", "qwen3_5", "qwen3_vl"):
+        assert fam in err
