@@ -169,12 +169,11 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: 
         Path(f"{path}.data").unlink(missing_ok=True)
         if len(os.listdir(tmp)) == 1:
             os.replace(tmp_path, path)
-        else:
+        else:  # (a proto over 2 GB cannot even be sized: save with its weights outside right away)
             import onnx
 
-            from linecam.export.quantize import _save_atomic
-
-            _save_atomic(onnx.load(str(tmp_path)), path)
+            onnx.save_model(onnx.load(str(tmp_path)), str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=f"{path.name}.data", size_threshold=1024)
 
 
 def _check(path: Path, feeds: dict[str, np.ndarray], expect: list[np.ndarray], what: str,
