@@ -174,6 +174,7 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: 
 
             onnx.save_model(onnx.load(str(tmp_path)), str(path), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{path.name}.data", size_threshold=1024)
+            os.chmod(f"{path}.data", 0o644)
 
 
 def _check(path: Path, feeds: dict[str, np.ndarray], expect: list[np.ndarray], what: str,
