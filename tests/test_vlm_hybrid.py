@@ -138,3 +138,20 @@ def test_quantized_hybrid_decoders(exported):
             "teacher_forced"]
     assert man["quality"]["decoder_int8"]["teacher_forced"] >= 0.9
     assert (bundle / "decoder_int4.onnx").stat().st_size < (bundle / "decoder.onnx").stat().st_size
+
+
+def test_fp16_hybrid_decoder_keeps_fp32_states(exported, tmp_path):
+    """--fp16 on a hybrid bundle: the FP16 decoder keeps FP32 I/O, so the states stay FP32 across steps."""
+    import shutil
+
+    from linecam.export.vlm.quantize import add_variants
+
+    _, bundle, _ = exported
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    add_variants(copy, quantize=(), fp16=True, n_prompts=1, n_tokens=4)
+    eng = VlmEngine(copy, precision="fp16")  # no contrib FP16 graph: the plain one, also on CPU
+    assert eng.roles["decoder"] == "decoder_fp16"
+    assert all(i.type == "tensor(float)" for i in eng._state_inputs)
+    g = eng.generate(_image(80, 80, 2), "Describe the defect .", max_new_tokens=3, stop_token_ids=[])
+    assert len(g.tokens) == 3

@@ -132,7 +132,8 @@ def add_variants(out: str | Path, *, quantize: tuple[str, ...] = ("int8", "int4"
             if (out / f"{rel}.data").exists():
                 files[f"{kind}_{prec}_data"] = file_entry(out, f"{rel}.data", precision=prec)  # type: ignore[arg-type]
     if fp16:
-        for kind, keep in (("vision", True), ("decoder", False), ("embedding", False)):
+        # A hybrid (Qwen3.5) decoder keeps FP32 I/O: its conv / recurrent states stay FP32 across steps.
+        for kind, keep in (("vision", True), ("decoder", bool(man.text.layer_types)), ("embedding", False)):
             rel = f"{kind}_fp16.onnx"
             # The shared converter (atomic, external data over 2 GB); the decoder's KV-cache inputs
             # make a zeros smoke run meaningless, token agreement is the VLM's check.
