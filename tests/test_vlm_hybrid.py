@@ -155,3 +155,33 @@ def test_fp16_hybrid_decoder_keeps_fp32_states(exported, tmp_path):
     assert all(i.type == "tensor(float)" for i in eng._state_inputs)
     g = eng.generate(_image(80, 80, 2), "Describe the defect .", max_new_tokens=3, stop_token_ids=[])
     assert len(g.tokens) == 3
+
+
+def test_graphs_written_with_external_weights_are_one_hashed_data_file(tmp_path, monkeypatch):
+    """Over 2 GB torch's exporter scatters one file per weight: the export keeps one <graph>.onnx.data,
+    lists and hashes it in the manifest, and the bundle runs. (Forced here on a tiny model.)"""
+    import onnx
+
+    import linecam.export.vlm.export as ex
+    from linecam.export.vlm import export_vlm
+    from linecam.runtime.vlm.bundle import load_vlm_bundle
+
+    real = torch.onnx.export
+
+    def scattering_export(module, args, f, **kw):  # what torch does for a model over 2 GB
+        real(module, args, f, **kw)
+        onnx.save_model(onnx.load(f), f, save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0)
+
+    monkeypatch.setattr(ex.torch.onnx, "export", scattering_export)
+    model_dir = build_model_folder("qwen3_5", tmp_path / "model", seed=0)
+    export_vlm(model_dir, tmp_path / "bundle", quantize=())
+    files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
+    assert not [f for f in files if f.startswith(".")]  # no scratch left behind
+    man = load_vlm_bundle(tmp_path / "bundle").manifest  # verifies every listed file's sha256
+    for kind in ("vision", "embedding", "decoder", "decoder_contrib"):
+        assert man.files[f"{kind}_fp32_data"].path == f"{kind}.onnx.data"
+    onnx_files = [f for f in files if ".onnx" in f]
+    assert len(onnx_files) == 8  # 4 graphs + their 4 weight files, nothing else
+    eng = VlmEngine(tmp_path / "bundle")
+    assert len(eng.generate(_image(80, 80, 3), "Describe .", max_new_tokens=3, stop_token_ids=[]).tokens) == 3
