@@ -1,6 +1,7 @@
 """VLM speed on this machine: linecam's ONNX Runtime VLM (FP32 / INT8 / INT4) vs Hugging Face ``generate``.
 
     linecam bench vlm-compare                      # SmolVLM-256M dimensions, random weights
+    linecam bench vlm-compare --family qwen3_5 --size qwen3.5-0.8b   # Qwen3.5-0.8B dimensions (hybrid)
     linecam bench vlm-compare --size tiny --new-tokens 8 --repeats 1   # seconds: checks the machinery
 
 One run, same inputs for every engine: one image (one 512x512 tile -> 64 image tokens)
@@ -57,13 +58,19 @@ def _hf_run(model, kw: dict, n_new: int) -> tuple[float, float, list[int]]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="linecam bench vlm-compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="smolvlm-256m", choices=["smolvlm-256m", "tiny"])
+    ap.add_argument("--family", default="idefics3", choices=["idefics3", "qwen3_5"])
+    ap.add_argument("--size", default=None, choices=["smolvlm-256m", "qwen3.5-0.8b", "tiny"],
+                    help="default: the family's compact size (smolvlm-256m / qwen3.5-0.8b)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for both sides (0: all cores)")
     ap.add_argument("--work", type=Path, default=None, help="Folder for the model + bundle (default: temp)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "vlm_bench")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results stem (default: benchmarks/results/vlm_bench, _qwen3_5 for that family)")
     args = ap.parse_args(argv)
+    qwen = args.family == "qwen3_5"
+    args.size = args.size or ("qwen3.5-0.8b" if qwen else "smolvlm-256m")
+    args.out = args.out or RESULTS / ("vlm_bench_qwen3_5" if qwen else "vlm_bench")
 
     import numpy as np
     import onnxruntime as ort
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     export_s = None
     if not (bundle_dir / "manifest.json").is_file():
         t = time.perf_counter()
-        build_model_folder("idefics3", model_dir, size=args.size, seed=0)
+        build_model_folder(args.family, model_dir, size=args.size, seed=0)
         export_vlm(model_dir, bundle_dir, quantize=("int8", "int4"), agreement_prompts=4, agreement_tokens=16)
         export_s = time.perf_counter() - t
 
@@ -97,14 +104,25 @@ def main(argv: list[str] | None = None) -> None:
 
     from linecam.export.vlm.export import load_hf_model
 
-    engines = {p: VlmEngine(bundle_dir, precision=p, intra_op_threads=threads) for p in ("fp32", "int8", "int4")}
+    engines: dict[str, VlmEngine] = {}
+    variants = [(p, "auto") for p in ("fp32", "int8", "int4")]
+    if qwen:  # the hybrid bundle's two decoders side by side: contrib ops (the CPU default) and plain ops
+        variants += [(p, "plain") for p in ("fp32", "int8", "int4")]
+    for p, graph in variants:
+        e = VlmEngine(bundle_dir, precision=p, intra_op_threads=threads, graph=graph)  # type: ignore[arg-type]
+        if engines:  # one vision + embedding session for all (only the decoder differs): less memory
+            first = next(iter(engines.values()))
+            e.vision, e.embedding = first.vision, first.embedding
+        engines[p if graph == "auto" else f"{p}_{graph}"] = e
     enc = engines["fp32"].encode(grounded.image, grounded.prompt)
     model, _ = load_hf_model(model_dir)
     model.config._attn_implementation = "sdpa"  # transformers' default attention: the fair baseline
-    model.model.text_model.config._attn_implementation = "sdpa"
+    (model.model.language_model if qwen else model.model.text_model).config._attn_implementation = "sdpa"
     ids = torch.from_numpy(enc.input_ids)
-    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-          "pixel_values": torch.from_numpy(enc.vision_feeds["pixel_values"])[None]}
+    pv = torch.from_numpy(enc.vision_feeds["pixel_values"])
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pv if qwen else pv[None]}
+    if qwen:
+        kw.update(image_grid_thw=torch.tensor(enc.grids), mm_token_type_ids=(ids == model.config.image_token_id).int())
 
     def run_ort(eng):
         g = eng.generate_encoded(enc, max_new_tokens=args.new_tokens, stop_token_ids=[])
@@ -135,13 +153,17 @@ def main(argv: list[str] | None = None) -> None:
         r["speedup_tokens_per_s_vs_hf"] = r["tokens_per_s"] / base if base else None
         r["ttft_speedup_vs_hf"] = results["hf_generate_fp32"]["ttft_ms"] / r["ttft_ms"] if r["ttft_ms"] else None
     ref = results["hf_generate_fp32"]["tokens"]
-    results["linecam_ort_fp32"]["same_tokens_as_hf"] = results["linecam_ort_fp32"]["tokens"] == ref
+    for k in [k for k in results if k.startswith("linecam_ort_fp32")]:
+        results[k]["same_tokens_as_hf"] = results[k]["tokens"] == ref
+    for k, e in engines.items():
+        results[f"linecam_ort_{k}"]["decoder"] = e.roles["decoder"]
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     t = manifest["text"]
     doc = {
         "what": "VLM time-to-first-token and decode tokens/s, linecam ORT runtime vs HF generate (PyTorch)",
-        "architecture": f"Idefics3 / SmolVLM ({args.size} dimensions), random weights",
+        "architecture": (f"Qwen3.5 hybrid: 3 of 4 layers Gated-DeltaNet ({args.size} dimensions), random weights"
+                         if qwen else f"Idefics3 / SmolVLM ({args.size} dimensions), random weights"),
         "dims": {"text_layers": t["num_layers"], "hidden": t["hidden_size"], "kv_heads": t["num_kv_heads"],
                  "vocab": t["vocab_size"], "vision": manifest["vision"]},
         "inputs": {"prompt_tokens": enc.n_tokens, "image_tokens": int((enc.input_ids == t["image_token_id"]).sum()),
@@ -172,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     for role, q in doc["token_agreement_vs_fp32"].items():
         lines.append(f"- {role}: teacher-forced {q['teacher_forced']:.3f}, exact sequences "
                      f"{q['exact_sequences']:.2f}, prefix {q['prefix']:.3f}")
-    lines.append(f"\nFP32 runtime tokens identical to HF generate: {results['linecam_ort_fp32']['same_tokens_as_hf']}")
+    for k in [k for k in results if k.startswith("linecam_ort_fp32")]:
+        lines.append(f"\n{k} ({results[k]['decoder']}) tokens identical to HF generate: "
+                     f"{results[k]['same_tokens_as_hf']}")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from linecam.runtime.vlm import rope
 from linecam.runtime.vlm.bundle import (
     Idefics3VisionSpec,
     PromptSpec,
+    Qwen3VisionSpec,
     QwenVisionSpec,
     TextSpec,
     VlmManifest,
@@ -45,7 +48,20 @@ DEFAULT_FORMATS = {
     "qwen2_5_vl": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                    "<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n"),
     "idefics3": "<|im_start|>User:{image}{prompt}<end_of_utterance>\nAssistant:",
+    "qwen3_5": "<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    "qwen3_vl": "<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n",
 }
+#: transformers class of each family (loaded by name: transformers is imported lazily).
+MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+                 "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+#: How a hybrid bundle's two decoder graphs are written and where each runs (the manifest's extra).
+LINEAR_ATTENTION_OPS = {
+    "decoder_<precision>": "plain ONNX ops (Loop over the sequence, Concat+Conv+Slice): TensorRT, any provider",
+    "decoder_contrib_<precision>": "com.microsoft CausalConvWithState + LinearAttention (onnxruntime >= 1.31 CPU / "
+                                   "CUDA kernels): the runtime's choice on CPU, where it is faster",
+}
+#: Families whose prompt marks the image with Qwen's vision tokens.
+QWEN_STYLE = ("qwen2_5_vl", "qwen3_5", "qwen3_vl")
 
 
 @dataclass
@@ -56,9 +72,16 @@ class _Family:
     vision: torch.nn.Module
     vision_inputs: dict[str, torch.Tensor]
     vision_dynamic: dict[str, dict[int, str]]
-    vision_spec: QwenVisionSpec | Idefics3VisionSpec
+    vision_spec: QwenVisionSpec | Qwen3VisionSpec | Idefics3VisionSpec
     positions: str
     image_token_id: int
+    #: Hybrid decoders: per-layer "linear_attention" / "full_attention" (None: a flat KV cache).
+    layer_types: list[str] | None = None
+    #: Outputs of the vision graph (Qwen3-VL adds "deepstack_features").
+    vision_outputs: tuple[str, ...] = ("image_features",)
+    #: Writes and checks decoder.onnx ``(out, opset, export, check) -> max diffs``; None: the flat-KV
+    #: decoder of :class:`DecoderGraph`.
+    export_decoder: Callable[..., dict[str, float]] | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -120,19 +143,38 @@ def _idefics3(model: torch.nn.Module, folder: Path) -> _Family:
                    inputs, dyn, spec, "rope", int(cfg.image_token_id))
 
 
-FAMILIES = {"qwen2_5_vl": _qwen, "idefics3": _idefics3}
+def _qwen3(model: torch.nn.Module, folder: Path) -> _Family:
+    from linecam.export.vlm import qwen3
+
+    return qwen3.family(model, folder, _read_json(folder / "preprocessor_config.json"), _Family)
+
+
+FAMILIES = {"qwen2_5_vl": _qwen, "idefics3": _idefics3, "qwen3_5": _qwen3, "qwen3_vl": _qwen3}
 
 
 def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
                  output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
     # The TorchScript exporter (dynamo=False) traces these wrappers reliably; the dynamo
     # exporter still trips over transformers' masking utilities (see the VLM notes).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
-                              do_constant_folding=True)
+    # Over 2 GB the exporter scatters one external file per weight next to the graph: export into a
+    # scratch folder and keep one <name>.data beside <name> (linecam.export.quantize's writer).
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        tmp_path = Path(tmp) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                torch.onnx.export(module, args, str(tmp_path), input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
+                                  do_constant_folding=True)
+        Path(f"{path}.data").unlink(missing_ok=True)
+        if len(os.listdir(tmp)) == 1:
+            os.replace(tmp_path, path)
+        else:  # (a proto over 2 GB cannot even be sized: save with its weights outside right away)
+            import onnx
+
+            onnx.save_model(onnx.load(str(tmp_path)), str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=f"{path.name}.data", size_threshold=1024)
+            os.chmod(f"{path}.data", 0o644)
 
 
 def _check(path: Path, feeds: dict[str, np.ndarray], expect: list[np.ndarray], what: str,
@@ -156,15 +198,15 @@ def _check(path: Path, feeds: dict[str, np.ndarray], expect: list[np.ndarray], w
 def _prompt_format(folder: Path, family: str) -> str:
     """Render the model's chat template once with sentinels; fall back to the family default."""
     try:
-        from transformers import AutoProcessor
+        from linecam.export.vlm.processor import load_hf_processor
 
-        proc = AutoProcessor.from_pretrained(str(folder))
+        proc = load_hf_processor(folder)
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
         text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # no processor / no template: a tiny or custom model
         logger.info("no usable chat template in %s (%s); using the %s default", folder, type(e).__name__, family)
         return DEFAULT_FORMATS[family]
-    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if family == "qwen2_5_vl" else "<image>"
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if family in QWEN_STYLE else "<image>"
     if placeholder not in text or _SENTINEL not in text:
         logger.warning("chat template of %s has no %r image placeholder; using the %s default",
                        folder, placeholder, family)
@@ -184,10 +226,9 @@ def load_hf_model(folder: Path) -> tuple[torch.nn.Module, str]:
     if family not in FAMILIES:
         raise BundleError(f"{folder} is a '{family}' model; export-engine vlm supports: "
                           f"{', '.join(sorted(FAMILIES))}")
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration as cls
-    else:
-        from transformers import Idefics3ForConditionalGeneration as cls
+    import transformers
+
+    cls = getattr(transformers, MODEL_CLASSES[family])
     model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32,
                                 attn_implementation="eager").eval()
     return model, family
@@ -207,19 +248,17 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
     fam = FAMILIES[family](model, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     tcfg = model.config.text_config if hasattr(model.config, "text_config") else model.config
-    n_layers = tcfg.num_hidden_layers
-    n_kv = tcfg.num_key_value_heads
-    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     checks: dict[str, float] = {}
 
     # 1. vision
     vnames = list(fam.vision_inputs)
     vpath = out / "vision.onnx"
-    _onnx_export(fam.vision, tuple(fam.vision_inputs.values()), vpath, vnames, ["image_features"],
+    _onnx_export(fam.vision, tuple(fam.vision_inputs.values()), vpath, vnames, list(fam.vision_outputs),
                  fam.vision_dynamic, opset)
     with torch.no_grad():
-        vref = fam.vision(*fam.vision_inputs.values()).numpy()
-    checks["vision"] = _check(vpath, {k: v.numpy() for k, v in fam.vision_inputs.items()}, [vref], "vision")
+        vref = fam.vision(*fam.vision_inputs.values())
+    vref = [t.numpy() for t in (vref if isinstance(vref, tuple) else (vref,))]
+    checks["vision"] = _check(vpath, {k: v.numpy() for k, v in fam.vision_inputs.items()}, vref, "vision")
 
     # 2. embedding
     emb = EmbeddingGraph(fam.text_model.embed_tokens)
@@ -231,6 +270,25 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
         checks["embedding"] = _check(epath, {"input_ids": ids.numpy()}, [emb(ids).numpy()], "embedding")
 
     # 3. decoder (traced with a non-empty past so the concat and mask paths are dynamic)
+    if fam.export_decoder is not None:
+        checks.update(fam.export_decoder(out, opset, _onnx_export, _check))
+    else:
+        checks.update(_export_kv_decoder(fam, tcfg, out, opset))
+    logger.info("graphs exported; max |ORT - torch|: %s", {k: f"{v:.1e}" for k, v in checks.items()})
+    _write_bundle(fam, family, model_dir, out, tcfg, checks, name, opset)
+    if fp16 or quantize:
+        from linecam.export.vlm.quantize import add_variants
+
+        add_variants(out, quantize=quantize, fp16=fp16, n_prompts=agreement_prompts,
+                     n_tokens=agreement_tokens)
+    return out / "manifest.json"
+
+
+def _export_kv_decoder(fam: _Family, tcfg: Any, out: Path, opset: int) -> dict[str, float]:
+    n_layers = tcfg.num_hidden_layers
+    n_kv = tcfg.num_key_value_heads
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    checks: dict[str, float] = {}
     dec = DecoderGraph(fam.text_model, fam.lm_head).eval()
     s, p = 5, 3
     g = torch.Generator().manual_seed(1)
@@ -265,7 +323,14 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
         ref0 = [t.numpy() for t in dec(*args0)]
     checks["decoder_prefill"] = _check(dpath, {n: a.numpy() for n, a in zip(in_names, args0)}, ref0,
                                        "decoder (empty cache)")
-    logger.info("graphs exported; max |ORT - torch|: %s", {k: f"{v:.1e}" for k, v in checks.items()})
+    return checks
+
+
+def _write_bundle(fam: _Family, family: str, model_dir: Path, out: Path, tcfg: Any,
+                  checks: dict[str, float], name: str | None, opset: int) -> None:
+    n_layers = tcfg.num_hidden_layers
+    n_kv = tcfg.num_key_value_heads
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
 
     # 4. tokenizer, template, manifest
     if not (model_dir / "tokenizer.json").is_file():
@@ -283,6 +348,11 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
              "embedding_fp32": file_entry(out, "embedding.onnx"),
              "decoder_fp32": file_entry(out, "decoder.onnx"),
              "tokenizer": file_entry(out, "tokenizer.json")}
+    if (out / "decoder_contrib.onnx").is_file():  # hybrid decoders: the contrib-op twin
+        files["decoder_contrib_fp32"] = file_entry(out, "decoder_contrib.onnx")
+    for kind in ("vision", "embedding", "decoder", "decoder_contrib"):  # over 2 GB: weights listed and hashed too
+        if (out / f"{kind}.onnx.data").is_file():
+            files[f"{kind}_fp32_data"] = file_entry(out, f"{kind}.onnx.data")
     for fname in copied:
         if fname not in ("tokenizer.json",):
             files[fname.split(".")[0]] = file_entry(out, fname)
@@ -292,16 +362,12 @@ def export_vlm(model_dir: str | Path, out: str | Path, *, name: str | None = Non
         name=name or model_dir.name, family=family,
         text=TextSpec(hidden_size=tcfg.hidden_size, num_layers=n_layers, num_kv_heads=n_kv, head_dim=head_dim,
                       vocab_size=tcfg.vocab_size, positions=fam.positions, image_token_id=fam.image_token_id,
-                      eos_token_ids=eos_ids, pad_token_id=getattr(tcfg, "pad_token_id", None)),
+                      eos_token_ids=eos_ids, pad_token_id=getattr(tcfg, "pad_token_id", None),
+                      layer_types=fam.layer_types),
         vision=fam.vision_spec, prompt=PromptSpec(format=_prompt_format(model_dir, family)), files=files,
         provenance=new_provenance(tool_versions={"torch": torch.__version__,
                                                  "transformers": transformers.__version__},
                                   details={"source": str(model_dir), "opset": opset,
-                                           "max_abs_diff": checks}))
+                                           "max_abs_diff": checks}),
+        extra={"linear_attention_ops": LINEAR_ATTENTION_OPS} if fam.layer_types else {})
     write_manifest(out, manifest)
-    if fp16 or quantize:
-        from linecam.export.vlm.quantize import add_variants
-
-        add_variants(out, quantize=quantize, fp16=fp16, n_prompts=agreement_prompts,
-                     n_tokens=agreement_tokens)
-    return out / "manifest.json"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from linecam.errors import BundleError
-from linecam.export.vlm.export import FAMILIES, _prompt_format, _read_json
+from linecam.export.vlm.export import FAMILIES, MODEL_CLASSES, QWEN_STYLE, _prompt_format, _read_json
 from linecam.runtime.vlm.bundle import PromptSpec
 from linecam.runtime.vlm.engine import Encoded, VlmEngine
 
@@ -101,10 +101,9 @@ class HfVlm:
                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
                 if quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
             kw["device_map"] = {"": self.device.index or 0}
-        if self.family == "qwen2_5_vl":
-            from transformers import Qwen2_5_VLForConditionalGeneration as cls
-        else:
-            from transformers import Idefics3ForConditionalGeneration as cls
+        import transformers
+
+        cls = getattr(transformers, MODEL_CLASSES[self.family])
         model = cls.from_pretrained(str(self.folder), **kw)
         if quant == "none":
             model = model.to(self.device)
@@ -150,7 +149,7 @@ class HfVlm:
         inputs = {"input_ids": t_ids, "attention_mask": torch.ones_like(t_ids)}
         if enc.vision_feeds:
             pv = torch.from_numpy(enc.vision_feeds["pixel_values"])
-            if self.family == "qwen2_5_vl":
+            if self.family in QWEN_STYLE:
                 inputs.update(pixel_values=pv, image_grid_thw=torch.tensor(enc.grids),
                               mm_token_type_ids=(t_ids == self.image_token_id).int())
             else:

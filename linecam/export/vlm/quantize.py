@@ -88,12 +88,13 @@ def prompt_set(n: int, seed: int = 1234) -> list[tuple[np.ndarray, str]]:
 
 
 def token_agreement(bundle_dir: str | Path, precision: str, n_prompts: int = 4, n_tokens: int = 16,
-                    reference: str = "fp32") -> dict[str, Any]:
-    """Greedy-token agreement of ``decoder_<precision>`` with ``decoder_<reference>`` (see module doc)."""
+                    reference: str = "fp32", graph: str = "plain") -> dict[str, Any]:
+    """Greedy-token agreement of ``decoder_<precision>`` with ``decoder_<reference>`` (see module doc);
+    ``graph="contrib"``: of a hybrid bundle's ``decoder_contrib_*`` pair."""
     from linecam.runtime.vlm.engine import VlmEngine
 
-    ref = VlmEngine(bundle_dir, precision=reference)
-    q = VlmEngine(ref.bundle, precision=precision)
+    ref = VlmEngine(bundle_dir, precision=reference, graph=graph)  # type: ignore[arg-type]
+    q = VlmEngine(ref.bundle, precision=precision, graph=graph)  # type: ignore[arg-type]
     steps = agree = exact = 0
     prefix = []
     for img, prompt in prompt_set(n_prompts):
@@ -118,17 +119,21 @@ def add_variants(out: str | Path, *, quantize: tuple[str, ...] = ("int8", "int4"
     bundle = load_vlm_bundle(out)
     man = bundle.manifest
     files = dict(man.files)
+    # Hybrid (Qwen3.5) bundles carry a contrib-op decoder beside the plain one: quantize both.
+    graphs = ["decoder"] + (["decoder_contrib"] if bundle.has("decoder_contrib_fp32") else [])
     for prec in quantize:
         bits = {"int8": 8, "int4": 4}.get(prec)
         if bits is None:
             raise ValueError(f"unknown quantization {prec!r}: use int8 or int4")
-        rel = f"decoder_{prec}.onnx"
-        quantize_weights(bundle.path("decoder_fp32"), out / rel, bits)
-        files[f"decoder_{prec}"] = file_entry(out, rel, precision=prec)  # type: ignore[arg-type]
-        if (out / f"{rel}.data").exists():
-            files[f"decoder_{prec}_data"] = file_entry(out, f"{rel}.data", precision=prec)  # type: ignore[arg-type]
+        for kind in graphs:
+            rel = f"{kind}_{prec}.onnx"
+            quantize_weights(bundle.path(f"{kind}_fp32"), out / rel, bits)
+            files[f"{kind}_{prec}"] = file_entry(out, rel, precision=prec)  # type: ignore[arg-type]
+            if (out / f"{rel}.data").exists():
+                files[f"{kind}_{prec}_data"] = file_entry(out, f"{rel}.data", precision=prec)  # type: ignore[arg-type]
     if fp16:
-        for kind, keep in (("vision", True), ("decoder", False), ("embedding", False)):
+        # A hybrid (Qwen3.5) decoder keeps FP32 I/O: its conv / recurrent states stay FP32 across steps.
+        for kind, keep in (("vision", True), ("decoder", bool(man.text.layer_types)), ("embedding", False)):
             rel = f"{kind}_fp16.onnx"
             # The shared converter (atomic, external data over 2 GB); the decoder's KV-cache inputs
             # make a zeros smoke run meaningless, token agreement is the VLM's check.
@@ -138,6 +143,9 @@ def add_variants(out: str | Path, *, quantize: tuple[str, ...] = ("int8", "int4"
     write_manifest(out, man)  # type: ignore[arg-type]  # same writer, VLM manifest model
     quality = dict(man.quality)
     for prec in quantize:
+        if len(graphs) > 1:
+            quality[f"decoder_contrib_{prec}"] = token_agreement(out, prec, n_prompts=n_prompts, n_tokens=n_tokens,
+                                                                 graph="contrib")
         quality[f"decoder_{prec}"] = token_agreement(out, prec, n_prompts=n_prompts, n_tokens=n_tokens)
         logger.info("decoder_%s token agreement vs fp32: %s", prec, json.dumps(quality[f"decoder_{prec}"]))
         exact = float(quality[f"decoder_{prec}"].get("exact_sequences", 1.0))

@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
-Family = Literal["qwen2_5_vl", "idefics3"]
-Size = Literal["tiny", "smolvlm-256m"]
+Family = Literal["qwen2_5_vl", "idefics3", "qwen3_5", "qwen3_vl"]
+Size = Literal["tiny", "smolvlm-256m", "qwen3.5-0.8b"]
 
 _WORDS = ("system You are a helpful assistant user User Assistant Describe describe the defect defects in image "
           "region regions box boxes at score area px of is scratch dent stain crack missing part and with on "
@@ -79,6 +79,69 @@ def _qwen(size: Size):
     return Qwen2_5_VLForConditionalGeneration, cfg, pp, QWEN_SPECIALS, ids, 99
 
 
+def _qwen3_5(size: Size):
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    ids = {t: i for i, t in enumerate(QWEN_SPECIALS)}
+    if size == "tiny":
+        vocab = 99
+        text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8,
+                    linear_num_key_heads=2, linear_num_value_heads=4,
+                    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                     "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=42, num_heads=4, out_hidden_size=32,
+                      num_position_embeddings=16)
+        pp_pixels = (32 * 32 * 4, 32 * 32 * 24)
+    elif size == "qwen3.5-0.8b":  # Qwen3.5-0.8B dimensions (random weights)
+        vocab = 248320
+        text = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+                    num_key_value_heads=2, head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128,
+                    linear_num_key_heads=16, linear_num_value_heads=16,
+                    rope_parameters={"rope_type": "default", "mrope_section": [11, 11, 10], "mrope_interleaved": True,
+                                     "rope_theta": 10000000.0, "partial_rotary_factor": 0.25})
+        vision = dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12, out_hidden_size=1024,
+                      num_position_embeddings=2304)
+        pp_pixels = (65536, 32 * 32 * 256)
+    else:
+        raise ValueError(f"size {size!r} is not defined for qwen3_5")
+    cfg = Qwen3_5Config(
+        text_config=dict(vocab_size=vocab, linear_conv_kernel_dim=4, max_position_embeddings=4096,
+                         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False, **text),
+        vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, **vision),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    pp = {"size": {"shortest_edge": pp_pixels[0], "longest_edge": pp_pixels[1]}, "patch_size": 16,
+          "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return Qwen3_5ForConditionalGeneration, cfg, pp, QWEN_SPECIALS, ids, vocab
+
+
+def _qwen3_vl(size: Size):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if size != "tiny":
+        raise ValueError("only size='tiny' is defined for qwen3_vl")
+    ids = {t: i for i, t in enumerate(QWEN_SPECIALS)}
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True,
+                                          "rope_theta": 5000000.0},
+                         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=42, num_heads=4, out_hidden_size=32, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    pp = {"size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 24}, "patch_size": 16,
+          "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return Qwen3VLForConditionalGeneration, cfg, pp, QWEN_SPECIALS, ids, 99
+
+
 def _idefics3(size: Size):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
@@ -109,15 +172,45 @@ def _idefics3(size: Size):
     return Idefics3ForConditionalGeneration, cfg, pp, specials, fixed, vocab
 
 
-def build_model_folder(family: Family, out: str | Path, *, size: Size = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight ``family`` model folder to ``out`` and return it."""
+#: Vocabulary of the tiny models with a byte-level BPE tokenizer (256 byte tokens + merges + specials).
+BPE_VOCAB = 400
+
+
+def build_model_folder(family: Family, out: str | Path, *, size: Size = "tiny", seed: int = 0,
+                       tokenizer: Literal["word", "bpe"] = "word") -> Path:
+    """Write a random-weight ``family`` model folder to ``out`` and return it.
+
+    ``tokenizer="bpe"``: a byte-level BPE tokenizer, the family's chat template and processor
+    configs (:mod:`linecam.export.vlm.tiny_processor`), so ``AutoProcessor`` loads the folder;
+    a tiny model's vocabulary then grows to :data:`BPE_VOCAB`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cls, cfg, pp, specials, fixed, vocab = (_qwen if family == "qwen2_5_vl" else _idefics3)(size)
+    cls, cfg, pp, specials, fixed, vocab = {"qwen2_5_vl": _qwen, "idefics3": _idefics3, "qwen3_5": _qwen3_5,
+                                               "qwen3_vl": _qwen3_vl}[family](size)
+    if tokenizer == "bpe":
+        if family == "idefics3":
+            specials = specials + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)
+                                   if f"<row_{r}_col_{c}>" not in specials]
+        elif family == "qwen3_5":
+            specials = specials + ["<think>", "</think>"]
+        if vocab < BPE_VOCAB:
+            vocab = BPE_VOCAB
+            cfg.text_config.vocab_size = vocab
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     model.save_pretrained(str(out))
     (out / "preprocessor_config.json").write_text(json.dumps(pp, indent=2))
-    write_word_tokenizer(out / "tokenizer.json", vocab, specials, fixed)
+    if tokenizer == "bpe":
+        from linecam.export.vlm.tiny_processor import write_bpe_tokenizer, write_processor_files
+
+        write_bpe_tokenizer(out / "tokenizer.json", vocab, specials, fixed)
+        idefics = family == "idefics3"
+        seq = ((cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 // cfg.scale_factor ** 2
+               if idefics else None)
+        write_processor_files(out, family, eos="<end_of_utterance>" if idefics else "<|im_end|>",
+                              pad="<|endoftext|>", image_seq_len=seq)
+    else:
+        write_word_tokenizer(out / "tokenizer.json", vocab, specials, fixed)
     return out

@@ -63,6 +63,12 @@ def lora_targets(family: str, vision: bool) -> str:
                  r".*\.visual\.merger\.mlp\.[02]"]
         if vision:
             parts.append(r".*\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)")
+    elif family in ("qwen3_5", "qwen3_vl"):  # + Qwen3.5's Gated-DeltaNet projections
+        parts = [r".*\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj"
+                 r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))",
+                 r".*\.visual\.merger\.linear_fc[12]"]
+        if vision:
+            parts.append(r".*\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc[12])")
     else:
         parts = [r".*\.text_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
                  r".*\.connector\.modality_projection\.proj"]

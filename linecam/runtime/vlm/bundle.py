@@ -27,7 +27,7 @@ from linecam.errors import BundleError
 #: the region-expert manifest's version).
 VLM_SCHEMA_VERSION = 1
 
-Family = Literal["qwen2_5_vl", "idefics3"]
+Family = Literal["qwen2_5_vl", "idefics3", "qwen3_5", "qwen3_vl"]
 
 
 class _Strict(BaseModel):
@@ -47,6 +47,8 @@ class TextSpec(_Strict):
     image_token_id: int
     eos_token_ids: list[int]
     pad_token_id: int | None = None
+    #: Hybrid decoders (Qwen3.5): "linear_attention" / "full_attention" per layer; None: all full.
+    layer_types: list[str] | None = None
 
 
 class QwenVisionSpec(_Strict):
@@ -62,6 +64,26 @@ class QwenVisionSpec(_Strict):
     image_mean: list[float]
     image_std: list[float]
     #: Token strings around the image-pad run in the prompt.
+    vision_start: str = "<|vision_start|>"
+    vision_end: str = "<|vision_end|>"
+    image_pad: str = "<|image_pad|>"
+
+
+class Qwen3VisionSpec(_Strict):
+    """Qwen3.5 / Qwen3-VL vision: Qwen2-VL image processing, a learned position table of
+    ``num_grid_per_side`` squared rows, no windows (:mod:`linecam.runtime.vlm.qwen3`)."""
+
+    kind: Literal["qwen3_vl"] = "qwen3_vl"
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    num_grid_per_side: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: list[float]
+    image_std: list[float]
     vision_start: str = "<|vision_start|>"
     vision_end: str = "<|vision_end|>"
     image_pad: str = "<|image_pad|>"
@@ -104,7 +126,7 @@ class VlmManifest(_Strict):
     name: str
     family: Family
     text: TextSpec
-    vision: QwenVisionSpec | Idefics3VisionSpec = Field(discriminator="kind")
+    vision: QwenVisionSpec | Qwen3VisionSpec | Idefics3VisionSpec = Field(discriminator="kind")
     prompt: PromptSpec
     files: dict[str, FileEntry]
     provenance: Provenance

@@ -22,9 +22,9 @@ import onnxruntime as ort
 
 from linecam.errors import BundleError
 from linecam.runtime.vlm import image as vimg
-from linecam.runtime.vlm import rope
+from linecam.runtime.vlm import qwen3, rope
 from linecam.runtime.session import make_session
-from linecam.runtime.vlm.bundle import Idefics3VisionSpec, QwenVisionSpec, VlmBundle, load_vlm_bundle
+from linecam.runtime.vlm.bundle import Idefics3VisionSpec, Qwen3VisionSpec, QwenVisionSpec, VlmBundle, load_vlm_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +81,22 @@ def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSes
 
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids", "deepstack_embeds")
 
 
 class VlmEngine:
     """One loaded VLM. Not thread-safe: one engine per worker thread.
 
     ``precision`` picks the decoder file (``decoder_<precision>``); vision and embedding
-    use fp16 on CUDA when the bundle has them, fp32 otherwise.
+    use fp16 on CUDA when the bundle has them, fp32 otherwise. ``graph`` (hybrid Qwen3.5
+    bundles, which carry two decoders): ``auto`` runs ``decoder_contrib_<precision>``
+    (ONNX Runtime's fused linear-attention ops) on CPU, where it is faster, and the plain-op
+    ``decoder_<precision>`` elsewhere; ``plain`` / ``contrib`` force one.
     """
 
     def __init__(self, bundle: VlmBundle | str | Path, *, precision: str = "fp32",
-                 device: Literal["cpu", "cuda", "auto"] = "cpu", intra_op_threads: int = 0) -> None:
+                 device: Literal["cpu", "cuda", "auto"] = "cpu", intra_op_threads: int = 0,
+                 graph: Literal["auto", "plain", "contrib"] = "auto") -> None:
         from tokenizers import Tokenizer
 
         self.bundle = bundle if isinstance(bundle, VlmBundle) else load_vlm_bundle(bundle)
@@ -107,16 +112,23 @@ class VlmEngine:
                     return f"{kind}_{prec}"
             return f"{kind}_fp32"  # path() raises the one-line error
 
-        self.roles = {"vision": pick("vision"), "embedding": pick("embedding"), "decoder": f"decoder_{precision}"}
+        dec = f"decoder_{precision}"
+        contrib = f"decoder_contrib_{precision}"
+        if graph == "contrib" or (graph == "auto" and not cuda and self.bundle.has(contrib)):
+            dec = contrib
+        self.roles = {"vision": pick("vision"), "embedding": pick("embedding"), "decoder": dec}
         self.vision = _session(self.bundle.path(self.roles["vision"]), self.providers, intra_op_threads)
         self.embedding = _session(self.bundle.path(self.roles["embedding"]), self.providers, intra_op_threads)
         self.decoder = _session(self.bundle.path(self.roles["decoder"]), self.providers, intra_op_threads)
         self.tokenizer = Tokenizer.from_file(str(self.bundle.path("tokenizer")))
-        t = man.text
-        self._past_names = [(f"past.{i}.key", f"past.{i}.value") for i in range(t.num_layers)]
-        dec_in = {i.name: i.type for i in self.decoder.get_inputs()}
-        self._kv_dtype = _NP.get(dec_in.get("past.0.key", "tensor(float)"), np.float32)
-        self._emb_dtype = _NP.get(dec_in.get("inputs_embeds", "tensor(float)"), np.float32)
+        # Cache inputs in graph order (a flat KV cache, or a hybrid decoder's KV + conv / recurrent
+        # states); the decoder returns their successors in the same order after the logits.
+        dec_in = self.decoder.get_inputs()
+        self._state_inputs = [i for i in dec_in if i.name not in _DECODER_INPUTS]
+        self._emb_dtype = _NP.get({i.name: i.type for i in dec_in}.get("inputs_embeds", "tensor(float)"), np.float32)
+        # Qwen3-VL: vision features added inside the first k decoder layers at the image positions.
+        deep = [i for i in dec_in if i.name == "deepstack_embeds"]
+        self._n_deep = int(deep[0].shape[0]) if deep else 0
         self._out_names = [o.name for o in self.decoder.get_outputs()]
         logger.info("VLM %s (%s) on %s: %s", man.name, man.family, self.providers[0], self.roles)
 
@@ -130,7 +142,13 @@ class VlmEngine:
         image_text = ""
         if image is not None:
             rgb = vimg.to_rgb_u8(image, bit_depth)
-            if isinstance(vis, QwenVisionSpec):
+            if isinstance(vis, Qwen3VisionSpec):
+                q = vimg.qwen_preprocess(rgb, vis)  # type: ignore[arg-type]  # same processor fields
+                grids = [q.grid]
+                feeds = qwen3.vision_feeds(q.pixel_values, q.grid, side=vis.num_grid_per_side, merge=vis.merge_size,
+                                           head_dim=vis.head_dim, theta=vis.rope_theta)
+                image_text = vis.vision_start + vis.image_pad * q.n_tokens + vis.vision_end
+            elif isinstance(vis, QwenVisionSpec):
                 q = vimg.qwen_preprocess(rgb, vis)
                 grids = [q.grid]
                 extra = rope.qwen_vision_inputs(grids, merge=vis.merge_size, window_size=vis.window_size,
@@ -160,17 +178,33 @@ class VlmEngine:
         return e.astype(self._emb_dtype, copy=False)
 
     def image_features(self, enc: Encoded) -> np.ndarray | None:
+        return self.vision_outputs(enc)[0]
+
+    def vision_outputs(self, enc: Encoded) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(image_features, deepstack_features)``; the second only for Qwen3-VL bundles."""
         if not enc.vision_feeds:
-            return None
-        (f,) = self.vision.run(None, enc.vision_feeds)
-        return f
+            return None, None
+        outs = self.vision.run(None, enc.vision_feeds)
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
+    def deepstack(self, input_ids: np.ndarray, features: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
+        """The decoder's ``deepstack_embeds`` feed for ``n`` rows: the deepstack features at the image
+        tokens of ``input_ids`` (its first rows), zeros elsewhere; ``{}`` for other families."""
+        if not self._n_deep:
+            return {}
+        out = np.zeros((self._n_deep, 1, n, self.manifest.text.hidden_size), dtype=self._emb_dtype)
+        if features is not None:
+            sel = np.flatnonzero(input_ids[0] == self.manifest.text.image_token_id)
+            out[:, 0, sel] = features.astype(out.dtype, copy=False)
+        return {"deepstack_embeds": out}
 
     def positions(self, enc: Encoded) -> tuple[np.ndarray, int]:
         """Position ids of the prompt (``[3, 1, n]`` for M-RoPE, else ``[1, n]``) and the offset
         of later positions (M-RoPE: an image's rows take fewer positions than tokens)."""
         n = enc.n_tokens
         if self.manifest.text.positions == "mrope":
-            merge = self.manifest.vision.merge_size if isinstance(self.manifest.vision, QwenVisionSpec) else 1
+            vis = self.manifest.vision
+            merge = vis.merge_size if isinstance(vis, (QwenVisionSpec, Qwen3VisionSpec)) else 1
             if enc.grids:
                 pos, delta = rope.mrope_positions(enc.input_ids[0], self.manifest.text.image_token_id,
                                                   enc.grids, merge)
@@ -181,10 +215,11 @@ class VlmEngine:
 
     # -- decoding -------------------------------------------------------------------------
     def empty_past(self) -> list[np.ndarray]:
-        """An empty KV cache for :meth:`decoder_step` (key, value per layer)."""
-        t = self.manifest.text
-        empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), dtype=self._kv_dtype)
-        return [empty] * (2 * len(self._past_names))
+        """The cache before the first token, for :meth:`decoder_step`: empty KV tensors (key, value
+        per layer) and, for a hybrid decoder, zero conv / recurrent states, in graph order."""
+        return [np.zeros(tuple(1 if isinstance(d, str) and d == "batch" else d if isinstance(d, int) else 0
+                               for d in i.shape), dtype=_NP.get(i.type, np.float32))
+                for i in self._state_inputs]
 
     def decoder_step(self, embeds: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
                      length: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -192,11 +227,12 @@ class VlmEngine:
         ``length`` counts both. Returns the last row's logits and the grown cache (a
         conversation that continues on a kept cache: linecam.station.ask)."""
         feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": positions,
-                                        "attention_mask": np.ones((1, length), dtype=np.int64)}
-        for i, (kn, vn) in enumerate(self._past_names):
-            feeds[kn], feeds[vn] = past[2 * i], past[2 * i + 1]
+                                        "attention_mask": np.ones((1, length), dtype=np.int64),
+                                        **self.deepstack(np.zeros((1, 0), np.int64), None, embeds.shape[1])}
+        n = len(self._state_inputs)
+        feeds.update({i.name: p for i, p in zip(self._state_inputs, past)})
         outs = self.decoder.run(self._out_names, feeds)
-        return outs[0][0, -1], list(outs[1:1 + 2 * len(self._past_names)])
+        return outs[0][0, -1], list(outs[1:1 + n])
 
     def generate(self, image: np.ndarray | None, prompt: str, *, max_new_tokens: int = 64,
                  stop_token_ids: Sequence[int] | None = None, on_token: Callable[[int, str], None] | None = None,
@@ -214,7 +250,8 @@ class VlmEngine:
                          on_token: Callable[[int, str], None] | None = None,
                          should_stop: Callable[[], bool] | None = None, t_start: float | None = None,
                          extra_embeds: np.ndarray | None = None,
-                         force_tokens: Sequence[int] | None = None) -> Generation:
+                         force_tokens: Sequence[int] | None = None,
+                         on_state: Callable[[list[np.ndarray]], None] | None = None) -> Generation:
         """Greedy decoding with KV cache.
 
         Stops at a token in ``stop_token_ids`` (default: the bundle's EOS ids; the stop
@@ -224,13 +261,15 @@ class VlmEngine:
         appended after the prompt rows, e.g. region tokens from a region projector.
         ``force_tokens`` (teacher forcing, for accuracy checks): feed these tokens instead
         of the model's own choices; ``tokens`` still records the model's argmax at each step.
+        ``on_state(present)`` sees the decoder's cache outputs after every decoder run (the
+        parity tests compare them with transformers' cache).
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         t0 = time.perf_counter() if t_start is None else t_start
         stops = set(self.manifest.text.eos_token_ids if stop_token_ids is None else stop_token_ids)
         tv = time.perf_counter()
-        feats = self.image_features(enc)
+        feats, deep = self.vision_outputs(enc)
         vision_ms = (time.perf_counter() - tv) * 1e3
         embeds = self.embed(enc.input_ids, feats)
         if enc.injected is not None:
@@ -245,18 +284,18 @@ class VlmEngine:
             pos = np.concatenate([pos, np.broadcast_to(tail, pos.shape[:-1] + (k,))], axis=-1)
             delta = last + k - embeds.shape[1]
         t = self.manifest.text
-        empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), dtype=self._kv_dtype)
         feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "attention_mask":
                                         np.ones((1, embeds.shape[1]), dtype=np.int64), "position_ids": pos}
-        for kn, vn in self._past_names:
-            feeds[kn] = empty
-            feeds[vn] = empty
+        feeds.update({i.name: p for i, p in zip(self._state_inputs, self.empty_past())})
+        feeds.update(self.deepstack(enc.input_ids, deep, embeds.shape[1]))
         tokens: list[int] = []
         reason: StopReason = "max_tokens"
         t_first = t_prefill = None
         length = embeds.shape[1]
         while True:
             outs = self.decoder.run(self._out_names, feeds)
+            if on_state is not None:
+                on_state(outs[1:])
             nxt = int(np.argmax(outs[0][0, -1]))
             if t_first is None:
                 t_first = time.perf_counter()
@@ -276,10 +315,9 @@ class VlmEngine:
             if should_stop is not None and should_stop():
                 reason = "cancelled"
                 break
-            for i, (kn, vn) in enumerate(self._past_names):
-                feeds[kn] = outs[1 + 2 * i]
-                feeds[vn] = outs[2 + 2 * i]
+            feeds.update({i.name: o for i, o in zip(self._state_inputs, outs[1:])})
             feeds["inputs_embeds"] = self.embed(np.asarray([[nxt]], dtype=np.int64))
+            feeds.update(self.deepstack(enc.input_ids, None, 1))
             length += 1
             feeds["attention_mask"] = np.ones((1, length), dtype=np.int64)
             p = np.int64(length - 1 + delta)

@@ -1,9 +1,11 @@
 """Image -> vision-graph inputs, in numpy + OpenCV (no torch, no PIL on the edge).
 
 Follows the Hugging Face image processors' geometry (Qwen2-VL ``smart_resize`` and
-patch layout; Idefics3 resize / tile / global image) and normalisation. Resampling is
-OpenCV's (bicubic / Lanczos), so pixel values differ from the PIL path in the last
-bits; the export's parity tests feed the *same* pixel values to both sides.
+patch layout, shared by Qwen2.5-VL, Qwen3-VL and Qwen3.5; Idefics3 resize / resize for
+the encoder / tile / global image) and normalisation. Resampling is Pillow's, reproduced
+bit for bit in numpy (:mod:`linecam.runtime.vlm.resample`: bicubic for Qwen, Lanczos for
+Idefics3), so from a raw RGB image linecam's pixel values equal the processor's
+(``tests/test_vlm_raw_parity.py``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
-from linecam.runtime.vlm.bundle import Idefics3VisionSpec, QwenVisionSpec
+from linecam.runtime.vlm.bundle import Idefics3VisionSpec, Qwen3VisionSpec, QwenVisionSpec
+from linecam.runtime.vlm.resample import pil_resize
 from linecam.runtime.vlm.rope import Grid
 
 
@@ -32,7 +34,8 @@ def to_rgb_u8(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
 
 
 def _normalise(img: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    x = img.astype(np.float32) * np.float32(1.0 / 255.0)
+    # transformers' rescale (float64 product, then float32) and normalize (float32).
+    x = (img.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
@@ -60,12 +63,12 @@ class QwenImage:
     n_tokens: int  # image-pad tokens in the prompt
 
 
-def qwen_preprocess(rgb: np.ndarray, spec: QwenVisionSpec) -> QwenImage:
-    """``(H, W, 3)`` uint8 RGB -> Qwen2.5-VL ``pixel_values`` and patch grid."""
+def qwen_preprocess(rgb: np.ndarray, spec: QwenVisionSpec | Qwen3VisionSpec) -> QwenImage:
+    """``(H, W, 3)`` uint8 RGB -> Qwen-VL ``pixel_values`` and patch grid."""
     p, tp, m = spec.patch_size, spec.temporal_patch_size, spec.merge_size
     h, w = smart_resize(rgb.shape[0], rgb.shape[1], p * m, spec.min_pixels, spec.max_pixels)
     if (h, w) != rgb.shape[:2]:
-        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_CUBIC)
+        rgb = pil_resize(rgb, (w, h), "bicubic")
     x = _normalise(rgb, spec.image_mean, spec.image_std).transpose(2, 0, 1)  # C, H, W
     c = x.shape[0]
     # One still image is repeated over the temporal patch (what the HF processor does).
@@ -103,20 +106,26 @@ def _fit_longest(h: int, w: int, longest: int) -> tuple[int, int]:
 def idefics3_preprocess(rgb: np.ndarray, spec: Idefics3VisionSpec) -> Idefics3Image:
     """``(H, W, 3)`` uint8 RGB -> Idefics3 tiles (+ global image) ``[n, 3, S, S]``."""
     s = spec.tile_size
-    interp = cv2.INTER_LANCZOS4
     h, w = _fit_longest(rgb.shape[0], rgb.shape[1], spec.longest_edge)
-    img = cv2.resize(rgb, (w, h), interpolation=interp) if (h, w) != rgb.shape[:2] else rgb
+    img = pil_resize(rgb, (w, h), "lanczos") if (h, w) != rgb.shape[:2] else rgb
     tiles: list[np.ndarray] = []
     rows = cols = 0
-    if spec.do_image_splitting and max(h, w) > s:
-        # Resize so both sides are multiples of the tile (ceil), then cut row-major tiles.
-        hh, ww = math.ceil(h / s) * s, math.ceil(w / s) * s
-        img2 = cv2.resize(img, (ww, hh), interpolation=interp)
-        rows, cols = hh // s, ww // s
-        for r in range(rows):
-            for c in range(cols):
-                tiles.append(img2[r * s:(r + 1) * s, c * s:(c + 1) * s])
-    tiles.append(cv2.resize(img, (s, s), interpolation=interp) if img.shape[:2] != (s, s) else img)
+    if spec.do_image_splitting:
+        # transformers' resize_for_vision_encoder: the longer side up to a multiple of the tile,
+        # the other from the aspect ratio (truncated), then up to a multiple too.
+        if w >= h:
+            ww = math.ceil(w / s) * s
+            hh = math.ceil(int(ww / (w / h)) / s) * s
+        else:
+            hh = math.ceil(h / s) * s
+            ww = math.ceil(int(hh * (w / h)) / s) * s
+        img = pil_resize(img, (ww, hh), "lanczos") if (hh, ww) != img.shape[:2] else img
+        if hh > s or ww > s:
+            rows, cols = (hh - s) // s + 1, (ww - s) // s + 1
+            for r in range(rows):
+                for c in range(cols):
+                    tiles.append(img[r * s:(r + 1) * s, c * s:(c + 1) * s])
+    tiles.append(pil_resize(img, (s, s), "lanczos") if img.shape[:2] != (s, s) else img)
     x = np.stack([_normalise(t, spec.image_mean, spec.image_std).transpose(2, 0, 1) for t in tiles])
     return Idefics3Image(np.ascontiguousarray(x, dtype=np.float32), rows, cols)
 
