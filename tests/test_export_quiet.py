@@ -69,3 +69,6 @@ class _FakeBundle:
 
     def path(self, role):
         return role
+
+    def has(self, role):  # a flat-KV bundle: no contrib-op decoder beside the plain one
+        return role in self.manifest.files
