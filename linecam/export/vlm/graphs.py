@@ -13,6 +13,17 @@ import torch
 from torch import nn
 
 
+def causal_mask(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Causal + padding mask, additive like transformers' eager path: query i (absolute position
+    t - s + i) may see key j iff j <= t - s + i and attention_mask[j] == 1 (every decoder graph)."""
+    s, t = inputs_embeds.shape[1], attention_mask.shape[1]
+    dtype = inputs_embeds.dtype
+    q_pos = torch.arange(s, device=inputs_embeds.device).unsqueeze(1) + (t - s)
+    k_pos = torch.arange(t, device=inputs_embeds.device).unsqueeze(0)
+    allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & (attention_mask[:, None, None, :] > 0)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class _FlatKV:
     """Duck-typed stand-in for transformers' ``Cache``: flat tensors in, flat tensors out.
 
@@ -56,15 +67,7 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor):
-        b, s = inputs_embeds.shape[0], inputs_embeds.shape[1]
-        t = attention_mask.shape[1]
-        dtype = inputs_embeds.dtype
-        # Causal + padding mask, additive like transformers' eager path: query i (absolute
-        # position t - s + i) may see key j iff j <= t - s + i and attention_mask[j] == 1.
-        q_pos = torch.arange(s, device=inputs_embeds.device).unsqueeze(1) + (t - s)
-        k_pos = torch.arange(t, device=inputs_embeds.device).unsqueeze(0)
-        allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & (attention_mask[:, None, None, :] > 0)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = causal_mask(inputs_embeds, attention_mask)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         cache = _FlatKV([(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)])
         text_pos = position_ids[0] if position_ids.dim() == 3 else position_ids
@@ -78,7 +81,6 @@ class DecoderGraph(nn.Module):
         out = [logits]
         for k, v in cache.present:
             out += [k, v]
-        del b
         return tuple(out)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linecam.export.vlm.graphs import _FlatKV
+from linecam.export.vlm.graphs import _FlatKV, causal_mask
 
 
 def _delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -143,13 +143,7 @@ class HybridDecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor):
-        s = inputs_embeds.shape[1]
-        t = attention_mask.shape[1]
-        dtype = inputs_embeds.dtype
-        q_pos = torch.arange(s, device=inputs_embeds.device).unsqueeze(1) + (t - s)
-        k_pos = torch.arange(t, device=inputs_embeds.device).unsqueeze(0)
-        allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & (attention_mask[:, None, None, :] > 0)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = causal_mask(inputs_embeds, attention_mask)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         kv_layers = [i for i, lt in enumerate(self.layer_types) if lt == "full_attention"]
         cache = _FlatKV({i: (past[2 * i], past[2 * i + 1]) for i in kv_layers})  # type: ignore[arg-type]
@@ -196,13 +190,7 @@ class DeepstackDecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 deepstack_embeds: torch.Tensor, *past: torch.Tensor):
-        s = inputs_embeds.shape[1]
-        t = attention_mask.shape[1]
-        dtype = inputs_embeds.dtype
-        q_pos = torch.arange(s, device=inputs_embeds.device).unsqueeze(1) + (t - s)
-        k_pos = torch.arange(t, device=inputs_embeds.device).unsqueeze(0)
-        allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0) & (attention_mask[:, None, None, :] > 0)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = causal_mask(inputs_embeds, attention_mask)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         cache = _FlatKV([(past[2 * i], past[2 * i + 1]) for i in range(len(self.layers))])
         h = inputs_embeds
