@@ -147,6 +147,36 @@ def test_retained_status_is_seen_by_late_subscribers_and_clean_stop_says_offline
     assert (status["frames"], status["ng"]) == (120, 4)  # last known counts carried over
 
 
+@pytest.mark.timeout(60)
+def test_statuses_published_before_the_connection_arrive_in_order_and_the_newest_stays_retained(broker):
+    """paho counts itself connected before it calls on_connect and flushes its own queue only
+    after it: a status another thread publishes in that gap (the camera thread saying "camera down"
+    while the main thread's "starting" still waits) must not overtake the older one."""
+    col = Collector(broker.host, broker.port, "linecam/L1/cam0/status")
+    pub = make_publisher(broker.port)
+    pub.publish_status(state="starting", camera_state="up")  # before start(): not connected yet
+    connect = pub._client.on_connect
+
+    def on_connect_with_a_racing_status(*args):
+        t = threading.Thread(target=pub.publish_status,
+                             kwargs=dict(state="degraded", camera_state="down", detail="camera down"))
+        t.start()
+        t.join(5)
+        connect(*args)
+
+    pub._client.on_connect = on_connect_with_a_racing_status
+    pub.start()
+    assert pub.wait_connected(10)
+    pub.publish_status(state="running", camera_state="up", detail="camera reconnected")
+    assert col.wait_for(lambda: len(col.payloads("status")) >= 3)
+    assert [(s["state"], s["camera_state"]) for s in col.payloads("status")] == [
+        ("starting", "up"), ("degraded", "down"), ("running", "up")]
+    status, _ = retained_status(broker)
+    assert (status["state"], status["detail"]) == ("running", "camera reconnected")
+    pub.stop()
+    col.close()
+
+
 _CRASHER = textwrap.dedent("""
     import sys, time
     from linecam.config import MqttSettings

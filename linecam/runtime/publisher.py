@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,11 @@ class MqttPublisher:
         # newer one the application publishes at the same moment.
         self._status_lock = threading.Lock()
         self._last_status: dict[str, Any] | None = None
-        self._status_queued = False  # the latest status sits in paho's queue: it goes out on connect
+        # Statuses published while we are not connected, oldest first; on_connect sends them. Not
+        # paho's own queue: paho flushes that only after on_connect returns, while it already counts
+        # as connected, so a status another thread published in that gap reached the broker
+        # first and an older one ("starting") ended up as the retained, current state.
+        self._status_pending: deque[dict[str, Any]] = deque(maxlen=64)
         self._status_on_connect = status_on_connect
         self._closing = False
         self._started = False
@@ -226,10 +231,10 @@ class MqttPublisher:
         status = dict(msg)
         with self._status_lock:
             self._last_status = status
-            rc = self._publish_status_raw(status)
-            # Published before CONNACK: paho queued it, or wrote it ahead of the CONNACK (then it is
-            # in flight and paho re-sends it on the next connection itself); either way it goes out.
-            self._status_queued = rc == MQTTErrorCode.MQTT_ERR_NO_CONN or not self._connected.is_set()
+            if self._connected.is_set():
+                self._publish_status_raw(status)
+            else:
+                self._status_pending.append(status)
 
     def _publish_status_raw(self, status: Mapping[str, Any]) -> MQTTErrorCode | None:
         try:
@@ -267,10 +272,10 @@ class MqttPublisher:
             )
             deadline = time.monotonic() + drain_timeout
             with self._cond:
-                while time.monotonic() < deadline and (
-                        self._published > self._acked or (fwd is not None and fwd.pending > 0)):
+                while time.monotonic() < deadline and (self._published > self._acked or self._status_pending
+                                                        or (fwd is not None and fwd.pending > 0)):
                     self._cond.wait(min(0.05, max(deadline - time.monotonic(), 0.0)))
-                pending = self._published - self._acked
+                pending = self._published - self._acked + len(self._status_pending)
             if pending and fwd is not None:  # what bypasses the spool: retained status (and QoS 0 metrics)
                 logger.warning(
                     "%d status/metrics message(s) not confirmed by broker %s after %.1f s: not sent (they are "
@@ -371,17 +376,20 @@ class MqttPublisher:
         with self._cond:
             self._last_warn.pop("unreachable", None)
         with self._status_lock:
-            # A status queued while we were away goes out right after this callback; otherwise
-            # re-send the latest one: the Will may have replaced it while we were away.
+            # What was published while we were away goes out now, in order; otherwise re-send the
+            # latest status: the Will may have replaced it while we were away.
             last = self._last_status
-            if not self._status_queued and (last is not None or self._status_on_connect):
+            if self._status_pending:
+                for status in self._status_pending:
+                    self._publish_status_raw(status)
+                self._status_pending.clear()
+            elif last is not None or self._status_on_connect:
                 self._publish_status_raw(
                     messages.restamp(last) if last is not None else messages.status(
                         line=self.line, camera=self.camera, online=True, state="starting",
                         camera_state="unknown", version=self.version, model=self.model,
                     )
                 )
-            self._status_queued = False
             self._connected.set()  # under the lock: a status published from now on is sent directly
         if self._forwarder is not None:
             self._forwarder.on_connected()
