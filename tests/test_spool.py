@@ -224,9 +224,15 @@ def test_messages_a_client_forgot_are_resent_from_the_spool(tmp_path):
         broker.stop(kill=True)  # ... and so does the broker (never delivered)
         broker.start()
         sub = DurableSubscriber(broker.port, "linecam/L1/cam0/verdict")
-        assert sub.wait_for(lambda: len(sub.payloads("verdict")) >= 20, 30)
-        assert sorted(v["frame_id"] for v in sub.payloads("verdict")) == list(range(20))
+        assert sub.wait_for(lambda: len({v["event_id"] for v in sub.payloads("verdict")}) >= 20, 30)
         assert wait(lambda: pub.spool_stats().rows == 0)
+        got = sub.payloads("verdict")
+        # QoS 1 is at least once: on a loaded machine the 1 s re-send can fire before the
+        # restarted broker acknowledges, and a message arrives twice, as the same event (its
+        # event_id): what a subscriber de-duplicates on. Every frame, and nothing else.
+        by_id = {v["event_id"]: v["frame_id"] for v in got}
+        assert sorted(by_id.values()) == list(range(20)), "every frame once, by event_id"
+        assert len(got) <= 40, f"{len(got)} deliveries of 20 messages: more than one re-send each"
         st = pub.spool_stats()
         assert st.resent >= 20 and st.acked == 20 and st.dropped == 0
         pub.stop()
