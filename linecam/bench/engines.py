@@ -276,7 +276,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="linecam bench engines", description=(__doc__ or "").splitlines()[0])
+    ap = argparse.ArgumentParser(prog="linecam bench engines", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, default=None,
                     help="a distilled student bundle (export-engine distil); default: a random-weight student")
     ap.add_argument("--student", default="s", help="student size of the random-weight model: s, m or l")

@@ -246,7 +246,7 @@ def _previous_note(r: dict[str, Any], teacher: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="linecam bench real-photo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="linecam bench real-photo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(".cache") / "realphoto")
     ap.add_argument("--categories", default="brick,grass,gravel")
     ap.add_argument("--teachers", default="cnn,scratch")

@@ -43,7 +43,7 @@ def _ort_session(path: Path, threads: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="linecam bench region-expert", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="linecam bench region-expert", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--bank", type=int, default=8192, help="memory-bank features (coreset of good patches)")
     ap.add_argument("--rounds", type=int, default=15)
