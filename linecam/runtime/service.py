@@ -65,7 +65,10 @@ def _projector_factory(vb, v):
     if ProjectorInfo.of(vb.manifest.extra) is None or not projector_roles(vb):
         logger.info("VLM bundle %s has no region projector: prompt-only grounding", vb.root)
         return None
-    RegionProjector(vb, v.precision)  # a projector that does not fit fails the start, with one line
+    # Built once here only to check it (a projector that does not fit fails the start, with one
+    # line), and again in the worker's thread after its nice(): ONNX Runtime's pool threads
+    # inherit the priority of the thread that creates the session.
+    RegionProjector(vb, v.precision)
     logger.info("VLM bundle %s: region-token injection (%s)", vb.root, ", ".join(projector_roles(vb)))
     return lambda: RegionProjector(vb, v.precision)
 

@@ -51,12 +51,13 @@ class TextSpec(_Strict):
     layer_types: list[str] | None = None
 
 
-class QwenVisionSpec(_Strict):
-    kind: Literal["qwen2_5_vl"] = "qwen2_5_vl"
+class QwenImageSpec(_Strict):
+    """What every Qwen-VL vision tower shares: Qwen2-VL image processing (patches merged
+    ``merge_size`` x ``merge_size``) and the image-pad run in the prompt."""
+
     patch_size: int
     temporal_patch_size: int
     merge_size: int
-    window_size: int
     head_dim: int
     rope_theta: float = 10000.0
     min_pixels: int
@@ -69,24 +70,19 @@ class QwenVisionSpec(_Strict):
     image_pad: str = "<|image_pad|>"
 
 
-class Qwen3VisionSpec(_Strict):
-    """Qwen3.5 / Qwen3-VL vision: Qwen2-VL image processing, a learned position table of
-    ``num_grid_per_side`` squared rows, no windows (:mod:`linecam.runtime.vlm.qwen3`)."""
+class QwenVisionSpec(QwenImageSpec):
+    """Qwen2.5-VL vision: windowed attention, 2-D rotary positions."""
+
+    kind: Literal["qwen2_5_vl"] = "qwen2_5_vl"
+    window_size: int
+
+
+class Qwen3VisionSpec(QwenImageSpec):
+    """Qwen3.5 / Qwen3-VL vision: a learned position table of ``num_grid_per_side`` squared
+    rows, no windows (:mod:`linecam.runtime.vlm.qwen3`)."""
 
     kind: Literal["qwen3_vl"] = "qwen3_vl"
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int
-    head_dim: int
-    rope_theta: float = 10000.0
     num_grid_per_side: int
-    min_pixels: int
-    max_pixels: int
-    image_mean: list[float]
-    image_std: list[float]
-    vision_start: str = "<|vision_start|>"
-    vision_end: str = "<|vision_end|>"
-    image_pad: str = "<|image_pad|>"
 
 
 class Idefics3VisionSpec(_Strict):

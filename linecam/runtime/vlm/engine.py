@@ -24,7 +24,8 @@ from linecam.errors import BundleError
 from linecam.runtime.vlm import image as vimg
 from linecam.runtime.vlm import qwen3, rope
 from linecam.runtime.session import make_session
-from linecam.runtime.vlm.bundle import Idefics3VisionSpec, Qwen3VisionSpec, QwenVisionSpec, VlmBundle, load_vlm_bundle
+from linecam.runtime.vlm.bundle import (
+    Idefics3VisionSpec, Qwen3VisionSpec, QwenImageSpec, QwenVisionSpec, VlmBundle, load_vlm_bundle)
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class VlmEngine:
         n = enc.n_tokens
         if self.manifest.text.positions == "mrope":
             vis = self.manifest.vision
-            merge = vis.merge_size if isinstance(vis, (QwenVisionSpec, Qwen3VisionSpec)) else 1
+            merge = vis.merge_size if isinstance(vis, QwenImageSpec) else 1
             if enc.grids:
                 pos, delta = rope.mrope_positions(enc.input_ids[0], self.manifest.text.image_token_id,
                                                   enc.grids, merge)

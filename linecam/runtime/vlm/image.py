@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from linecam.runtime.vlm.bundle import Idefics3VisionSpec, Qwen3VisionSpec, QwenVisionSpec
+from linecam.runtime.vlm.bundle import Idefics3VisionSpec, QwenImageSpec
 from linecam.runtime.vlm.resample import pil_resize
 from linecam.runtime.vlm.rope import Grid
 
@@ -63,7 +63,7 @@ class QwenImage:
     n_tokens: int  # image-pad tokens in the prompt
 
 
-def qwen_preprocess(rgb: np.ndarray, spec: QwenVisionSpec | Qwen3VisionSpec) -> QwenImage:
+def qwen_preprocess(rgb: np.ndarray, spec: QwenImageSpec) -> QwenImage:
     """``(H, W, 3)`` uint8 RGB -> Qwen-VL ``pixel_values`` and patch grid."""
     p, tp, m = spec.patch_size, spec.temporal_patch_size, spec.merge_size
     h, w = smart_resize(rgb.shape[0], rgb.shape[1], p * m, spec.min_pixels, spec.max_pixels)
