@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from linecam.errors import LinecamError
 from linecam.export.cli_sections import SectionedCommand
+from linecam.export.cli_quant import quant_kwargs, quant_options
 
 logger = logging.getLogger(__name__)
 
@@ -147,24 +149,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--calib-anomalies", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Share of INT8 calibration images given a synthetic anomaly, so that activation ranges "
                    "cover what defects produce (good images alone make defect activations clip).")
-@click.option("--quantize", "quantize", default="fp16,int8", show_default=True,
-              help="Exported precisions besides FP32: comma list of fp16, int8; 'none' for FP32 only.")
-@click.option("--int8-method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
-              help="INT8 calibration method (default: the quantizer's).")
-@click.option("--quant-tool", "int8_tool", type=click.Choice(["auto", "ort", "modelopt"]), default="auto",
-              show_default=True,
-              help="Q/DQ quantizer: ONNX Runtime, or NVIDIA ModelOpt when installed.")
-@click.option("--max-auroc-drop", type=click.FloatRange(min=0), default=0.5, show_default=True,
-              help="Accuracy gate: largest image-AUROC loss (points) of FP16/INT8 vs FP32.")
-@click.option("--min-map-pearson", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
-              help="Accuracy gate: smallest anomaly-map correlation of FP16/INT8 with FP32.")
-@click.option("--max-score-diff", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
-              help="Accuracy gate: largest |score - FP32 score| as a share of the FP32 map's range "
-                   "(thresholds are fitted on FP32).")
-@click.option("--int8-max-float", type=click.IntRange(min=0), default=3, show_default=True,
-              help="When INT8 fails the accuracy gate, keep up to this many of its most sensitive "
-                   "convolutions in float until it passes (0: fail as is).")
-@click.option("--force", is_flag=True, help="Write the bundle even when the accuracy gate fails.")
+@quant_options("Exported precisions besides FP32: comma list of fp16, int8; 'none' for FP32 only.")
 @click.option("--target-frr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
               show_default=True, help="Wanted false-reject rate on good parts.")
 @click.option("--sensitivity", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -177,9 +162,8 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
            images: Path, out: Path,
            work_dir: Path | None, size: tuple[int, int], student: str, steps: int, batch_size: int, lr: float,
            pool_size: int, seed: int, holdout: float, bad_images: Path | None, calib_images: Path | None,
-           calib_anomalies: float, quantize: str, int8_method: str | None, int8_tool: str, max_auroc_drop: float,
-           min_map_pearson: float, max_score_diff: float, int8_max_float: int, force: bool, target_frr: float,
-           sensitivity: float, name: str | None, threads: int | None, quiet: bool) -> None:
+           calib_anomalies: float, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
+           quiet: bool, **quant: Any) -> None:
     """Distil a teacher into a compact student; FP16 + INT8 ONNX behind an accuracy gate; write a bundle."""
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
@@ -188,7 +172,6 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
     from linecam.preprocess import PreprocessSpec
 
     work = work_dir or out.with_name(out.name + ".work")
-    q = tuple(p.strip() for p in quantize.lower().split(",") if p.strip() and p.strip() != "none")
     spec = PreprocessSpec(input_size=size)
     if teacher_kind == "cnn":
         from linecam.export.cnn_teacher import CnnTeacher
@@ -220,11 +203,8 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
             extra = {"threads": threads} if cls is teachers.OnnxTeacher else {}
             teacher = cls(teacher_model, spec, output=teacher_output, **extra)
     options = DistilOptions(student=student, steps=steps, batch_size=batch_size, lr=lr, pool_size=pool_size,
-                            seed=seed, holdout=holdout, target_frr=target_frr, sensitivity=sensitivity, quantize=q,
-                            int8_method=int8_method, int8_tool=int8_tool, calib_anomaly_ratio=calib_anomalies,
-                            max_auroc_drop=max_auroc_drop, max_score_diff=max_score_diff,
-                            min_map_pearson=min_map_pearson, int8_max_float=int8_max_float, force=force,
-                            threads=threads, name=name)
+                            seed=seed, holdout=holdout, target_frr=target_frr, sensitivity=sensitivity,
+                            calib_anomaly_ratio=calib_anomalies, threads=threads, name=name, **quant_kwargs(quant))
     result = run_distil(teacher, images, out, work_dir=work, options=options, bad_images=bad_images,
                         calib_images=calib_images, progress=not quiet)
     if not quiet:

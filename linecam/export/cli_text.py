@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
+
+from linecam.export.cli_quant import quant_kwargs, quant_options
 
 
 def _scales(value: str) -> tuple[int, ...]:
@@ -40,19 +43,7 @@ def _scales(value: str) -> tuple[int, ...]:
               help="Few-shot: fraction of good patch features kept in the memory bank.")
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Fraction of --images kept out of the bank for the gate and thresholds.")
-@click.option("--quantize", "quantize", default="fp16,int8", show_default=True,
-              help="Precisions besides FP32 (need --images): comma list of fp16, int8; 'none' for FP32 only.")
-@click.option("--int8-method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
-              help="INT8 calibration method (default: the quantizer's).")
-@click.option("--quant-tool", "int8_tool", type=click.Choice(["auto", "ort", "modelopt"]), default="auto",
-              show_default=True, help="Q/DQ quantizer: ONNX Runtime, or NVIDIA ModelOpt when installed.")
-@click.option("--max-auroc-drop", type=click.FloatRange(min=0), default=0.5, show_default=True,
-              help="Accuracy gate: largest image-AUROC loss (points) of FP16/INT8 vs FP32.")
-@click.option("--min-map-pearson", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
-              help="Accuracy gate: smallest anomaly-map correlation of FP16/INT8 with FP32.")
-@click.option("--max-score-diff", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
-              help="Accuracy gate: largest |score - FP32 score| as a share of the FP32 map's range.")
-@click.option("--force", is_flag=True, help="Write the bundle even when the accuracy gate fails.")
+@quant_options("Precisions besides FP32 (need --images): comma list of fp16, int8; 'none' for FP32 only.")
 @click.option("--target-frr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
               show_default=True, help="Wanted false-reject rate on good parts (with --images).")
 @click.option("--sensitivity", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -62,20 +53,18 @@ def _scales(value: str) -> tuple[int, ...]:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch and ONNX Runtime.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
 def text_expert(clip_dir: Path, prompts: Path, out: Path, images: Path | None, zero_shot: bool, scales: str,
-                text_weight: float, coreset_ratio: float, holdout: float, quantize: str, int8_method: str | None,
-                int8_tool: str, max_auroc_drop: float, min_map_pearson: float, max_score_diff: float, force: bool,
-                target_frr: float, sensitivity: float, seed: int, name: str | None, threads: int | None,
-                quiet: bool) -> None:
+                text_weight: float, coreset_ratio: float, holdout: float, target_frr: float, sensitivity: float,
+                seed: int, name: str | None, threads: int | None, quiet: bool, **quant: Any) -> None:
     """Text-prompted region expert (WinCLIP-style): prompt embeddings baked into a CLIP image graph."""
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
     if zero_shot and images is None:
         raise click.UsageError("--zero-shot only changes what --images does: add --images <good images>, or "
                                "leave both out for a pure zero-shot bundle")
-    q = tuple(p.strip() for p in quantize.lower().split(",") if p.strip() and p.strip() != "none")
+    quant = quant_kwargs(quant)
     if images is None and click.get_current_context().get_parameter_source("quantize") \
             is click.core.ParameterSource.DEFAULT:
-        q = ()  # pure zero-shot: nothing to calibrate or gate on; FP32 only, said in --help
+        quant["quantize"] = ()  # pure zero-shot: nothing to calibrate or gate on; FP32 only, said in --help
     try:
         from linecam.export.text_bundle import TextExpertOptions, export_text_expert
     except ImportError as e:
@@ -87,9 +76,7 @@ def text_expert(clip_dir: Path, prompts: Path, out: Path, images: Path | None, z
         hf_logging.disable_progress_bar()  # "Loading weights" bars
     options = TextExpertOptions(scales=_scales(scales), text_weight=text_weight, zero_shot=zero_shot,
                                 coreset_ratio=coreset_ratio, holdout=holdout, seed=seed, target_frr=target_frr,
-                                sensitivity=sensitivity, quantize=q, int8_method=int8_method, int8_tool=int8_tool,
-                                max_auroc_drop=max_auroc_drop, min_map_pearson=min_map_pearson,
-                                max_score_diff=max_score_diff, force=force, threads=threads, name=name)
+                                sensitivity=sensitivity, threads=threads, name=name, **quant)
     res = export_text_expert(clip_dir, prompts, out, images=images, options=options, progress=not quiet)
     if not quiet:
         labels = f", labels {', '.join(res.labels)}" if res.labels else ""

@@ -46,8 +46,7 @@ from linecam.bundle import (
 from linecam.calibration.metrics import auroc, pearson
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
 from linecam.errors import BundleError
-from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
-from linecam.export.int8_search import DEFAULT_MAX_FLOAT
+from linecam.export.gate import run_expert
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.export.pool import SCALE_QUANTILE, Pool, build_pool, map_scale  # noqa: F401
@@ -61,7 +60,7 @@ from linecam.export.scratch import (
 )
 from linecam.export.student import SIZES, STRIDE, Student, downsample, image_score, map_size
 from linecam.export.teachers import Teacher
-from linecam.export.variants import FP16_FILE, GATE_FILE, INT8_FILE, GateSettings, quantize_and_gate  # noqa: F401
+from linecam.export.variants import FP16_FILE, GATE_FILE, INT8_FILE, QuantOptions, quantize_and_gate  # noqa: F401
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
 
@@ -74,7 +73,9 @@ MIN_DISTIL_PEARSON = 0.9
 
 
 @dataclass
-class DistilOptions:
+class DistilOptions(QuantOptions):
+    """``export-engine distil``'s choices (quantization and gate ones: :class:`QuantOptions`)."""
+
     student: str = "s"
     steps: int = 1500
     batch_size: int = 8
@@ -85,18 +86,8 @@ class DistilOptions:
     target_frr: float = 0.01
     sensitivity: float = 1.0
     score_pool: int = 3
-    quantize: tuple[str, ...] = ("fp16", "int8")
-    int8_method: str | None = None
-    int8_tool: str = "auto"
     #: Share of calibration images given a synthetic anomaly (see quantize.CALIBRATION_ANOMALY_RATIO).
     calib_anomaly_ratio: float = CALIBRATION_ANOMALY_RATIO
-    max_auroc_drop: float = MAX_AUROC_DROP
-    min_map_pearson: float = MIN_PEARSON
-    max_score_diff: float = MAX_SCORE_DIFF
-    #: When INT8 fails the gate, keep up to this many of its most sensitive convolutions in
-    #: float (see :mod:`linecam.export.int8_search`); 0: fail as is.
-    int8_max_float: int = DEFAULT_MAX_FLOAT
-    force: bool = False
     checkpoint_every: int = 100
     eval_good: int = 64
     eval_bad: int = 64
@@ -355,10 +346,8 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
         calib_src = list_images(calib_images) if calib_images is not None else train_set
         v = quantize_and_gate(fp32, out, spec, calib_src,
                               str(Path(calib_images).resolve()) if calib_images else "training images",
-                              ev.x, ev.labels, ev.masks, GateSettings(
-                                  o.quantize, o.max_auroc_drop, o.min_map_pearson, o.max_score_diff, o.force,
-                                  o.int8_method, o.int8_tool, o.calib_anomaly_ratio, o.seed, o.threads,
-                                  int8_max_float=o.int8_max_float))
+                              ev.x, ev.labels, ev.masks, o.gate_settings(
+                                  calib_anomaly_ratio=o.calib_anomaly_ratio, seed=o.seed, threads=o.threads))
         gate_dict, calibration = v.gate, v.calibration
         files.update(v.files)
         seconds["quantize_and_gate"] = time.perf_counter() - t

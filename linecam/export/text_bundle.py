@@ -43,14 +43,14 @@ from linecam.bundle import (
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.distil import FP32_FILE, eval_set
-from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON, run_expert
+from linecam.export.gate import run_expert
 from linecam.export.images import list_images, split_holdout
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.export.prompts import load_prompts
 from linecam.export.scratch import _versions
 from linecam.export.teachers import build_bank
 from linecam.export.text_expert import DEFAULT_SCALES, PROMPT_MAPS, TextExpert, embed_prompts, load_clip
-from linecam.export.variants import GateSettings, quantize_and_gate
+from linecam.export.variants import QuantOptions, quantize_and_gate
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
 
@@ -63,7 +63,9 @@ TEXT_MARKERS = ("text_model", "text_projection", "input_ids", "token_embedding")
 
 
 @dataclass
-class TextExpertOptions:
+class TextExpertOptions(QuantOptions):
+    """``export-engine text-expert``'s choices (quantization and gate ones: :class:`QuantOptions`)."""
+
     scales: tuple[int, ...] = DEFAULT_SCALES
     text_weight: float = 0.5
     zero_shot: bool = False  # with images: use them for thresholds / gate only, no bank
@@ -73,13 +75,6 @@ class TextExpertOptions:
     seed: int = 0
     target_frr: float = 0.01
     sensitivity: float = 1.0
-    quantize: tuple[str, ...] = ("fp16", "int8")
-    int8_method: str | None = None
-    int8_tool: str = "auto"
-    max_auroc_drop: float = MAX_AUROC_DROP
-    min_map_pearson: float = MIN_PEARSON
-    max_score_diff: float = MAX_SCORE_DIFF
-    force: bool = False
     #: Good evaluation images (held out + jittered copies); None: enough for the target FRR's
     #: quantile (1 / target_frr). Fewer fall back to "max good x 3", which a probability map
     #: bounded by 1 never reaches.
@@ -198,8 +193,7 @@ def _write(model: TextExpert, clip: Any, prompts: Any, spec: PreprocessSpec, lab
         ev = eval_set(hold_set, spec, o.seed, n_good, o.eval_bad)
         t = time.perf_counter()
         v = quantize_and_gate(fp32, out, spec, train_set, "training images", ev.x, ev.labels, ev.masks,
-                              GateSettings(o.quantize, o.max_auroc_drop, o.min_map_pearson, o.max_score_diff,
-                                           o.force, o.int8_method, o.int8_tool, seed=o.seed, threads=o.threads))
+                              o.gate_settings(seed=o.seed, threads=o.threads))
         files.update(v.files)
         gate_dict, calibration = v.gate, v.calibration
         seconds["quantize_and_gate"] = time.perf_counter() - t

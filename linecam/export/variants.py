@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from linecam.bundle import FileEntry, file_entry
+from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON
 from linecam.export.int8_search import DEFAULT_MAX_FLOAT, SearchResult, keep_sensitive_float
 from linecam.preprocess import PreprocessSpec
 
@@ -28,20 +29,31 @@ GATE_FILE = "gate.json"
 
 
 @dataclass
-class GateSettings:
-    quantize: tuple[str, ...]
-    max_auroc_drop: float
-    min_map_pearson: float
-    max_score_diff: float
+class QuantOptions:
+    """The quantization and accuracy-gate choices every region-expert export offers
+    (``distil`` and ``text-expert`` options inherit them; :meth:`gate_settings` hands them on)."""
+
+    quantize: tuple[str, ...] = ("fp16", "int8")
+    max_auroc_drop: float = MAX_AUROC_DROP
+    min_map_pearson: float = MIN_PEARSON
+    max_score_diff: float = MAX_SCORE_DIFF
     force: bool = False
     int8_method: str | None = None
     int8_tool: str = "auto"
-    calib_anomaly_ratio: float = 0.5
-    seed: int = 0
-    threads: int | None = None
     #: When INT8 fails the gate, keep up to this many of its most sensitive convolutions in
     #: float until it passes (:mod:`linecam.export.int8_search`); 0: fail as is.
     int8_max_float: int = DEFAULT_MAX_FLOAT
+
+    def gate_settings(self, **kw: Any) -> GateSettings:
+        """These choices plus the run's own (``seed``, ``threads``, ``calib_anomaly_ratio``)."""
+        return GateSettings(**{f.name: getattr(self, f.name) for f in fields(QuantOptions)}, **kw)
+
+
+@dataclass
+class GateSettings(QuantOptions):
+    calib_anomaly_ratio: float = 0.5
+    seed: int = 0
+    threads: int | None = None
 
 
 @dataclass
