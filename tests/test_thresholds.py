@@ -43,7 +43,7 @@ def test_small_n_falls_back_to_max_with_margin_and_states_uncertainty() -> None:
     good = np.linspace(0.1, 0.3, 30)  # 30 < 1 / 0.01
     fit = fit_image_threshold(good, target_frr=0.01)
     assert fit.method == "good_max_margin"
-    assert fit.value == pytest.approx(0.9)  # max good x 3 (non-negative scores)
+    assert fit.value == pytest.approx(0.1 + 3 * 0.2)  # lowest good + 3 x (max - lowest) (non-negative scores)
     assert fit.details["good_exceeding"] == 0
     # 0 rejects in 30: the true FRR is only known to be below 1 - 0.05**(1/30) (~ rule of three).
     ub = fit.details["frr_upper_bound"]
@@ -56,21 +56,37 @@ def test_one_isolated_good_score_does_not_triple_the_threshold() -> None:
     from linecam.calibration.thresholds import isolated_warning, threshold_warning
 
     bulk = np.linspace(0.1, 0.3, 63)
-    fit = fit_image_threshold(np.append(bulk, 0.9), target_frr=0.01)  # 0.9 = 3x the second largest
-    # The margin applies to 2 x the second largest (0.6), not to the isolated 0.9 (-> 2.7).
-    assert fit.value == pytest.approx(3 * 2 * 0.3)
+    # 0.9 stands 0.8 above the lowest good (0.1): 4x as high as the second largest (0.3, 0.2 above).
+    fit = fit_image_threshold(np.append(bulk, 0.9), target_frr=0.01)
+    # The margin applies to 2 x the second's height (0.4), not to the isolated 0.8 (-> 2.5).
+    assert fit.value == pytest.approx(0.1 + 3 * 2 * 0.2)
     assert fit.details["good_exceeding"] == 0  # still accepted
     assert fit.details["isolated_max"] == pytest.approx(0.9)
     assert "isolated" in fit.details["note"]
     assert "0.9" in isolated_warning(fit) and "really good" in threshold_warning(fit)
     # Just above the threshold it would otherwise give, the isolated score sets it itself.
     assert fit_image_threshold(np.append(bulk, 2.5)).value == pytest.approx(np.nextafter(2.5, 3))
-    # Not isolated (<= 2 x the second; the demo's fit had 1.8x at scores ~0.005): the plain rule, no warning.
-    plain = fit_image_threshold(np.append(bulk, 0.54))
-    assert plain.value == pytest.approx(3 * 0.54) and isolated_warning(plain) is None
-    # Continuous at the boundary: a hair either side of 2 x the second gives the same threshold.
-    lo, hi = (fit_image_threshold(np.append(bulk, 0.6 + d)).value for d in (-1e-9, 1e-9))
+    # Not isolated (<= 2 x the second's height; the demo's fit had 1.8x at scores ~0.005): the plain
+    # rule, no warning.
+    plain = fit_image_threshold(np.append(bulk, 0.45))
+    assert plain.value == pytest.approx(0.1 + 3 * 0.35) and isolated_warning(plain) is None
+    # Continuous at the boundary: a hair either side of 2 x the second's height gives the same threshold.
+    lo, hi = (fit_image_threshold(np.append(bulk, 0.5 + d)).value for d in (-1e-9, 1e-9))
     assert lo == pytest.approx(hi, abs=1e-6)
+
+
+def test_a_distance_map_with_a_floor_gets_a_threshold_defects_can_reach() -> None:
+    """A kNN feature-distance map (the cnn teacher's students) scores good parts around a floor
+    far from zero: 3 x the largest good put the threshold at ~2.6 here, above real defects
+    (~1.1: a real-photo student missed all of them). The margin is on the height above the floor,
+    so the threshold moves with an offset of the map and scales with it."""
+    good = np.linspace(0.80, 0.86, 64)
+    fit = fit_image_threshold(good)
+    assert fit.value == pytest.approx(0.80 + 3 * 0.06)
+    assert good.max() < fit.value < 1.1
+    for c in (0.0, 5.0, 100.0):
+        assert fit_image_threshold(good + c).value == pytest.approx(fit.value + c)
+    assert fit_image_threshold(good * 10).value == pytest.approx(fit.value * 10)
 
 
 def test_small_n_margin_for_scores_without_a_natural_zero() -> None:
@@ -130,7 +146,7 @@ def test_pixel_threshold_from_per_image_max() -> None:
     for i in range(40):
         maps[i, 0, i % 16, (3 * i) % 16] = 0.01 * (i + 1)  # one hot pixel per image: max 0.01 .. 0.40
     fit = fit_pixel_threshold(maps)
-    assert fit.value == pytest.approx(1.2)  # above every good maximum: no good image shows a region
+    assert fit.value == pytest.approx(0.01 + 3 * 0.39)  # above every good maximum: no good image shows a region
     assert fit.details["score"] == "pixel_max" and fit.n_good == 40
     # Same from a list of 2-D maps.
     assert fit_pixel_threshold([m[0] for m in maps]).value == fit.value

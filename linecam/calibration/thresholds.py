@@ -2,12 +2,14 @@
 
 Good images only (the usual case on a line): the image threshold is the
 ``1 - target_frr`` quantile of the good scores. That quantile cannot be estimated
-from fewer than ``1 / target_frr`` images; then the threshold is the largest good
-score times a margin (default 3, for the non-negative scores linecam experts
-produce) — except that one good score standing alone far above the rest (more than
-``ISOLATED_RATIO`` times the second largest: an odd part, a mislabelled defect, an
-augmentation artefact) counts only as ``ISOLATED_RATIO`` times the second largest, and the
-threshold stays just above it — and ``details`` states what the data can actually promise: a one-sided
+from fewer than ``1 / target_frr`` images; then the threshold is the lowest good score plus a margin
+(default 3) times the good scores' height above it, ``floor + 3 x (max - floor)``, for the
+non-negative scores linecam experts produce: ``3 x max`` for a probability map (floor ~0),
+and a threshold that catches defects for a feature-distance map, whose good floor is far
+from zero — except that one good score standing alone far above the rest (more than
+``ISOLATED_RATIO`` times as high above the floor as the second largest: an odd part, a
+mislabelled defect, an augmentation artefact) counts only as that high, and the threshold
+stays just above it — and ``details`` states what the data can actually promise: a one-sided
 Clopper-Pearson upper bound on the true false-reject rate (``≈ 3 / n`` when no good
 image exceeds the threshold, the "rule of three").
 
@@ -32,10 +34,12 @@ from linecam.bundle import Thresholds
 
 #: Confidence of the stated false-reject-rate upper bounds.
 CONFIDENCE = 0.95
-#: Small-sample fallback: threshold = max good score x this margin (see ``_good_only``).
+#: Small-sample fallback: threshold = lowest good + this margin x (max good - lowest good)
+#: (see ``_good_only``).
 SMALL_N_MARGIN = 3.0
-#: A largest good score above this many times the second largest is *isolated*: the margin is
-#: taken on ``ISOLATED_RATIO x second largest`` instead, so one image cannot triple the threshold.
+#: A largest good score this many times as high above the good floor as the second largest is
+#: *isolated*: the margin is taken on ``ISOLATED_RATIO x`` the second's height instead, so one
+#: image cannot triple the threshold.
 #: 2, not less: near-zero probability scores vary by 1.5-1.8x between good images by chance (the
 #: demo's own fit), which is no reason to warn.
 ISOLATED_RATIO = 2.0
@@ -152,19 +156,27 @@ def _good_only(good: np.ndarray, target_frr: float, margin: float) -> tuple[floa
         t = 0.5 * (lo + hi) if math.isfinite(hi) and hi > lo else float(np.nextafter(lo, np.inf))
         return t, "good_quantile", {"k_allowed": k}
     if good.min() >= 0:
-        # Non-negative, probability-like scores (every linecam expert's): a relative
-        # margin. Observed tails of good scores are heavy (rare poses, glints) and 30-50
-        # held-out images do not show them; defects score orders of magnitude higher.
+        # Non-negative scores (every linecam expert's): a relative margin on the height above
+        # the good floor (the lowest good score): t = floor + margin x (max - floor). For a
+        # probability map the floor is ~0 and this is max x margin; a feature-distance map
+        # (the cnn teacher's students) never goes near 0 for good parts, and margin x max there
+        # put the threshold above every real defect (all missed, none rejected).
+        # Observed tails of good scores are heavy (rare poses, glints) and 30-50 held-out
+        # images do not show them: hence a margin, not the max itself.
         # One isolated good score would otherwise set the threshold alone: a student that
         # flags a glint on one augmented copy at 3x the others' scores put the threshold at
         # 9x the good bulk and above most real defects. It still stays accepted (t > gmax).
-        ref, rule = gmax, f"max good x {margin}"
+        floor = float(good.min())
+        ref, rule = gmax, f"lowest good + {margin} x (max good - lowest good)"
         second = float(np.partition(good, n - 2)[n - 2]) if n >= 2 else 0.0
-        if second > 0 and gmax > ISOLATED_RATIO * second:
-            ref = ISOLATED_RATIO * second
-            rule = (f"{ISOLATED_RATIO} x second-largest good x {margin}, not below the largest: the largest "
-                    f"good score ({gmax:.4g}) is {gmax / second:.1f}x the second ({second:.4g}), isolated")
-        t = max(ref * margin, float(np.nextafter(gmax, np.inf)))
+        if second > floor and gmax - floor > ISOLATED_RATIO * (second - floor):
+            # Heights above the floor, like the margin: the same test for both kinds of map.
+            ref = floor + ISOLATED_RATIO * (second - floor)
+            rule = (f"lowest good + {margin} x {ISOLATED_RATIO} x (second-largest good - lowest good), not "
+                    f"below the largest: the largest good score ({gmax:.4g}) stands "
+                    f"{(gmax - floor) / (second - floor):.1f}x as high above the lowest ({floor:.4g}) as the "
+                    f"second ({second:.4g}), isolated")
+        t = max(floor + margin * (ref - floor), float(np.nextafter(gmax, np.inf)))
     else:  # scores with no natural zero: the same margin on the spread above the median
         spread = gmax - med if gmax > med else abs(gmax) * 0.05 or 1e-6
         t = gmax + (margin - 1.0) * spread

@@ -76,8 +76,8 @@ class TextExpertOptions(QuantOptions):
     target_frr: float = 0.01
     sensitivity: float = 1.0
     #: Good evaluation images (held out + jittered copies); None: enough for the target FRR's
-    #: quantile (1 / target_frr). Fewer fall back to "max good x 3", which a probability map
-    #: bounded by 1 never reaches.
+    #: quantile (1 / target_frr). Fewer fall back to "lowest good + 3 x (max - lowest)", which a
+    #: probability map bounded by 1 may never reach.
     eval_good: int | None = None
     eval_bad: int = 32
     threads: int | None = None
