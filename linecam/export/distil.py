@@ -136,8 +136,10 @@ def train_student(model: Student, pool: Pool, scale: float, ckpt: Path, key: str
             idx = np.sort(np.random.default_rng([seed, 11, step]).choice(pool.n, batch_size, replace=False))
             x = torch.from_numpy(pool.x[idx].astype(np.float32))
             t = torch.from_numpy(pool.t[idx] / scale)[:, None]
-            pred = F.relu(model.raw(x))
-            loss = F.mse_loss(pred, t)
+            # The map before its clamp: targets are >= 0, and a clamped prediction has no gradient
+            # where it is negative, so a region that once went negative stayed dead (a gravel
+            # student lost one border column of its map for good: loss flat at 1/16 x t^2).
+            loss = F.mse_loss(model.raw(x), t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
