@@ -70,6 +70,8 @@ FP32_FILE = "model.onnx"
 REPORT_FILE = "distil.json"
 #: Below this student-vs-teacher map correlation on held-out images the export warns.
 MIN_DISTIL_PEARSON = 0.9
+#: What :func:`train_student` minimises (part of a checkpoint's key).
+TRAIN_OBJECTIVE = "mse(raw map, teacher / scale)"
 
 
 @dataclass
@@ -298,7 +300,9 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     t = time.perf_counter()
     torch.manual_seed(o.seed)
     student = Student(o.student, score_pool=o.score_pool)
-    run_key = _key(pool_key, o.student, o.steps, o.batch_size, o.lr, o.score_pool)
+    # The objective is in the key: a checkpoint cached by the clamped-map loss (whose students
+    # could lose a map column for good) is not resumed as if it were this one's.
+    run_key = _key(pool_key, o.student, o.steps, o.batch_size, o.lr, o.score_pool, TRAIN_OBJECTIVE)
     ckpt = work / f"student-{o.student}-{run_key}.pt"
     losses = train_student(student, pool, scale, ckpt, run_key, steps=o.steps, batch_size=o.batch_size,
                            lr=o.lr, seed=o.seed, every=max(1, o.checkpoint_every), progress=progress)
