@@ -208,6 +208,7 @@ def _fit(good: np.ndarray, bad: np.ndarray | None, target_frr: float, sensitivit
         "score": what,
         "sensitivity": sensitivity,
         "good_median": med,
+        "good_min": float(good.min()),
         "good_max": float(good.max()),
         "good_exceeding": n_exceed,
         "frr_observed": n_exceed / good.size,

@@ -122,7 +122,8 @@ def expert_map(logits: torch.Tensor) -> torch.Tensor:
     """``sigmoid(z) + max(0, z)``: for z < 0 the old sigmoid map bit for bit (good images, hence
     thresholds, as before); above, the log-odds keep a stronger defect scoring higher. Not bare
     logits: thresholds must stay positive (scores are published as ``raw / threshold``) and the
-    small-sample rule (a margin on heights above the good floor) wants non-negative scores. Not softplus: float32 rounds it to 0 for z < -16."""
+    small-sample rule (a margin on heights above the good floor) wants non-negative scores. Not
+    softplus: float32 rounds it to 0 for z < -16."""
     return torch.sigmoid(logits) + F.relu(logits)
 
 
