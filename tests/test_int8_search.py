@@ -128,3 +128,23 @@ def test_quantize_and_gate_rescues_int8_and_says_so_loudly(setup: dict, tmp_path
     assert len(loud) == 1, caplog.text
     assert first in loud[0]
     assert json.loads((tmp_path / "gate.json").read_text())["int8_search"]["kept_float"]
+
+
+def test_both_export_commands_default_to_the_quant_options_defaults():
+    """cli_quant writes its defaults as literals (``--help`` imports only click): they must be
+    QuantOptions' own, for distil and text-expert alike."""
+    import dataclasses
+
+    import click
+
+    from linecam.export.cli import distil
+    from linecam.export.cli_quant import parse_precisions
+    from linecam.export.cli_text import text_expert
+    from linecam.export.variants import QuantOptions
+
+    want = {f.name: f.default for f in dataclasses.fields(QuantOptions)}
+    for command in (distil, text_expert):
+        ctx = click.Context(command)
+        got = {p.name: p.get_default(ctx) for p in command.params if p.name in want}
+        got["quantize"] = parse_precisions(got["quantize"])
+        assert got == want, command.name

@@ -1,9 +1,10 @@
 """The quantization and accuracy-gate options every region-expert export takes
 (``export-engine distil`` and ``text-expert``): one definition, so both offer the same ones
-with the same defaults (those of :class:`linecam.export.variants.QuantOptions`).
+with the same defaults, those of :class:`linecam.export.variants.QuantOptions` (written here as
+literals so that ``--help`` imports nothing but click; ``tests/test_int8_search.py`` checks they agree).
 
 A command decorated with :func:`quant_options` receives them as ``**quant`` and hands
-:func:`quant_kwargs` of them to its options dataclass. Imports only click: ``--help`` stays fast.
+:func:`quant_kwargs` of them to its options dataclass.
 """
 
 from __future__ import annotations
