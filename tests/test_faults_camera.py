@@ -317,16 +317,28 @@ def test_genicam_acquirer_torn_down_under_the_daemon_recovers(broker, tiny_bundl
     seen: dict[str, int] = {}
 
     def saboteur(daemon):
+        # The fault is injected on the acquisition thread, between two fetches: an unplugged camera
+        # makes the producer fail its next call, it does not free the acquirer under a running one.
+        # Destroying it from another thread mid-fetch was a use-after-free in native code (a CI run
+        # died of SIGSEGV there), which no daemon can survive and no real unplug does.
+        src = daemon.source
+        real_read = src.read
+
+        def read(timeout):
+            if "at_fault" not in seen and daemon.counters.get("frames") >= 20:
+                seen["at_fault"] = daemon.counters.get("frames")
+                ia = src._ia  # the live harvesters ImageAcquirer
+                if teardown == "destroy":
+                    ia.destroy()  # the next fetch fails inside harvesters
+                else:
+                    ia.stop()  # acquisition stops: the camera goes silent
+            return real_read(timeout)
+        src.read = read
+
         def run():
-            while daemon.counters.get("frames") < 20:
+            while "at_fault" not in seen and not daemon.stopping:
                 time.sleep(0.02)
-            seen["at_fault"] = daemon.counters.get("frames")
-            ia = daemon.source._ia  # the live harvesters ImageAcquirer
-            if teardown == "destroy":
-                ia.destroy()  # from another thread, mid-fetch: GenTL errors in read()
-            else:
-                ia.stop()  # acquisition stops: the camera goes silent
-            while daemon.counters.get("frames") < seen["at_fault"] + 30 and not daemon.stopping:
+            while daemon.counters.get("frames") < seen.get("at_fault", 0) + 30 and not daemon.stopping:
                 time.sleep(0.05)
             seen["sigint"] = signal.getsignal(signal.SIGINT)  # after the reopen in the main thread
             daemon.request_stop()
@@ -338,8 +350,8 @@ def test_genicam_acquirer_torn_down_under_the_daemon_recovers(broker, tiny_bundl
     assert c["camera_faults"] >= 1 and c["camera_reconnects"] >= 1, c
     assert c["frames"] >= seen["at_fault"] + 30  # publishing resumed
     status = [e.payload for e in events if e.type == "status"]
-    # Stopping acquisition from another thread races the fetch: viky either goes silent (the frame timeout
-    # fires) or fails the in-flight GetBufferInfo (a GenTL error). Both must read as "camera down" and recover.
+    # A stopped acquisition goes silent (the frame timeout fires) or fails the next fetch; a destroyed
+    # acquirer fails the next fetch. Either must read as "camera down" and recover.
     down_then_up(status, ("no frame for 1 s", "stopped delivering") if teardown == "stop" else "stopped delivering")
     verdicts = [e.payload for e in events if e.type == "verdict"]
     assert len(verdicts) == c["frames"]
