@@ -123,10 +123,15 @@ def test_quantize_and_gate_rescues_int8_and_says_so_loudly(setup: dict, tmp_path
                               setup["labels"], None, settings)
     assert v.gate["passed"] and v.gate["int8_search"]["passed"]
     Q.to_int8(setup["fp32"], tmp_path / "all.onnx", setup["calib"], tool="ort")
-    first = quantized_convs(tmp_path / "all.onnx")[0]  # conv a: the one the search must keep float
+    convs = quantized_convs(tmp_path / "all.onnx")
+    first = convs[0]  # conv a: the one the search must keep float
     loud = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "kept in float" in r.getMessage()]
     assert len(loud) == 1, caplog.text
     assert first in loud[0]
+    # It counts and names the convolutions the search kept, not the head nodes every INT8 model keeps float.
+    named = v.gate["int8_search"]["float_convs"]
+    assert named and set(named) <= set(convs), named
+    assert f"with {len(named)} convolution(s) kept in float ({', '.join(named)})" in loud[0], loud[0]
     assert json.loads((tmp_path / "gate.json").read_text())["int8_search"]["kept_float"]
 
 

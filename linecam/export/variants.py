@@ -105,7 +105,7 @@ def quantize_and_gate(fp32: Path, out: Path, spec: PreprocessSpec, calib_src: Se
             # float fallback passes often means calibration images unlike the line's.
             logger.warning("INT8 passes the accuracy gate only with %d convolution(s) kept in float (%s): check "
                            "that the calibration images look like the line's; the INT8 file is that mixed model",
-                           len(search.result.kept_float), ", ".join(search.result.kept_float))
+                           len(search.float_convs), ", ".join(search.float_convs))
         if search.result is not None:
             calibration.update(kept_float=list(search.result.kept_float), qdq_pairs=search.result.qdq_pairs,
                                ops_quantized=search.result.ops_quantized)
