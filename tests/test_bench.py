@@ -475,6 +475,24 @@ def test_real_photo_render_marks_rows_kept_from_a_previous_run():
     assert rows["| PatchCore reference (effnet-lite0, direct)"].endswith("| 0.900 | 0.800 |")
 
 
+def test_real_photo_render_shows_the_reference_scored_like_the_students():
+    """The reference's second row reads ``patchcore.students_rule`` (same maps, the students' image
+    score), so a student's lead over plain PatchCore can be told apart from the score rule's."""
+    from linecam.bench.real_photo import render
+
+    def m(img: float) -> dict:
+        return {"overall": {"image_auroc": img, "pixel_auroc": 0.8, "aupro": 0.7},
+                "per_kind": {"dent": {"image_auroc": img, "pixel_auroc": 0.8, "aupro": 0.7}},
+                "by_strength": {"soft": 0.5, "strong": 0.6}}
+
+    r = {"machine": "m", "crop": 128, "settings": "s", "categories": {
+        c: {"patchcore": {**m(0.6), "students_rule": {**m(img), "score_pool": 3}}} for c, img in (("a", 0.8), ("b", 0.9))}}
+    lines = [ln for ln in render(r).splitlines() if ln.startswith("| same, scored like the students")]
+    assert len(lines) == 2, render(r)  # the category table and the per-kind table
+    assert lines[0].endswith("| 0.850 | 0.800 |") and "0.800 / 0.800 / 0.700 | 0.900 / 0.800 / 0.700" in lines[0]
+    assert "| 0.850 (0.800) |" in lines[1]
+
+
 def test_readme_reproduce_line_drops_the_measuring_machines_folders():
     from linecam.bench.report import reproducible
     cmd = "linecam bench --demo-cache /tmp/a/demo --workdir /tmp/w --out=/tmp/r --workers 2 --mode model"
