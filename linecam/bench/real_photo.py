@@ -215,7 +215,7 @@ def render(r: dict[str, Any]) -> str:
         cells += [_f(np.mean([m["by_strength"][s] for m in ms])) for s in ("soft", "strong")]
         lines.append(f"| {label}{_previous_note(r, teacher)} | " + " | ".join(cells) + " |")
     lines += ["", "Distillation (export-engine distil, wall time on this machine; gate = the INT8/FP16 accuracy gate):", "",
-              "| category | teacher | seconds (first run, nothing cached) | gate passed | INT8 AUROC drop (pts) | student vs teacher map r | "
+              "| category | teacher | seconds (first run, nothing cached) | gate passed | INT8 AUROC drop on held-out (pts; below 0: INT8 higher) | student vs teacher map r | "
               "at the bundle threshold (INT8): FRR of new good parts / defects missed |", "| --- " * 7 + "|"]
     for c in cats:
         for teacher in ("cnn", "scratch"):
