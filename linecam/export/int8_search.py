@@ -45,9 +45,12 @@ class SearchResult:
     sensitivity: dict[str, float] = field(default_factory=dict)
     #: One entry per tried set: the layers kept float, whether it passed, why not.
     tried: list[dict[str, Any]] = field(default_factory=list)
-    #: The convolutions this search kept in float in ``result`` (``result.kept_float`` also
-    #: lists the nodes every INT8 model keeps float, e.g. the head).
-    float_convs: list[str] = field(default_factory=list)
+
+    @property
+    def float_convs(self) -> list[str]:
+        """The convolutions kept in float in ``result``: the last set tried
+        (``result.kept_float`` also lists the nodes every INT8 model keeps float, e.g. the head)."""
+        return list(self.tried[-1]["float"]) if self.tried else []
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "sensitivity": self.sensitivity, "tried": self.tried,
@@ -105,7 +108,7 @@ def keep_sensitive_float(fp32: Path, dst: Path, calib: CalibrationSet, x: np.nda
         out.tried.append({"float": keep, "passed": verdict.passed, "reasons": verdict.reasons,
                           "auroc_drop": c.auroc_drop, "pearson": c.pearson,
                           "score_max_rel_diff": c.score_max_rel_diff})
-        out.result, out.float_convs = res, keep
+        out.result = res
         if verdict.passed:
             out.passed = True
             logger.info("INT8 passes the gate with %s in float", ", ".join(keep))
