@@ -135,8 +135,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
               help="Model input size (multiples of 8, at least 32; of 16 with --teacher scratch or combined, of 14 too for DINOv2).")
 @click.option("--student", type=click.Choice(["s", "m", "l"]), default="s", show_default=True,
               help="Student size: s (fastest), m, l.")
-@click.option("--steps", type=click.IntRange(min=1), default=3000, show_default=True,
-              help="Student training steps (DistilOptions.steps; torch is not imported to read it).")
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Student training steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
 @click.option("--pool-size", type=click.IntRange(min=16), default=512, show_default=True,
