@@ -107,6 +107,10 @@ class CnnTeacher(Teacher):
             self.bank = torch.load(cache, weights_only=True)
             logger.info("memory bank loaded from %s (%d features)", cache, self.bank.shape[0])
             return
+        self.fit_features(self.good_features(images, progress=progress), cache=cache)
+
+    def good_features(self, images: Sequence[Any], *, progress: bool = True) -> torch.Tensor:
+        """``[N, P, C]``: the aggregated patch features of each good image (P patches of C)."""
         pre = Preprocessor(self.spec)
         parts = []
         with make_progress(progress) as bar:
@@ -114,9 +118,13 @@ class CnnTeacher(Teacher):
             for i in range(0, len(images), self.batch_size):
                 batch = np.concatenate([pre(s.image, s.bit_depth, copy=True) for s in images[i:i + self.batch_size]])
                 f = self.features(batch)
-                parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+                parts.append(f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1]))
                 bar.update(task, advance=batch.shape[0])
-        allf = torch.cat(parts)
+        return torch.cat(parts)
+
+    def fit_features(self, feats: torch.Tensor, *, cache: Path | None = None) -> None:
+        """The memory bank from :meth:`good_features` (of some or all images: see the combined teacher)."""
+        allf = feats.reshape(-1, feats.shape[-1])
         # The ratio counts patches of the input's stride-8 grid: upsampling (feature_scale) makes
         # more, finer patches, not a bigger bank (the greedy coreset's time grows with both).
         n = min(self.max_bank, max(1, int(round(allf.shape[0] * self.coreset_ratio / self.feature_scale ** 2))))

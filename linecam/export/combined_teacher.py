@@ -86,8 +86,8 @@ class CombinedTeacher(Teacher):
         # Every k-th image (not the last ones): a folder sorted by time would otherwise hold out one shift.
         step = len(images) / n_norm
         norm_idx = {int(i * step) for i in range(n_norm)}
-        fit_set = [s for i, s in enumerate(images) if i not in norm_idx]
-        self.cnn.fit(fit_set, progress=progress)
+        feats = self.cnn.good_features(images, progress=progress)  # once: both banks below use them
+        self.cnn.fit_features(feats[[i for i in range(len(images)) if i not in norm_idx]])
         pre = Preprocessor(self.spec)
         lc, ls = [], []
         for i in sorted(norm_idx):
@@ -100,7 +100,7 @@ class CombinedTeacher(Teacher):
                       "norm_images": len(norm_idx)}
         logger.info("combined teacher: log maps standardised on %d good images the bank did not see: %s",
                     len(norm_idx), self.stats)
-        self.cnn.fit(images, cache=bank, progress=progress)  # the bank of every training image
+        self.cnn.fit_features(feats, cache=bank)  # the bank of every training image
         if stats_file is not None:
             tmp = stats_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.stats))
