@@ -493,6 +493,22 @@ def test_real_photo_render_shows_the_reference_scored_like_the_students():
     assert "| 0.850 (0.800) |" in lines[1]
 
 
+def test_real_photo_results_say_which_defaults_the_run_used():
+    """A results file says what "default settings" meant when it was measured (defaults change:
+    the scratch teacher's steps went 1000 -> 3000); options given in --extra are not listed."""
+    from linecam.bench.real_photo import distil_defaults, render
+
+    d = distil_defaults(["--steps", "3000"])
+    assert "steps" not in d and d["teacher_steps"] >= 1 and d["student"] in ("s", "m", "l")
+    assert "student" not in distil_defaults(["--student=m"])
+    r = {"machine": "m", "crop": 128, "settings": "export-engine distil --size 128 --steps 3000",
+         "defaults": {"teacher_steps": 1000}, "title": "Real-photo accuracy, 3000 steps", "categories": {}}
+    text = render(r)
+    assert text.startswith("# Real-photo accuracy, 3000 steps\n")
+    assert "--steps 3000`; other options at their defaults then: `--teacher-steps 1000`" in text
+    assert "defaults then" not in render({**r, "defaults": {}})
+
+
 def test_real_photo_combined_teacher_has_its_rows_and_a_partial_run_keeps_the_others(tmp_path, monkeypatch):
     """``--teachers combined --keep-previous``: the cnn/scratch rows stay (marked), combined is new."""
     from linecam.bench import real_photo

@@ -152,6 +152,29 @@ def distil(teacher: str, data: Path, out: Path, size: int, extra: list[str]) -> 
     return rec
 
 
+#: The distil options whose defaults decide a row (they have changed between versions).
+DEFAULTS_SHOWN = ("student", "steps", "teacher_steps", "pool_size", "holdout", "backbone")
+
+
+def distil_defaults(extra: list[str]) -> dict[str, Any]:
+    """This version's ``export-engine distil`` defaults of :data:`DEFAULTS_SHOWN` that ``extra``
+    leaves unset, read from the command itself: a results file then says what "default" meant."""
+    from linecam.export.cli import distil as command
+
+    given = {t.split("=")[0] for t in extra if t.startswith("--")}
+    return {p.name: p.default for p in command.params
+            if p.name in DEFAULTS_SHOWN and not given & set(p.opts)}
+
+
+def settings_line(r: dict[str, Any]) -> str:
+    line = f"Settings: `{r.get('settings', '')}`"
+    d = r.get("defaults")
+    if d:
+        line += "; other options at their defaults then: " + ", ".join(
+            f"`--{k.replace('_', '-')} {v}`" for k, v in d.items())
+    return line
+
+
 def save(results: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     JSON_OUT.write_text(json.dumps(results, indent=1, default=float) + "\n")
@@ -172,11 +195,11 @@ def _row(entry: dict[str, Any] | None, prec: str | None) -> dict[str, Any] | Non
 
 
 def render(r: dict[str, Any]) -> str:
-    lines = ["# Real-photo accuracy", "",
+    lines = [f"# {r.get('title', 'Real-photo accuracy')}", "",
              f"{r.get('machine', '')}; data: `linecam.realdata` (scikit-image photographs, {r.get('crop')} px crops, "
              "defects painted by code independent of the trainer). Image AUROC / pixel AUROC / AU-PRO@30 % on "
              "each category's test set (24 good, 56 defective: 7 kinds x 8, half soft, half strong).", "",
-             f"Settings: `{r.get('settings', '')}`", ""]
+             settings_line(r), ""]
     rows = [("PatchCore reference (effnet-lite0, direct)", "patchcore", None),
             ("same, scored like the students (max of the pooled map)", "patchcore", "students_rule"),
             ("cnn teacher -> student FP32", "cnn", "fp32"), ("cnn teacher -> student INT8", "cnn", "int8"),
@@ -293,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "machine": f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared",
         "crop": CROP, "data_version": DATA_VERSION, "settings": f"export-engine distil --size {a.size} {a.extra}".strip(),
+        "defaults": distil_defaults(extra),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "categories": {c: {} for c in cats}}
     teachers = [t for t in a.teachers.split(",") if t]
     if set(teachers) - set(TEACHERS):
