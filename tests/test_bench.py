@@ -509,6 +509,33 @@ def test_real_photo_results_say_which_defaults_the_run_used():
     assert "defaults then" not in render({**r, "defaults": {}})
 
 
+def test_teacher_steps_bench_trains_scores_and_reuses(tmp_path, monkeypatch):
+    """``linecam bench teacher-steps`` end to end at toy size: one fit per (seed, steps, category),
+    scored on that seed's own test set; a re-run reuses the bundles (no fit time), bad lists fail."""
+    pytest.importorskip("torch")
+    from linecam.bench import teacher_steps as ts
+
+    monkeypatch.setattr(ts, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(ts, "JSON_OUT", tmp_path / "results" / "t.json")
+    monkeypatch.setattr(ts, "MD_OUT", tmp_path / "results" / "t.md")
+    args = ["--out", str(tmp_path / "w"), "--steps", "3", "--seeds", "0,1", "--categories", "brick", "--size", "64",
+            "--threads", "1"]
+    ts.main(args)
+    r = json.loads(ts.JSON_OUT.read_text())
+    assert [(row["seed"], row["steps"]) for row in r["rows"]] == [(0, 3), (1, 3)]
+    a, b = (row["per_category"]["brick"] for row in r["rows"])
+    assert a["fit_seconds"] > 0 and 0 <= a["overall"]["image_auroc"] <= 1
+    assert a["overall"] != b["overall"]  # the two seeds' test sets differ: a seed that changed nothing fails
+    assert (tmp_path / "w" / "data-seed1" / "brick" / "defects.json").is_file()
+    assert "| 1 | 3 | " in ts.MD_OUT.read_text()
+    ts.main(args)
+    again = json.loads(ts.JSON_OUT.read_text())["rows"][0]["per_category"]["brick"]
+    assert again["fit_seconds"] is None and again["overall"] == a["overall"]
+    for bad in (["--steps", "0"], ["--seeds", "x"], ["--categories", "wood"]):
+        with pytest.raises(SystemExit):
+            ts.main(args + bad)
+
+
 def test_real_photo_combined_teacher_has_its_rows_and_a_partial_run_keeps_the_others(tmp_path, monkeypatch):
     """``--teachers combined --keep-previous``: the cnn/scratch rows stay (marked), combined is new."""
     from linecam.bench import real_photo

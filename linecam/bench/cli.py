@@ -7,7 +7,8 @@ torch / CPU), ``region-expert`` (DINOv2 teacher vs students), ``linescan`` (line
 ``vlm-compare`` (linecam's VLM vs transformers' generate), ``region-tokens`` (what region-token
 injection costs per NG frame), ``soak`` (100k frames, RSS/fds;
 ``--spool-cost``), ``prometheus`` (the per-frame cost of the daemon's /metrics), ``faults``, ``real-photo``
-(accuracy on real photographs: PatchCore reference, teachers, students FP32/INT8) and ``readme``
+(accuracy on real photographs: PatchCore reference, teachers, students FP32/INT8), ``teacher-steps``
+(the scratch expert's training steps on two real-photo test sets) and ``readme``
 (the README's table from a results file). Run them from the checkout: paths default to
 ``benchmarks/results``, ``.cache/demo`` and ``.cache/bench`` there.
 
@@ -104,6 +105,8 @@ _script("prometheus", "prometheus", "Per-frame CPU of the daemon's Prometheus hi
 _script("faults", "faults", "Faults through a TCP proxy to a real mosquitto: detection, loss, duplicates, recovery.")
 _script("real-photo", "real_photo", "Accuracy on real photographs: PatchCore reference, cnn/scratch teachers, "
         "students FP32/INT8.")
+_script("teacher-steps", "teacher_steps", "The scratch expert's accuracy on real photographs per training-step "
+        "count, on two independently drawn test sets.")
 
 
 @bench_command.command("readme")

@@ -1,0 +1,120 @@
+"""How many training steps the scratch expert needs on real photographs (the default of
+``export-engine distil --teacher-steps``), on the real-photo test set and on a second one drawn
+independently, so that the choice is not fitted to one test set.
+
+For each data seed (``linecam.realdata`` with that seed: other training crops, other test crops,
+other painted defects), each category and each step count, the scratch expert is trained exactly
+as the distil command trains its teacher (:func:`linecam.export.scratch.fit_scratch_expert`, same
+split) and its own ONNX is scored with ``linecam evaluate``'s function.
+
+    linecam bench teacher-steps --steps 1000,3000 --seeds 0,1 --out .cache/teachersteps
+
+Results: ``benchmarks/results/scratch_teacher_steps.{json,md}``, written after every fit (a
+re-run reuses the trained bundles in ``--out``). Run from the checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from linecam.bench.real_photo import RESULTS, _f, evaluate_bundle
+
+JSON_OUT = RESULTS / "scratch_teacher_steps.json"
+MD_OUT = RESULTS / "scratch_teacher_steps.md"
+
+
+def fit_and_score(data: Path, out: Path, size: int, steps: int, threads: int | None) -> dict[str, Any]:
+    """Train (or reuse) the scratch expert on ``data``'s training crops; score it on its test set."""
+    from linecam.export.scratch import fit_scratch_expert
+
+    t = time.perf_counter()
+    fresh = not (out / "manifest.json").is_file()
+    if fresh:
+        fit_scratch_expert(data / "train" / "good", out, input_size=(size, size), steps=steps, threads=threads,
+                           progress=False)
+    rec = evaluate_bundle(out, data, "fp32")
+    rec["fit_seconds"] = time.perf_counter() - t if fresh else None
+    return rec
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = ["# Scratch expert: training steps on real photographs", "",
+             f"{r.get('machine', '')}; {r.get('size')} px; image AUROC / pixel AUROC of the scratch expert's own "
+             "ONNX on each category's test set (`linecam.realdata`, 24 good and 56 defective per category); "
+             "data seed 0 is the real-photo benchmark's test set, other seeds are drawn independently "
+             "(other crops, other defects).", "",
+             "| data seed | steps | " + " | ".join(f"{c} img / pix" for c in r.get("categories", [])) +
+             " | mean img | mean pix |",
+             "| --- " * (len(r.get("categories", [])) + 4) + "|"]
+    for row in r.get("rows", []):
+        cells, imgs, pixs = [], [], []
+        for c in r["categories"]:
+            o = (row["per_category"].get(c) or {}).get("overall")
+            if o is None:
+                cells.append("–")
+                continue
+            imgs.append(o["image_auroc"])
+            pixs.append(o["pixel_auroc"])
+            cells.append(f"{_f(o['image_auroc'])} / {_f(o['pixel_auroc'])}")
+        whole = len(imgs) == len(r["categories"])
+        lines.append(f"| {row['seed']} | {row['steps']} | " + " | ".join(cells) +
+                     f" | {_f(float(np.mean(imgs))) if whole else '–'} | {_f(float(np.mean(pixs))) if whole else '–'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def save(r: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    JSON_OUT.write_text(json.dumps(r, indent=1, default=float) + "\n")
+    MD_OUT.write_text(render(r))
+
+
+def _ints(text: str, what: str, ap: argparse.ArgumentParser) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--{what} {text!r}: give a comma list of whole numbers, e.g. 1000,3000")
+    if not vals or min(vals) < (1 if what == "steps" else 0):
+        ap.error(f"--{what} {text!r}: give at least one value, steps >= 1, seeds >= 0")
+    return vals
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="linecam bench teacher-steps", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(".cache") / "teachersteps")
+    ap.add_argument("--steps", default="1000,3000", help="comma list of training step counts")
+    ap.add_argument("--seeds", default="0,1", help="comma list of data seeds (0: the real-photo benchmark's)")
+    ap.add_argument("--categories", default="brick,grass,gravel")
+    ap.add_argument("--size", type=int, default=128, help="model input size (= the crops' size)")
+    ap.add_argument("--threads", type=int, default=None, help="torch/ONNX Runtime threads (default: theirs)")
+    a = ap.parse_args(argv)
+    steps, seeds = _ints(a.steps, "steps", ap), _ints(a.seeds, "seeds", ap)
+    from linecam.bench.machine import cpu_model
+    from linecam.realdata import build_category
+    from linecam.realdata.build import CATEGORIES
+
+    cats = [c for c in a.categories.split(",") if c]
+    if set(cats) - set(CATEGORIES):
+        ap.error(f"unknown categories {sorted(set(cats) - set(CATEGORIES))}: choose from {', '.join(CATEGORIES)}")
+    r: dict[str, Any] = {"machine": f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared",
+                         "size": a.size, "categories": cats, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "rows": []}
+    for seed in seeds:
+        data = {c: build_category(c, a.out / f"data-seed{seed}", seed=seed).root for c in cats}
+        for n in steps:
+            row: dict[str, Any] = {"seed": seed, "steps": n, "per_category": {}}
+            r["rows"].append(row)
+            for c in cats:
+                row["per_category"][c] = fit_and_score(data[c], a.out / f"seed{seed}-{c}-{n}", a.size, n, a.threads)
+                save(r)
+    r["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    save(r)
+    print(MD_OUT.read_text())
