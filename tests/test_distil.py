@@ -83,7 +83,12 @@ def test_dinov2_teacher_distils_end_to_end_and_the_student_reproduces_its_maps(c
     ev = distil_mod.eval_set(hold, m.preprocess, seed=99, n_good=len(hold), n_bad=24)
     s_maps, _ = distil_mod.run_expert(bundle.path("onnx_fp32"), ev.x)
     assert s_maps.shape[1:] == (SIZE // 8, SIZE // 8) == tuple(m.outputs.anomaly_map.shape[2:])
-    t_maps = distil_mod.downsample(teacher.maps(ev.x))  # the teacher at the student's map resolution
+    # The teacher at the student's map resolution, in the unit the student learns (the map over the
+    # bundle's recorded scale, or its log1p where the report says so).
+    d = m.provenance.details["distillation"]
+    t_maps = distil_mod.downsample(teacher.maps(ev.x)) / d["map_scale"]
+    if d["target"] == "log1p":
+        t_maps = np.log1p(np.maximum(t_maps, 0))
     r = pearson(s_maps, t_maps)
     assert r >= 0.9, f"student reproduces the DINOv2 teacher with Pearson {r:.3f} only"
     # Up to the GPU boundary: TensorRT's INT8 build takes this file (symmetric Q/DQ), and the engine
@@ -115,12 +120,12 @@ def test_training_resumes_exactly_and_is_seeded(category, tmp_path, monkeypatch)
     pool = distil_mod.Pool(tmp_path / "pool", 48, (SIZE, SIZE))
     sampler = distil_mod.AnomalySampler(sources, spec, np.random.default_rng(0))
     distil_mod.build_pool(pool, teacher, sampler, seed=0, progress=False)
-    scale = distil_mod.map_scale(pool)
+    target = distil_mod.student_target(pool)
 
     def train(ckpt: Path, seed: int = 0):
         torch.manual_seed(seed)
         model = distil_mod.Student("s")
-        distil_mod.train_student(model, pool, scale, ckpt, "k", steps=30, batch_size=4, lr=3e-3, seed=seed,
+        distil_mod.train_student(model, pool, target, ckpt, "k", steps=30, batch_size=4, lr=3e-3, seed=seed,
                                  every=10, progress=False)
         return model.state_dict()
 

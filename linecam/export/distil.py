@@ -9,7 +9,8 @@ new calibration set) does not retrain:
 3. distillation pool: augmented good images, half with synthetic anomalies, and the
    teacher's maps of them (sample ``i`` is a function of ``(seed, i)`` alone);
 4. student trained to reproduce ``teacher map / scale`` (``scale``: the teacher's 99.9th
-   percentile pixel on good samples, so a good pixel is ~<1 whatever the teacher's units);
+   percentile pixel on good samples, so a good pixel is ~<1 whatever the teacher's units), or
+   its ``log1p`` when the teacher's defects reach far beyond that (:class:`~linecam.export.pool.Target`);
    checkpoints every ``checkpoint_every`` steps, batch ``s`` drawn from ``(seed, s)``;
 5. ONNX FP32 export (torch parity checked), FP16 and INT8 (symmetric Q/DQ, calibrated on
    real images preprocessed exactly as on the line);
@@ -49,7 +50,7 @@ from linecam.errors import BundleError
 from linecam.export.gate import run_expert
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
-from linecam.export.pool import SCALE_QUANTILE, Pool, build_pool, map_scale  # noqa: F401
+from linecam.export.pool import SCALE_QUANTILE, Pool, Target, build_pool, map_scale, student_target  # noqa: F401
 from linecam.export.scratch import (
     AnomalySampler,
     SourceImage,
@@ -71,7 +72,7 @@ REPORT_FILE = "distil.json"
 #: Below this student-vs-teacher map correlation on held-out images the export warns.
 MIN_DISTIL_PEARSON = 0.9
 #: What :func:`train_student` minimises (part of a checkpoint's key).
-TRAIN_OBJECTIVE = "mse(raw map, teacher / scale)"
+TRAIN_OBJECTIVE = "mse(raw map, target(teacher))"
 
 
 @dataclass
@@ -113,9 +114,9 @@ def _key(*parts: Any) -> str:
 # --------------------------------------------------------------------------- training
 
 
-def train_student(model: Student, pool: Pool, scale: float, ckpt: Path, key: str, *, steps: int, batch_size: int,
+def train_student(model: Student, pool: Pool, target: Target, ckpt: Path, key: str, *, steps: int, batch_size: int,
                   lr: float, seed: int, every: int, progress: bool = True) -> list[float]:
-    """Regress ``pool.t / scale``; resumes from ``ckpt`` when it belongs to the same run (``key``)."""
+    """Regress ``target(pool.t)``; resumes from ``ckpt`` when it belongs to the same run (``key``)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     losses: list[float] = []
     start = 0
@@ -137,7 +138,7 @@ def train_student(model: Student, pool: Pool, scale: float, ckpt: Path, key: str
                 g["lr"] = _lr_at(step, steps, lr)
             idx = np.sort(np.random.default_rng([seed, 11, step]).choice(pool.n, batch_size, replace=False))
             x = torch.from_numpy(pool.x[idx].astype(np.float32))
-            t = torch.from_numpy(pool.t[idx] / scale)[:, None]
+            t = torch.from_numpy(target(pool.t[idx]))[:, None]
             # The map before its clamp: targets are >= 0, and a clamped prediction has no gradient
             # where it is negative, so a region that once went negative stayed dead (a gravel
             # student lost one border column of its map for good: loss flat at 1/16 x t^2).
@@ -293,7 +294,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     pool = Pool(work / f"pool-{pool_key}", o.pool_size, (h, w))
     sampler = AnomalySampler(train_set, spec, np.random.default_rng(o.seed), anomaly_ratio=0.5)
     build_pool(pool, teacher, sampler, o.seed, progress=progress)
-    scale = map_scale(pool)
+    target = student_target(pool)
     seconds["pool"] = time.perf_counter() - t
 
     # 4. student
@@ -302,9 +303,9 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     student = Student(o.student, score_pool=o.score_pool)
     # The objective is in the key: a checkpoint cached by the clamped-map loss (whose students
     # could lose a map column for good) is not resumed as if it were this one's.
-    run_key = _key(pool_key, o.student, o.steps, o.batch_size, o.lr, o.score_pool, TRAIN_OBJECTIVE)
+    run_key = _key(pool_key, o.student, o.steps, o.batch_size, o.lr, o.score_pool, TRAIN_OBJECTIVE, target.log)
     ckpt = work / f"student-{o.student}-{run_key}.pt"
-    losses = train_student(student, pool, scale, ckpt, run_key, steps=o.steps, batch_size=o.batch_size,
+    losses = train_student(student, pool, target, ckpt, run_key, steps=o.steps, batch_size=o.batch_size,
                            lr=o.lr, seed=o.seed, every=max(1, o.checkpoint_every), progress=progress)
     seconds["train"] = time.perf_counter() - t
 
@@ -321,7 +322,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     # distillation quality on held-out images
     t = time.perf_counter()
     ev = eval_set(hold_set, spec, o.seed, o.eval_good, o.eval_bad, bad_set)
-    t_maps = downsample(teacher.maps(ev.x)) / scale  # compared at the student's map resolution
+    t_maps = target(downsample(teacher.maps(ev.x)))  # at the student's resolution, in its unit
     s_maps, s_scores = run_expert(fp32, ev.x, o.threads)
     t_scores = image_score(t_maps, o.score_pool)
     per_image = [pearson(a, b) for a, b in zip(s_maps, t_maps)]
@@ -334,7 +335,9 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
         "n_eval_good": int((ev.labels == 0).sum()),
         "n_eval_synthetic": ev.kinds.count("synthetic"),
         "n_eval_bad": ev.kinds.count("bad"),
-        "map_scale": scale,
+        "map_scale": target.scale,
+        "target": "log1p" if target.log else "linear",
+        "defect_peak": target.defect_peak,
     }
     seconds["evaluate"] = time.perf_counter() - t
     logger.info("student vs teacher on held-out images: map Pearson %.3f, AUROC %.4f (teacher %.4f)",
@@ -394,7 +397,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
         o.name or out.resolve().name, spec, o.student, o.score_pool, thresholds, files,
         new_provenance(tool_versions=_versions(), source_sha256=source_hash([s.sha256 for s in sources + bad_set]),
                        details=details),
-        map_unit=f"teacher map / {scale:.6g} (the teacher's {SCALE_QUANTILE:.1%} good-pixel quantile)",
+        map_unit=target.describe(),
         teacher=teacher.describe(),
         calibration_sha256=calibration["sha256"] if calibration else None,
         gate={k: gate_dict[k] for k in ("passed", "forced", "bounds")} if gate_dict else None,

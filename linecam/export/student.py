@@ -11,7 +11,7 @@ in INT8 than in FP32 on ORT CPU: its int8 Resize/Concat and layout transposes co
 than the convolutions save.) Consumers map the low-resolution map back to source pixels
 through :meth:`linecam.preprocess.Geometry.scale_for`, as for any expert.
 
-The map's unit is the teacher's map divided by the teacher's good-image scale (see
+The map's unit is ``log1p(teacher map / scale)``, ``scale`` the teacher's good-image scale (see
 :mod:`linecam.export.distil`), clamped at zero.
 """
 
