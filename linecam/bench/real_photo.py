@@ -114,6 +114,12 @@ def patchcore_reference(data: Path, size: int) -> dict[str, Any]:
             "bank_size": int(teacher.bank.shape[0]), "seconds": time.perf_counter() - t}
 
 
+def machine_line() -> str:
+    from linecam.bench.machine import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared"
+
+
 def distil(teacher: str, data: Path, out: Path, size: int, extra: list[str]) -> dict[str, Any]:
     """``export-engine distil`` as a user runs it; a gate failure is recorded, then the same
     command is re-run with ``--force`` (it reuses the trained teacher and student) to measure."""
@@ -307,14 +313,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.render:
         MD_OUT.write_text(render(json.loads(JSON_OUT.read_text())))
         return
-    from linecam.bench.machine import cpu_model
     from linecam.realdata import build_category
     from linecam.realdata.build import CROP, DATA_VERSION
 
     extra = a.extra.split()
     cats = [c for c in a.categories.split(",") if c]
     results: dict[str, Any] = {
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared",
+        "machine": machine_line(),
         "crop": CROP, "data_version": DATA_VERSION, "settings": f"export-engine distil --size {a.size} {a.extra}".strip(),
         "defaults": distil_defaults(extra),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "categories": {c: {} for c in cats}}

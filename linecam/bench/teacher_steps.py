@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from linecam.bench.real_photo import RESULTS, _f, evaluate_bundle
+from linecam.bench.real_photo import RESULTS, _f, evaluate_bundle, machine_line
 
 JSON_OUT = RESULTS / "scratch_teacher_steps.json"
 MD_OUT = RESULTS / "scratch_teacher_steps.md"
@@ -35,14 +33,13 @@ def fit_and_score(data: Path, out: Path, size: int, steps: int, threads: int | N
     """Train (or reuse) the scratch expert on ``data``'s training crops; score it on its test set."""
     from linecam.export.scratch import fit_scratch_expert
 
-    t = time.perf_counter()
-    fresh = not (out / "manifest.json").is_file()
-    if fresh:
+    seconds = None  # a bundle from an earlier run is reused: no fit time to report
+    if not (out / "manifest.json").is_file():
+        t = time.perf_counter()
         fit_scratch_expert(data / "train" / "good", out, input_size=(size, size), steps=steps, threads=threads,
                            progress=False)
-    rec = evaluate_bundle(out, data, "fp32")
-    rec["fit_seconds"] = time.perf_counter() - t if fresh else None
-    return rec
+        seconds = time.perf_counter() - t
+    return {**evaluate_bundle(out, data, "fp32"), "fit_seconds": seconds}
 
 
 def render(r: dict[str, Any]) -> str:
@@ -97,14 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch/ONNX Runtime threads (default: theirs)")
     a = ap.parse_args(argv)
     steps, seeds = _ints(a.steps, "steps", ap), _ints(a.seeds, "seeds", ap)
-    from linecam.bench.machine import cpu_model
     from linecam.realdata import build_category
     from linecam.realdata.build import CATEGORIES
 
     cats = [c for c in a.categories.split(",") if c]
     if set(cats) - set(CATEGORIES):
         ap.error(f"unknown categories {sorted(set(cats) - set(CATEGORIES))}: choose from {', '.join(CATEGORIES)}")
-    r: dict[str, Any] = {"machine": f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared",
+    r: dict[str, Any] = {"machine": machine_line(),
                          "size": a.size, "categories": cats, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                          "rows": []}
     for seed in seeds:

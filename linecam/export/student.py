@@ -11,8 +11,9 @@ in INT8 than in FP32 on ORT CPU: its int8 Resize/Concat and layout transposes co
 than the convolutions save.) Consumers map the low-resolution map back to source pixels
 through :meth:`linecam.preprocess.Geometry.scale_for`, as for any expert.
 
-The map's unit is ``log1p(teacher map / scale)``, ``scale`` the teacher's good-image scale (see
-:mod:`linecam.export.distil`), clamped at zero.
+The map's unit is the teacher's map divided by the teacher's good-image scale, or its ``log1p``
+for a teacher whose defects reach far beyond that scale (:class:`linecam.export.pool.Target`; the
+bundle's ``map_unit`` says which), clamped at zero.
 """
 
 from __future__ import annotations
