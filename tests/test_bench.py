@@ -516,24 +516,34 @@ def test_teacher_steps_bench_trains_scores_and_reuses(tmp_path, monkeypatch):
     from linecam.bench import teacher_steps as ts
 
     monkeypatch.setattr(ts, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(ts, "JSON_OUT", tmp_path / "results" / "t.json")
-    monkeypatch.setattr(ts, "MD_OUT", tmp_path / "results" / "t.md")
+    json_out, md_out = tmp_path / "results" / "t.json", tmp_path / "results" / "t.md"
     args = ["--out", str(tmp_path / "w"), "--steps", "3", "--seeds", "0,1", "--categories", "brick", "--size", "64",
-            "--threads", "1"]
+            "--threads", "1", "--results", "t"]
     ts.main(args)
-    r = json.loads(ts.JSON_OUT.read_text())
-    assert [(row["seed"], row["steps"]) for row in r["rows"]] == [(0, 3), (1, 3)]
+    r = json.loads(json_out.read_text())
+    assert [(row["seed"], row["encoder"], row["steps"]) for row in r["rows"]] == [(0, "none", 3), (1, "none", 3)]
     a, b = (row["per_category"]["brick"] for row in r["rows"])
     assert a["fit_seconds"] > 0 and 0 <= a["overall"]["image_auroc"] <= 1
     assert a["overall"] != b["overall"]  # the two seeds' test sets differ: a seed that changed nothing fails
     assert (tmp_path / "w" / "data-seed1" / "brick" / "defects.json").is_file()
-    assert "| 1 | 3 | " in ts.MD_OUT.read_text()
+    assert "| 1 | none | 3 | " in md_out.read_text()
     ts.main(args)
-    again = json.loads(ts.JSON_OUT.read_text())["rows"][0]["per_category"]["brick"]
+    again = json.loads(json_out.read_text())["rows"][0]["per_category"]["brick"]
     assert again["fit_seconds"] is None and again["overall"] == a["overall"]
-    for bad in (["--steps", "0"], ["--seeds", "x"], ["--categories", "wood"]):
+    for bad in (["--steps", "0"], ["--seeds", "x"], ["--categories", "wood"], ["--encoders", "resnet18"],
+                ["--results", "../x"]):
         with pytest.raises(SystemExit):
             ts.main(args + bad)
+    # --encoders: the from-scratch bundles are reused, the encoder's are new fits of that encoder.
+    ts.main(args[:-1] + ["e", "--seeds", "0", "--encoders", "none,efficientnet-lite0"])
+    r = json.loads((tmp_path / "results" / "e.json").read_text())
+    none, enc = (row["per_category"]["brick"] for row in r["rows"])
+    assert [row["encoder"] for row in r["rows"]] == ["none", "efficientnet-lite0"]
+    assert none["fit_seconds"] is None and enc["fit_seconds"] > 0
+    manifest = json.loads((tmp_path / "w" / "seed0-brick-3-efficientnet-lite0" / "manifest.json").read_text())
+    assert manifest["extra"]["encoder"] == "efficientnet-lite0"
+    assert r["title"] == "encoder and training steps" and "| 0 | efficientnet-lite0 | 3 | " in \
+        (tmp_path / "results" / "e.md").read_text()
 
 
 def test_real_photo_combined_teacher_has_its_rows_and_a_partial_run_keeps_the_others(tmp_path, monkeypatch):

@@ -165,6 +165,21 @@ def test_to_thresholds_is_bundle_thresholds() -> None:
     assert to_thresholds(fit_image_threshold(good), fit_pixel_threshold(good[:, None])).image == t.image
 
 
+def test_a_pooled_score_caps_the_pixel_threshold_so_every_ng_frame_has_a_region() -> None:
+    """Image score = max of the mean-pooled map <= the map's max: with the pixel threshold at most
+    the image threshold, a frame over the image threshold has a pixel over the pixel threshold."""
+    good = np.linspace(0, 1, 50)
+    image, pixel = fit_image_threshold(good), fit_pixel_threshold(good[:, None] * 2)  # 3.0 and 6.0
+    assert to_thresholds(image, pixel).pixel == pytest.approx(6.0)  # scores of another kind: untouched
+    t = to_thresholds(image, pixel, pooled_score=True)
+    assert t.pixel == t.image == pytest.approx(3.0)
+    assert t.details["pixel"]["fitted"] == pytest.approx(6.0)
+    assert t.details["pixel"]["capped_at_image_threshold"] == pytest.approx(3.0)
+    low = fit_pixel_threshold(good[:, None] * 0.5)  # below the image threshold: as fitted, no note
+    t = to_thresholds(image, low, pooled_score=True)
+    assert t.pixel == pytest.approx(low.value) and "capped_at_image_threshold" not in t.details["pixel"]
+
+
 @pytest.mark.parametrize("bad_input", [[], [0.1, math.nan], [0.1, math.inf]])
 def test_rejects_empty_and_non_finite(bad_input: list[float]) -> None:
     with pytest.raises(ValueError):

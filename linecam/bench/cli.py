@@ -106,7 +106,7 @@ _script("faults", "faults", "Faults through a TCP proxy to a real mosquitto: det
 _script("real-photo", "real_photo", "Accuracy on real photographs: PatchCore reference, cnn/scratch teachers, "
         "students FP32/INT8.")
 _script("teacher-steps", "teacher_steps", "The scratch expert's accuracy on real photographs per training-step "
-        "count, on two independently drawn test sets.")
+        "count and encoder, on two independently drawn test sets.")
 
 
 @bench_command.command("readme")

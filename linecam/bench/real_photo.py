@@ -159,7 +159,7 @@ def distil(teacher: str, data: Path, out: Path, size: int, extra: list[str]) -> 
 
 
 #: The distil options whose defaults decide a row (they have changed between versions).
-DEFAULTS_SHOWN = ("student", "steps", "teacher_steps", "pool_size", "holdout", "backbone")
+DEFAULTS_SHOWN = ("student", "steps", "teacher_steps", "encoder", "pool_size", "holdout", "backbone")
 
 
 def distil_defaults(extra: list[str]) -> dict[str, Any]:

@@ -273,17 +273,27 @@ def fit_pixel_threshold(
     return _fit(_check(maxima, "good anomaly maps"), None, target_frr, sensitivity, margin, "pixel_max")
 
 
-def to_thresholds(image: ThresholdFit, pixel: ThresholdFit) -> Thresholds:
-    """Both fits in the bundle's :class:`linecam.bundle.Thresholds` form."""
+def to_thresholds(image: ThresholdFit, pixel: ThresholdFit, *, pooled_score: bool = False) -> Thresholds:
+    """Both fits in the bundle's :class:`linecam.bundle.Thresholds` form.
+
+    ``pooled_score``: the image score is the max of a mean-pooled anomaly map, hence never above
+    the map's own max. A pixel threshold above the image threshold would then leave some NG frames
+    without any region to show (the two are fitted on different statistics of the same good
+    images: a small-sample margin on the spikier pixel maxima can land higher); it is capped at
+    the image threshold, so that every NG frame has at least the region around its peak."""
+    details_px = {"method": pixel.method, **pixel.details}
+    pixel_value = pixel.value
+    if pooled_score and pixel_value > image.value:
+        details_px.update(fitted=pixel_value, capped_at_image_threshold=image.value)
+        pixel_value = image.value
     return Thresholds(
         image=image.value,
-        pixel=pixel.value,
+        pixel=pixel_value,
         method=image.method,
         n_good=image.n_good,
         n_bad=image.n_bad,
         target_frr=image.target_frr,
-        details={"image": {"method": image.method, **image.details},
-                 "pixel": {"method": pixel.method, **pixel.details}},
+        details={"image": {"method": image.method, **image.details}, "pixel": details_px},
     )
 
 

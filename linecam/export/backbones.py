@@ -110,7 +110,11 @@ def _load_into(model: nn.Module, path: str | Path) -> str:
 # --------------------------------------------------------------------------- EfficientNet-Lite0
 
 
-def _efficientnet_lite0(checkpoint: str | Path | None) -> Backbone:
+#: EfficientNet-Lite0 block indices ending each stride (2, 4, 8, 16): the encoder expert's pyramid.
+LITE0_PYRAMID = (0, 2, 4, 10)
+
+
+def _efficientnet_lite0(checkpoint: str | Path | None, taps: tuple[int, ...] = (4, 10)) -> Backbone:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -126,9 +130,8 @@ def _efficientnet_lite0(checkpoint: str | Path | None) -> Backbone:
     model = EfficientNet.from_name("efficientnet-lite0")
     digest = _load_into(model, checkpoint)
     model.eval()
-    # Stage ends at stride 8 (40 ch, block 4) and stride 16 (112 ch, block 10): PatchCore's
-    # layer2 + layer3 equivalents.
-    taps = (4, 10)
+    # Default taps: stage ends at stride 8 (40 ch, block 4) and stride 16 (112 ch, block 10),
+    # PatchCore's layer2 + layer3 equivalents.
 
     def stages(x: torch.Tensor) -> list[torch.Tensor]:
         x = model._swish(model._bn0(model._conv_stem(x)))
@@ -267,11 +270,17 @@ def _timm(name: str, checkpoint: str | Path | None) -> Backbone:
                     tuple(cfg.get("std", IMAGENET_STD)), str(Path(checkpoint).resolve()), digest)  # type: ignore[arg-type]
 
 
-def load_backbone(name: str, checkpoint: str | Path | None = None) -> Backbone:
-    """A frozen backbone by name (see the module docstring)."""
-    key = name.lower().replace("_", "-")
-    if key in ("efficientnet-lite0", "efficientnet-lite-0"):
-        bb = _efficientnet_lite0(checkpoint)
+def is_lite0(name: str) -> bool:
+    return name.lower().replace("_", "-") in ("efficientnet-lite0", "efficientnet-lite-0")
+
+
+def load_backbone(name: str, checkpoint: str | Path | None = None, *, pyramid: bool = False) -> Backbone:
+    """A frozen backbone by name (see the module docstring). ``pyramid``: the stage ends at strides
+    2, 4, 8 and 16 (a segmentation decoder's skips) instead of PatchCore's two; EfficientNet-Lite0 only."""
+    if pyramid and not is_lite0(name):
+        raise BundleError(f"encoder {name!r} is not supported: the pretrained encoder is efficientnet-lite0 (or none)")
+    if is_lite0(name):
+        bb = _efficientnet_lite0(checkpoint, LITE0_PYRAMID if pyramid else (4, 10))
     elif name in RESNETS:
         bb = _resnet(name, checkpoint)
     else:

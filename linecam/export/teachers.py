@@ -411,7 +411,7 @@ def load_spec(path: str | Path) -> PreprocessSpec:
 
 def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int], *, steps: int, seed: int,
                     holdout: float, base_width: int = 12, threads: int | None = None,
-                    progress: bool = True) -> BundleTeacher:
+                    progress: bool = True, encoder: str = "none") -> BundleTeacher:
     """Train the scratch expert (cached in ``work``) and use it as teacher.
 
     It is fitted with the same ``seed`` and ``holdout`` as the distillation, hence on the
@@ -420,15 +420,17 @@ def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int],
     from linecam.export.scratch import MAP_SCALE, fit_scratch_expert, list_images
 
     # Keyed by the images' content, not the folder's name: edited images must retrain the teacher;
-    # and by the map scale: a cached teacher from before issue 21 (saturating maps) is not reused.
+    # and by the map scale: a cached teacher from before issue 21 (saturating maps) is not reused;
+    # and by a pretrained encoder (left out for none, so from-scratch caches keep their key).
     content = source_hash([s.sha256 for s in list_images(images)])
     key = hashlib.sha256(json.dumps([content, list(input_size), steps, seed, holdout,
-                                     base_width, MAP_SCALE]).encode()).hexdigest()[:12]
+                                     base_width, MAP_SCALE] + ([encoder] if encoder != "none" else [])
+                                    ).encode()).hexdigest()[:12]
     folder = work / f"teacher-scratch-{key}"
     try:
         load_bundle(folder)
         logger.info("scratch teacher reused from %s", folder)
     except BundleError:
         fit_scratch_expert(images, folder, input_size=input_size, steps=steps, seed=seed, holdout=holdout,
-                           base_width=base_width, threads=threads, progress=progress)
+                           base_width=base_width, threads=threads, progress=progress, encoder=encoder)
     return BundleTeacher(folder, kind="scratch", threads=threads)
