@@ -352,3 +352,20 @@ def test_the_demo_refits_a_cached_scratch_bundle_from_before_issue_21(
     del manifest["extra"]["map_scale"]
     (work / "bundle" / "manifest.json").write_text(json.dumps(manifest))
     assert demo.ensure_demo_bundle(work) == work / "bundle" and fits == [work / "bundle"]
+
+
+def test_augmented_good_copies_never_clip_highlights():
+    """A brighter copy of a good image must not clip: a clipped highlight is a texture-less plateau,
+    i.e. a defect painted onto a "good" training / threshold image."""
+    from linecam.export.scratch import AnomalySampler
+    from linecam.preprocess import PreprocessSpec
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(150, 251, (64, 64, 3), dtype=np.uint8)  # bright, nothing at full scale
+    sampler = AnomalySampler([], PreprocessSpec(input_size=(64, 64)), np.random.default_rng(1), max_gain=0.2)
+    outs = [sampler._augment(img, 8) for _ in range(40)]
+    # At most the input's brightest pixels (1 % of them are 250) may reach full scale; clipping at
+    # gain 1.2 would put every pixel above 212 there (~38 %).
+    assert max(float((o == 255).mean()) for o in outs) <= 0.02
+    assert max(float(o.mean()) for o in outs) > img.mean() + 1  # brighter copies still happen
+    assert min(float(o.mean()) for o in outs) < img.mean() - 5  # and darker ones

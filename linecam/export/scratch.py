@@ -185,6 +185,10 @@ class AnomalySampler:
         out = out.reshape(img.shape)
         gain = 1.0 + rng.uniform(-self.max_gain, self.max_gain)
         maxv = float(2**bit_depth - 1)
+        # Brighter, but never clipped: a clipped highlight is a plateau without texture, a defect
+        # painted onto a "good" copy (the encoder expert rightly flags it, and thresholds fitted on
+        # such copies then rise above real defects).
+        gain = min(gain, max(1.0, maxv / max(float(out.max()), 1.0)))
         return np.clip(out.astype(np.float32) * gain, 0, maxv).astype(img.dtype)
 
     def sample(self, x: np.ndarray, y: np.ndarray) -> None:
