@@ -499,7 +499,7 @@ def test_real_photo_results_say_which_defaults_the_run_used():
     from linecam.bench.real_photo import distil_defaults, render
 
     d = distil_defaults(["--steps", "3000"])
-    assert "steps" not in d and d["teacher_steps"] >= 1 and d["student"] in ("s", "m", "l")
+    assert "steps" not in d and d["teacher_steps"] >= 1 and d["student"] in ("lite0", "s", "m", "l")
     assert "student" not in distil_defaults(["--student=m"])
     r = {"machine": "m", "crop": 128, "settings": "export-engine distil --size 128 --steps 3000",
          "defaults": {"teacher_steps": 1000}, "title": "Real-photo accuracy, 3000 steps", "categories": {}}

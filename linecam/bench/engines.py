@@ -178,12 +178,12 @@ def torch_call(size_name: str, score_pool: int, x: np.ndarray, device: str, half
     """The Student module (random weights) in eager mode: numpy in, map and score back in numpy."""
     import torch
 
-    from linecam.export.student import Student
+    from linecam.export.student import make_student
 
     torch.manual_seed(0)
     dev = torch.device(device)
     dtype = torch.float16 if half else torch.float32
-    model = Student(size_name, score_pool=score_pool).eval().to(dev, dtype)
+    model = make_student(size_name, score_pool).eval().to(dev, dtype)
     if dev.type == "cpu":
         torch.set_num_threads(threads)
     else:
@@ -271,15 +271,15 @@ def _check_args(args: argparse.Namespace) -> None:
     unknown = [b for b in args.backends.split(",") if b.strip() and b.strip() not in BACKENDS]
     if unknown or not args.backends.strip(","):
         raise BenchError(f"--backends {args.backends!r}: choose from {', '.join(BACKENDS)}")
-    if args.bundle is None and args.student not in ("s", "m", "l"):
-        raise BenchError(f"--student {args.student!r}: choose from s, m, l")
+    if args.bundle is None and args.student not in ("s", "m", "l", "lite0"):
+        raise BenchError(f"--student {args.student!r}: choose from s, m, l, lite0")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="linecam bench engines", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, default=None,
                     help="a distilled student bundle (export-engine distil); default: a random-weight student")
-    ap.add_argument("--student", default="s", help="student size of the random-weight model: s, m or l")
+    ap.add_argument("--student", default="s", help="student of the random-weight model: s, m, l or lite0 (ImageNet encoder, random head)")
     ap.add_argument("--size", type=int, default=None, help=f"input HxW (default {TARGET_SIZE}; --bundle: its own)")
     ap.add_argument("--calls", type=int, default=500, help="timed calls per row")
     ap.add_argument("--warmup-s", type=float, default=2.0, help="warm-up seconds per row before timing")

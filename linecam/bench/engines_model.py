@@ -52,7 +52,7 @@ def random_student_bundle(root: Path, size: int, student: str, *, n_images: int,
     from linecam.export.distil import FP16_FILE, FP32_FILE, INT8_FILE, student_manifest
     from linecam.export.gate import run_expert
     from linecam.export.onnx_export import export_onnx
-    from linecam.export.student import Student
+    from linecam.export.student import make_student
     from linecam.preprocess import PreprocessSpec, Preprocessor, read_image
 
     spec = PreprocessSpec(input_size=(size, size))
@@ -60,7 +60,7 @@ def random_student_bundle(root: Path, size: int, student: str, *, n_images: int,
     pre = Preprocessor(spec)
     x = np.concatenate([pre(*read_image(p), copy=True) for p in sorted(images.glob("*.png"))])
     torch.manual_seed(seed)
-    model = Student(student).eval()
+    model = make_student(student).eval()
     with torch.no_grad():
         # Activations of O(1) through the depth, as in a trained network (torch's default init shrinks
         # them layer by layer), and the head centred on these images: else ReLU clamps the map to zeros.

@@ -8,7 +8,10 @@
 * :func:`to_int8`: static INT8 with **symmetric** Q/DQ nodes (every zero point 0, int8):
   the only INT8 form a strongly typed TensorRT network takes. Calibrated on images
   preprocessed exactly as at inference (:func:`calibration_batch`), with the head kept
-  in float (see :data:`KEEP_HEAD_FLOAT` and :func:`head_nodes`).
+  in float (see :data:`KEEP_HEAD_FLOAT` and :func:`head_nodes`), and a conv output that feeds
+  only a ReLU / ReLU6 ranged on what that activation keeps
+  (:func:`~linecam.export.calibration_set.clipped_conv_outputs`; the ORT path only: ModelOpt
+  calibrates its own ranges, untouched here).
 
 Whether a quantized file is good enough is not decided here: :mod:`linecam.export.gate`
 compares it with the FP32 model on labelled images and refuses it when accuracy drops.
@@ -49,6 +52,7 @@ from linecam.export.calibration_set import (  # noqa: F401
     HISTOGRAM_CHUNK,
     PERCENTILE,
     _histogram_ranges,
+    activation_overrides,
     _Reader,
 )
 from linecam.export.qdq import QdqSummary, _name_nodes, check_symmetric, head_nodes  # noqa: F401
@@ -349,9 +353,15 @@ def _quantize_ort(src: Path, dst: Path, calib: CalibrationSet, input_name: str, 
         # the full range, i.e. min-max (measured: identical scales on a 256x256 ScratchExpert).
         # Ranges are computed here with more bins (see ENTROPY_BINS) and handed over as overrides.
         ranges = _histogram_ranges(prep, reader, method, types, tmpdir)
+        reader.set_range(0, calib.n)
+    else:
+        ranges = {}
+    # Conv outputs feeding a ReLU / ReLU6 are ranged on what the activation keeps (see
+    # clipped_conv_outputs); the other tensors keep their calibrated ranges.
+    ranges.update(activation_overrides(prep, reader, types, tmpdir, ranges or None))
+    if ranges:
         extra["TensorQuantOverrides"] = {k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
                                          for k, (lo, hi) in ranges.items()}
-        reader.set_range(0, calib.n)
     logger.info("INT8: calibrating (%s) on %d image(s) and quantizing", method, calib.n)
     with contextlib.redirect_stdout(io.StringIO()) as chatter:  # ORT prints progress to stdout
         quantize_static(

@@ -28,6 +28,9 @@ from torch import nn
 SIZES: dict[str, int] = {"s": 32, "m": 48, "l": 64}
 #: Output stride of the anomaly map.
 STRIDE = 8
+#: ``--student`` values: the plain sizes, and ``lite0`` (:mod:`linecam.export.student_lite`,
+#: fine-tuned from ImageNet EfficientNet-Lite0; input sides multiples of 16).
+STUDENTS = (*SIZES, "lite0")
 
 
 def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -58,6 +61,21 @@ class Student(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         amap = F.relu(self.raw(x))
         return amap, torch.amax(F.avg_pool2d(amap, self.score_pool, stride=1), dim=(1, 2, 3))
+
+
+def make_student(name: str, score_pool: int = 3, mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+                 std: tuple[float, float, float] = (0.229, 0.224, 0.225)) -> nn.Module:
+    """The ``--student`` named ``name``; ``mean``/``std`` are the bundle's normalisation."""
+    if name == "lite0":
+        from linecam.export.student_lite import Lite0Student
+
+        return Lite0Student(score_pool, mean=mean, std=std)
+    return Student(name, score_pool=score_pool)
+
+
+def input_multiple(name: str) -> int:
+    """What the input's sides must be multiples of for student ``name``."""
+    return 16 if name == "lite0" else STRIDE
 
 
 def map_size(input_size: tuple[int, int]) -> tuple[int, int]:
