@@ -35,7 +35,13 @@ def workflow(tmp_path_factory):
     res = CliRunner().invoke(export_cli, [
         "distil", "--teacher", "scratch", "--teacher-steps", "600", "--images", str(cat / "train" / "good"),
         "--out", str(out), "--work-dir", str(work), "--size", str(SIZE), "--steps", "800", "--pool-size", "384",
-        "--threads", "2", "-q"])
+        "--threads", "2", "-q",
+        # The plain student. On this generated fabric the encoder teacher scores brightened good
+        # copies (the threshold set's light jitter) as defects (probability up to 0.8-1.1 at 600
+        # and at 1500 teacher steps); the lite0 student reproduces that, the threshold rises to 3x
+        # those copies and only 9-11 of 40 defects pass it (README, real-photo section). This test
+        # is about the daemon running what evaluate measured, not about that open problem.
+        "--student", "s"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return cat, out, work
 
