@@ -558,9 +558,14 @@ def test_real_photo_combined_teacher_has_its_rows_and_a_partial_run_keeps_the_ot
     results = {"categories": {"a": {}}}
     real_photo._keep_previous(results)
     assert set(results["categories"]["a"]) == {"cnn", "scratch", "combined"}
-    results["categories"]["a"]["combined"] = {"eval": {"fp32": m, "int8": m}, "distil": {"gate_passed": True}}
+    results["categories"]["a"]["combined"] = {"eval": {"fp32": m, "int8": m},
+                                              "distil": {"gate_passed": True, "seconds": 12.0}}
+    results["categories"]["a"]["cnn"]["distil"].update(seconds=9.0, uncached={"seconds": 345.0})
     results["categories"]["a"]["patchcore"] = m
     text = real_photo.render(results)
+    # A distil over a cached work dir has no first-run time; its re-run's seconds are not passed off as one.
+    assert any(ln.startswith("| a | combined | – (cached re-run: 12) |") for ln in text.splitlines()), text
+    assert any(ln.startswith("| a | cnn (previous run") and "| 345 |" in ln for ln in text.splitlines()), text
     combined = [ln for ln in text.splitlines() if ln.startswith("| combined teacher (cnn + scratch) -> student INT8")]
     assert combined and "previous run" not in combined[0] and combined[0].endswith("| 0.900 | 0.800 |")
     assert any(ln.startswith("| cnn teacher -> student INT8 (previous run 2026-01-01T00:00:00Z") for ln in text.splitlines())

@@ -259,10 +259,13 @@ def render(r: dict[str, Any]) -> str:
             drop = (d.get("gate") or {}).get("onnx_int8", {}).get("auroc_drop")
             at = e.get("eval", {}).get("int8") or {}
             miss = at.get("miss_at_threshold")
-            secs = (d.get("uncached") or {}).get("seconds", d.get("seconds", 0))
+            # A run over an existing work dir has no first-run time: say so rather than pass a
+            # cached re-run's seconds off as the cost of a distil.
+            first = (d.get("uncached") or {}).get("seconds")
+            secs = f"{first:.0f}" if first is not None else f"– (cached re-run: {d.get('seconds', 0):.0f})"
             was = e.get("previous_run")
             note = f" (previous run {was.get('started')}, test data v{was.get('data_version')})" if was else ""
-            lines.append(f"| {c} | {teacher}{note} | {secs:.0f} | {d.get('gate_passed')} | "
+            lines.append(f"| {c} | {teacher}{note} | {secs} | {d.get('gate_passed')} | "
                          f"{'–' if drop is None else f'{drop:+.2f}'} | "
                          f"{_f((d.get('distillation') or {}).get('map_pearson'))} | "
                          f"{_f(at.get('frr_at_threshold'))} / {'–' if miss is None else _f(miss)} |")

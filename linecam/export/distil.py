@@ -352,7 +352,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     logger.info("student vs teacher on held-out images: map Pearson %.3f, AUROC %.4f (teacher %.4f)",
                 distillation["map_pearson"], distillation["student_auroc"], distillation["teacher_auroc"])
     if not distillation["map_pearson"] >= MIN_DISTIL_PEARSON:
-        bigger = "--student lite0" if o.student in SIZES else "--student m or l (trained from scratch)"
+        bigger = "--student lite0" if o.student in SIZES else "--student m or l"
         logger.warning("the student reproduces the teacher's maps with Pearson %.3f only (< %.2f): train longer "
                        "(--steps), another student (%s) or a bigger pool (--pool-size)",
                        distillation["map_pearson"], MIN_DISTIL_PEARSON, bigger)
