@@ -91,7 +91,9 @@ def random_student_bundle(root: Path, size: int, student: str, *, n_images: int,
                                 "holdout_files": sorted(p.name for p in images.glob("*.png"))}),
         random_weights=True)
     write_manifest(root, manifest)
-    return {"source": "random-weight student", "student": student, "bundle": None, "images": str(images),
+    source = ("random-weight student" if student != "lite0"
+              else "student 'lite0': ImageNet EfficientNet-Lite0 encoder, random head")
+    return {"source": source, "student": student, "bundle": None, "images": str(images),
             "int8": {k: v for k, v in q.to_dict().items() if k != "path"}}
 
 

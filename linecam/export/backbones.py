@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -114,6 +114,16 @@ def _load_into(model: nn.Module, path: str | Path) -> str:
 LITE0_PYRAMID = (0, 2, 4, 10)
 
 
+def lite0_taps(x: torch.Tensor, blocks: Sequence[nn.Module], taps: tuple[int, ...]) -> list[torch.Tensor]:
+    """The outputs of EfficientNet-Lite0 blocks ``taps`` for the stem's output ``x``."""
+    out = []
+    for i, block in enumerate(blocks[:taps[-1] + 1]):
+        x = block(x)  # no drop-connect rate given: none, in training too
+        if i in taps:
+            out.append(x)
+    return out
+
+
 def _efficientnet_lite0(checkpoint: str | Path | None, taps: tuple[int, ...] = (4, 10)) -> Backbone:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -134,13 +144,7 @@ def _efficientnet_lite0(checkpoint: str | Path | None, taps: tuple[int, ...] = (
     # PatchCore's layer2 + layer3 equivalents.
 
     def stages(x: torch.Tensor) -> list[torch.Tensor]:
-        x = model._swish(model._bn0(model._conv_stem(x)))
-        out = []
-        for i, block in enumerate(model._blocks[:taps[-1] + 1]):
-            x = block(x)  # eval mode: no drop-connect
-            if i in taps:
-                out.append(x)
-        return out
+        return lite0_taps(model._swish(model._bn0(model._conv_stem(x))), model._blocks, taps)
 
     return Backbone("efficientnet-lite0", stages, model, LITE_MEAN, LITE_STD, str(Path(checkpoint).resolve()), digest)
 

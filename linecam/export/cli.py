@@ -149,9 +149,9 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @click.option("--size", "size", type=_Size(), default="224", show_default=True,
               help="Model input size (multiples of 8, at least 32; of 16 with --teacher scratch or combined, of 14 too for DINOv2).")
 @click.option("--student", type=click.Choice(["lite0", "s", "m", "l"]), default="lite0", show_default=True,
-              help="Student: lite0, fine-tuned from ImageNet EfficientNet-Lite0 (input sides multiples of 16; on real "
-                   "photographs it kept its teacher's accuracy where the plain s lost 5-7 AUROC points); or a plain "
-                   "conv student s (fastest), m, l, trained from scratch.")
+              help="Student: lite0, fine-tuned from ImageNet EfficientNet-Lite0 (sides multiples of 16; kept its teacher's "
+                   "mean AUROC on real photographs where s lost 5-7 points; on a CPU run it in FP32, its INT8 is slower "
+                   "there); or plain conv students s (fastest INT8 on a CPU), m, l, trained from scratch.")
 @click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Student training steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)

@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linecam.export.layers import cbr, input_affine
+
 #: ``--encoder`` values: ``none`` is the original from-scratch U-Net.
 ENCODERS = ("efficientnet-lite0", "none")
 #: Decoder width: channels after the deepest lateral (x4), then x2, x1, x1 up to stride 2.
 DECODER_WIDTH = 32
 
 
-def _cbr(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class EncoderExpert(nn.Module):
@@ -51,20 +51,16 @@ class EncoderExpert(nn.Module):
         self.encoder_source, self.encoder_sha256 = bb.source, bb.source_sha256
         self.encoder = bb.module  # registered: exported with the graph, moved with .to()
         self._stages = bb.stages
-        # x_encoder = x * a + b per channel, from the bundle's normalisation to the encoder's.
-        ms, ss = torch.tensor(mean), torch.tensor(std)
-        me, se = torch.tensor(bb.mean), torch.tensor(bb.std)
-        self.register_buffer("in_a", (ss / se).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_b", ((ms - me) / se).view(1, 3, 1, 1), persistent=False)
+        input_affine(self, mean, std, bb.mean, bb.std)  # the bundle's normalisation -> the encoder's
         self.score_pool = score_pool
         with torch.no_grad():
             chans = [f.shape[1] for f in self._stages(torch.zeros(1, 3, 32, 32))]
         c2, c4, c8, c16 = chans
         w = width
-        self.lateral = _cbr(c16, 4 * w)
-        self.up8 = _cbr(4 * w + c8, 2 * w)
-        self.up4 = _cbr(2 * w + c4, w)
-        self.up2 = _cbr(w + c2, w)
+        self.lateral = cbr(c16, 4 * w)
+        self.up8 = cbr(4 * w + c8, 2 * w)
+        self.up4 = cbr(2 * w + c4, w)
+        self.up2 = cbr(w + c2, w)
         self.head = nn.Conv2d(w, 1, 1)
         nn.init.constant_(self.head.bias, -4.0)  # start "everything is good", as the scratch expert
 

@@ -46,6 +46,7 @@ from linecam.bundle import (
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, isolated_warning, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.anomalies import RECIPES, synthesize
+from linecam.export.layers import cbr
 from linecam.export.images import IMAGE_SUFFIXES, MIN_IMAGES, SourceImage, list_images, split_holdout  # noqa: F401
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.preprocess import PreprocessSpec, Preprocessor
@@ -64,12 +65,6 @@ PIXEL_THRESHOLD_CAP = 0.5
 # --------------------------------------------------------------------------- model
 
 
-def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
 
 
 class ScratchExpert(nn.Module):
@@ -87,13 +82,13 @@ class ScratchExpert(nn.Module):
         w = base_width
         self.base_width = base_width
         self.score_pool = score_pool
-        self.stem = nn.Sequential(_cbr(3, w, 2), _cbr(w, w))
-        self.down1 = nn.Sequential(_cbr(w, 2 * w, 2), _cbr(2 * w, 2 * w))
-        self.down2 = nn.Sequential(_cbr(2 * w, 4 * w, 2), _cbr(4 * w, 4 * w))
-        self.down3 = nn.Sequential(_cbr(4 * w, 8 * w, 2), _cbr(8 * w, 8 * w), _cbr(8 * w, 8 * w))
-        self.up2 = _cbr(12 * w, 4 * w)
-        self.up1 = _cbr(6 * w, 2 * w)
-        self.up0 = _cbr(3 * w, w)
+        self.stem = nn.Sequential(cbr(3, w, 2), cbr(w, w))
+        self.down1 = nn.Sequential(cbr(w, 2 * w, 2), cbr(2 * w, 2 * w))
+        self.down2 = nn.Sequential(cbr(2 * w, 4 * w, 2), cbr(4 * w, 4 * w))
+        self.down3 = nn.Sequential(cbr(4 * w, 8 * w, 2), cbr(8 * w, 8 * w), cbr(8 * w, 8 * w))
+        self.up2 = cbr(12 * w, 4 * w)
+        self.up1 = cbr(6 * w, 2 * w)
+        self.up0 = cbr(3 * w, w)
         self.head = nn.Conv2d(w, 1, 1)
         # Start "everything is good": anomalous pixels are rare, and a neutral start
         # makes the first focal-loss steps huge and noisy.

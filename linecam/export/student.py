@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linecam.export.backbones import IMAGENET_MEAN, IMAGENET_STD
+from linecam.export.layers import cbr
+
 #: Student sizes: name -> base width. Channels are w, 2w, 2w, 4w x 4; compute grows with w².
 #: Narrower than 32 makes INT8 on CPU barely faster than FP32 (int8 GEMMs want channels).
 SIZES: dict[str, int] = {"s": 32, "m": 48, "l": 64}
@@ -33,8 +36,6 @@ STRIDE = 8
 STUDENTS = (*SIZES, "lite0")
 
 
-def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class Student(nn.Module):
@@ -48,9 +49,9 @@ class Student(nn.Module):
         self.size = size
         self.score_pool = score_pool
         self.body = nn.Sequential(
-            _cbr(3, w, 2),
-            _cbr(w, 2 * w, 2), _cbr(2 * w, 2 * w),
-            _cbr(2 * w, 4 * w, 2), _cbr(4 * w, 4 * w), _cbr(4 * w, 4 * w), _cbr(4 * w, 4 * w),
+            cbr(3, w, 2),
+            cbr(w, 2 * w, 2), cbr(2 * w, 2 * w),
+            cbr(2 * w, 4 * w, 2), cbr(4 * w, 4 * w), cbr(4 * w, 4 * w), cbr(4 * w, 4 * w),
         )
         self.head = nn.Conv2d(4 * w, 1, 1)
 
@@ -63,8 +64,8 @@ class Student(nn.Module):
         return amap, torch.amax(F.avg_pool2d(amap, self.score_pool, stride=1), dim=(1, 2, 3))
 
 
-def make_student(name: str, score_pool: int = 3, mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-                 std: tuple[float, float, float] = (0.229, 0.224, 0.225)) -> nn.Module:
+def make_student(name: str, score_pool: int = 3, mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD) -> nn.Module:
     """The ``--student`` named ``name``; ``mean``/``std`` are the bundle's normalisation."""
     if name == "lite0":
         from linecam.export.student_lite import Lite0Student

@@ -7,11 +7,13 @@ those crops cannot teach: on real grass and gravel the plain student's map agree
 at r ≈ 0.89–0.95 and kept only 0.75–0.83 of its 0.86–0.94 image AUROC. Starting from the same
 ImageNet features closes most of that gap (benchmarks/results/real_photo_accuracy.md).
 
-EfficientNet-Lite is the mobile/INT8 variant of EfficientNet (ReLU6, no squeeze-excitation, no
-swish): every op is a convolution, a depthwise convolution, batch norm (folded at export) or a clip,
-all with INT8 kernels on ONNX Runtime CPU and TensorRT. The map joins the stride-16 features to the
-stride-8 ones (one nearest upsample and an add; no concatenation) and is output at 1/8 resolution,
-the plain student's contract, so bundles, consumers and the gate are unchanged.
+EfficientNet-Lite is the mobile variant of EfficientNet (ReLU6, no squeeze-excitation, no swish):
+convolutions, depthwise convolutions, batch norm (folded at export), clips and residual adds. The
+map joins the stride-16 features to the stride-8 ones (one nearest upsample and an add; no
+concatenation) and is output at 1/8 resolution, the plain student's contract, so bundles,
+consumers and the gate are unchanged. Speed on ONNX Runtime CPU (benchmarks/results/engines-cpu-lite0.md):
+FP32 faster than the plain ``s`` student, but INT8 *slower* than its own FP32 (Q/DQ depthwise
+convolutions and float residual adds between Q/DQ pairs): on a CPU run a lite0 bundle in FP32.
 
 The encoder's batch-norm statistics stay ImageNet's (eval mode while training: batches of 8 crops of
 one surface would only make them worse) and its weights learn at a tenth of the head's rate, so the
@@ -24,16 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linecam.export.backbones import IMAGENET_MEAN, IMAGENET_STD, lite0_taps, load_backbone
+from linecam.export.layers import cbr, input_affine
+
 #: Block indices ending strides 8 (40 channels) and 16 (112 channels) in EfficientNet-Lite0.
 TAPS = (4, 10)
 #: Width of the map head (both laterals and the two 3x3 convolutions after the join).
 HEAD_WIDTH = 64
 #: The encoder's learning rate as a share of ``--lr``.
 ENCODER_LR_SCALE = 0.1
-
-
-def _cbr(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, 1, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class Lite0Student(nn.Module):
@@ -43,11 +44,9 @@ class Lite0Student(nn.Module):
 
     size = "lite0"
 
-    def __init__(self, score_pool: int = 3, *, mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-                 std: tuple[float, float, float] = (0.229, 0.224, 0.225)) -> None:
+    def __init__(self, score_pool: int = 3, *, mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
         super().__init__()
-        from linecam.export.backbones import load_backbone
-
         bb = load_backbone("efficientnet-lite0", pyramid=False)
         self.encoder_source, self.encoder_sha256 = bb.source, bb.source_sha256
         m = bb.module
@@ -57,26 +56,17 @@ class Lite0Student(nn.Module):
         # classifier never runs and is not exported).
         self.stem = nn.Sequential(m._conv_stem, m._bn0, m._swish)
         self.blocks = nn.ModuleList(m._blocks[:TAPS[-1] + 1])
-        ms, ss = torch.tensor(mean), torch.tensor(std)
-        me, se = torch.tensor(bb.mean), torch.tensor(bb.std)
-        self.register_buffer("in_a", (ss / se).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_b", ((ms - me) / se).view(1, 3, 1, 1), persistent=False)
+        input_affine(self, mean, std, bb.mean, bb.std)
         with torch.no_grad():
             c8, c16 = (f.shape[1] for f in self._features(torch.zeros(1, 3, 32, 32)))
         w = HEAD_WIDTH
-        self.lat8, self.lat16 = _cbr(c8, w, 1), _cbr(c16, w, 1)
-        self.fuse = nn.Sequential(_cbr(w, w), _cbr(w, w))
+        self.lat8, self.lat16 = cbr(c8, w, k=1), cbr(c16, w, k=1)
+        self.fuse = nn.Sequential(cbr(w, w), cbr(w, w))
         self.head = nn.Conv2d(w, 1, 1)
         self.score_pool = score_pool
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x * self.in_a + self.in_b)
-        out = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)  # no drop-connect: a student regresses maps, it is not regularised as a classifier
-            if i in TAPS:
-                out.append(x)
-        return out
+        return lite0_taps(self.stem(x * self.in_a + self.in_b), self.blocks, TAPS)
 
     def train(self, mode: bool = True) -> "Lite0Student":
         super().train(mode)
