@@ -19,7 +19,8 @@ from linecam.errors import BundleError  # noqa: E402
 from linecam.export import teachers  # noqa: E402
 from linecam.export.backbones import load_backbone  # noqa: E402
 from linecam.export.encoder_expert import EncoderExpert  # noqa: E402
-from linecam.export.scratch import AnomalySampler, fit_scratch_expert, list_images, train  # noqa: E402
+from linecam.export.sampler import AnomalySampler  # noqa: E402
+from linecam.export.scratch import fit_scratch_expert, list_images, train  # noqa: E402
 from linecam.preprocess import PreprocessSpec, Preprocessor  # noqa: E402
 
 SIZE = 64

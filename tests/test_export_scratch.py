@@ -357,7 +357,7 @@ def test_the_demo_refits_a_cached_scratch_bundle_from_before_issue_21(
 def test_augmented_good_copies_never_clip_highlights():
     """A brighter copy of a good image must not clip: a clipped highlight is a texture-less plateau,
     i.e. a defect painted onto a "good" training / threshold image."""
-    from linecam.export.scratch import AnomalySampler
+    from linecam.export.sampler import AnomalySampler
     from linecam.preprocess import PreprocessSpec
 
     rng = np.random.default_rng(0)

@@ -25,7 +25,8 @@ from linecam.export import quantize as Q  # noqa: E402
 from linecam.export.anomalies import synthesize  # noqa: E402
 from linecam.export.gate import compare  # noqa: E402
 from linecam.export.onnx_export import export_onnx  # noqa: E402
-from linecam.export.scratch import AnomalySampler, ScratchExpert, SourceImage, source_hash, train  # noqa: E402
+from linecam.export.sampler import AnomalySampler  # noqa: E402
+from linecam.export.scratch import ScratchExpert, SourceImage, source_hash, train  # noqa: E402
 from linecam.preprocess import PreprocessSpec, Preprocessor  # noqa: E402
 
 SIZE = 64

@@ -52,8 +52,8 @@ from linecam.export.gate import run_expert
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.export.pool import SCALE_QUANTILE, Pool, Target, build_pool, map_scale, student_target  # noqa: F401
+from linecam.export.sampler import AnomalySampler
 from linecam.export.scratch import (
-    AnomalySampler,
     SourceImage,
     _lr_at,
     _versions,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from linecam.errors import BundleError
-from linecam.export.scratch import AnomalySampler
+from linecam.export.sampler import AnomalySampler
 from linecam.export.student import downsample, map_size
 from linecam.export.teachers import Teacher
 from linecam.progress import make_progress
