@@ -559,12 +559,15 @@ def test_real_photo_combined_teacher_has_its_rows_and_a_partial_run_keeps_the_ot
     real_photo._keep_previous(results)
     assert set(results["categories"]["a"]) == {"cnn", "scratch", "combined"}
     results["categories"]["a"]["combined"] = {"eval": {"fp32": m, "int8": m},
-                                              "distil": {"gate_passed": True, "seconds": 12.0}}
+                                              "distil": {"gate_passed": True, "seconds": 12.0, "gate": {"onnx_int8": {
+                                                  "auroc_drop": 0.68, "auroc_drop_ci95": [-0.81, 2.17]}}}}
     results["categories"]["a"]["cnn"]["distil"].update(seconds=9.0, uncached={"seconds": 345.0})
     results["categories"]["a"]["patchcore"] = m
     text = real_photo.render(results)
     # A distil over a cached work dir has no first-run time; its re-run's seconds are not passed off as one.
     assert any(ln.startswith("| a | combined | – (cached re-run: 12) |") for ln in text.splitlines()), text
+    # The gate's drop is shown with its interval, so a reader sees how much of it is the small set.
+    assert any(ln.startswith("| a | combined |") and "| +0.68 (-0.81 to +2.17) |" in ln for ln in text.splitlines()), text
     assert any(ln.startswith("| a | cnn (previous run") and "| 345 |" in ln for ln in text.splitlines()), text
     combined = [ln for ln in text.splitlines() if ln.startswith("| combined teacher (cnn + scratch) -> student INT8")]
     assert combined and "previous run" not in combined[0] and combined[0].endswith("| 0.900 | 0.800 |")

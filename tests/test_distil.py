@@ -267,3 +267,21 @@ def test_bad_images_make_thresholds_f1_optimal(tmp_path):
     assert th.method == "f1_optimal" and th.n_bad == 10 and th.n_good == 8  # 6 held out + 2 jittered copies
     assert th.details["image"]["good_only_threshold"] != th.image
     assert res.distillation["n_eval_bad"] == 10
+
+
+def test_gate_images_sizes_the_gate_set_and_the_gate_reports_its_interval(tmp_path):
+    """--gate-images N: N good and N synthetic-defect images for the gate and the thresholds
+    (instead of the 64 + 64 default), and gate.json gives the AUROC drop's 95 % interval."""
+    cat = make_category(tmp_path / "d", seed=5, size=SIZE, n_train=20, n_good_test=1, n_per_defect=1,
+                        defects=("hole",))
+    teacher = BundleTeacher(make_tiny_bundle(tmp_path / "tiny", size=SIZE))
+    opts = distil_mod.DistilOptions(steps=40, pool_size=32, quantize=("fp16",), threads=1, eval_good=8, eval_bad=8,
+                                    gate_images=24)
+    res = distil_mod.distil(teacher, cat / "train" / "good", tmp_path / "b", work_dir=tmp_path / "w",
+                            options=opts, progress=False)
+    assert res.distillation["n_eval_good"] == 24 and res.distillation["n_eval_synthetic"] == 24
+    assert load_bundle(res.bundle).manifest.thresholds.n_good == 24
+    gate = json.loads((res.bundle / "gate.json").read_text())
+    assert gate["n_images"] == 48 and gate["n_defective"] == 24
+    lo, hi = gate["candidates"]["onnx_fp16"]["auroc_drop_ci95"]
+    assert lo <= gate["candidates"]["onnx_fp16"]["auroc_drop"] <= hi

@@ -187,3 +187,30 @@ def test_input_checks(models: dict[str, Path]) -> None:
         compare(models["ref"], {"same": models["same"]}, x[:, 0], y)
     with pytest.raises(BundleError, match="at least one candidate"):
         compare(models["ref"], {}, x, y)
+
+
+def test_auroc_drop_comes_with_an_interval_that_says_when_the_set_is_too_small(tmp_path: Path) -> None:
+    """A 0.1-noise candidate 'drops' ~6 points on 40 images but ~0.1 on 200: the small set's
+    interval must say it cannot tell, and the failure must point to --gate-images; a candidate
+    that really is worse (an inverted map) must not be excused as noise."""
+    ref = darkness_model(tmp_path / "ref.onnx")
+    wobbly = darkness_model(tmp_path / "wobbly.onnx", noise=0.1)
+    inverted = darkness_model(tmp_path / "inverted.onnx", gain=-1.0)
+    x, y, m = dataset(40)
+    rep = compare(ref, {"wobbly": wobbly, "inverted": inverted}, x, y, m)
+    w, inv = rep.candidates["wobbly"], rep.candidates["inverted"]
+    assert w.auroc_drop > 2 and w.auroc_drop_ci95[0] < 0.5 < w.auroc_drop < w.auroc_drop_ci95[1]
+    assert inv.auroc_drop_ci95[0] > 20
+    assert rep._drop_within_noise("wobbly") and not rep._drop_within_noise("inverted")
+    with pytest.raises(BundleError) as e:
+        compare(ref, {"inverted": inverted}, x, y, m).enforce()
+    assert "--gate-images" not in str(e.value) and "95 % interval on this set" in str(e.value)
+    with pytest.raises(BundleError) as e:
+        rep.enforce(min_pearson=-1)
+    assert "within this set's noise" in str(e.value) and "--gate-images" in str(e.value)
+    assert json.loads(json.dumps(rep.to_dict(), allow_nan=False))["candidates"]["wobbly"]["auroc_drop_ci95"][0] < 0.5
+    # More images: the same candidate's drop shrinks into its (narrower) interval and passes.
+    x, y, m = dataset(200)
+    big = compare(ref, {"wobbly": wobbly}, x, y, m).candidates["wobbly"]
+    assert big.auroc_drop < 0.5
+    assert big.auroc_drop_ci95[1] - big.auroc_drop_ci95[0] < 0.25 * (w.auroc_drop_ci95[1] - w.auroc_drop_ci95[0])

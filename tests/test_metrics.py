@@ -8,6 +8,7 @@ import pytest
 from linecam.calibration.metrics import (
     aupro,
     auroc,
+    auroc_difference,
     f1_at,
     false_reject_rate,
     miss_rate,
@@ -38,6 +39,51 @@ def test_auroc_random_scores_near_half():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 20000)
     assert abs(auroc(y, rng.random(20000)) - 0.5) < 0.02
+
+
+def _delong_by_pairs(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """DeLong's paired difference and its standard error from the m x n kernel matrices (the
+    textbook form, no ranks): what auroc_difference computes in O(N log N)."""
+    se_parts, diffs = [], []
+    psis = []
+    for s in (a, b):
+        p, q = s[y == 1][:, None], s[y == 0][None, :]
+        psis.append((p > q) + 0.5 * (p == q))
+    v10 = [k.mean(axis=1) for k in psis]
+    v01 = [k.mean(axis=0) for k in psis]
+    m, n = len(v10[0]), len(v01[0])
+    diffs = psis[0].mean() - psis[1].mean()
+    for v, k in ((v10, m), (v01, n)):
+        c = np.cov(np.vstack(v))
+        se_parts.append((c[0, 0] + c[1, 1] - 2 * c[0, 1]) / k)
+    return float(diffs), float(np.sqrt(sum(se_parts)))
+
+
+def test_auroc_difference_is_delongs_paired_test():
+    rng = np.random.default_rng(3)
+    y = (np.arange(90) % 3 == 0).astype(int)
+    a = np.round(rng.normal(size=90) + 1.2 * y, 1)  # rounded: ties, which DeLong counts as 1/2
+    b = np.round(a + rng.normal(0, 0.4, 90), 1)
+    d, lo, hi = auroc_difference(y, a, b)
+    want_d, want_se = _delong_by_pairs(y, a, b)
+    assert d == pytest.approx(auroc(y, a) - auroc(y, b)) == pytest.approx(want_d)
+    assert (hi - lo) / 2 == pytest.approx(1.959964 * want_se, rel=1e-9)
+    assert auroc_difference(y, a, a) == (0.0, 0.0, 0.0)
+    assert all(np.isnan(auroc_difference(np.zeros(5), a[:5], b[:5])))
+
+
+def test_auroc_difference_interval_matches_the_spread_between_draws():
+    """Its standard error is what independent draws of as many images really scatter by."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(64), np.ones(64)].astype(int)
+    drops, ses = [], []
+    for _ in range(300):
+        a = rng.normal(size=128) + 1.3 * y
+        b = a + rng.normal(0, 0.3, 128)
+        d, lo, hi = auroc_difference(y, a, b)
+        drops.append(d)
+        ses.append((hi - lo) / 2 / 1.959964)
+    assert np.mean(ses) == pytest.approx(np.std(drops), rel=0.25)
 
 
 def test_roc_curve_matches_the_textbook_example():

@@ -153,7 +153,8 @@ def distil(teacher: str, data: Path, out: Path, size: int, extra: list[str]) -> 
     if gate.is_file():
         g = json.loads(gate.read_text())
         rec["gate_passed"] = g.get("passed")
-        rec["gate"] = {k: {f: v.get(f) for f in ("auroc", "auroc_drop", "pearson", "pixel_auroc")}
+        rec["gate"] = {k: {f: v.get(f) for f in ("auroc", "auroc_drop", "auroc_drop_ci95", "pearson",
+                                                          "pixel_auroc")}
                        for k, v in (g.get("candidates") or {}).items() if isinstance(v, dict)}
     return rec
 
@@ -247,8 +248,11 @@ def render(r: dict[str, Any]) -> str:
                  f"({_f(np.mean([m['per_kind'][k]['pixel_auroc'] for m in ms]))})" for k in kinds]
         cells += [_f(np.mean([m["by_strength"][s] for m in ms])) for s in ("soft", "strong")]
         lines.append(f"| {label}{_previous_note(r, teacher)} | " + " | ".join(cells) + " |")
+    has_ci = any(((e.get("distil") or {}).get("gate") or {}).get("onnx_int8", {}).get("auroc_drop_ci95")
+                 for c in cats for e in r["categories"][c].values() if isinstance(e, dict))
     lines += ["", "Distillation (export-engine distil, wall time on this machine; gate = the INT8/FP16 accuracy gate):", "",
-              "| category | teacher | seconds (first run, nothing cached) | gate passed | INT8 AUROC drop on held-out (pts; below 0: INT8 higher) | student vs teacher map r | "
+              "| category | teacher | seconds (first run, nothing cached) | gate passed | INT8 AUROC drop on held-out "
+              f"(pts; below 0: INT8 higher{'; its 95 % interval' if has_ci else ''}) | student vs teacher map r | "
               "at the bundle threshold (INT8): FRR of new good parts / defects missed |", "| --- " * 7 + "|"]
     for c in cats:
         for teacher in TEACHERS:
@@ -256,7 +260,8 @@ def render(r: dict[str, Any]) -> str:
             if not e:
                 continue
             d = e.get("distil", {})
-            drop = (d.get("gate") or {}).get("onnx_int8", {}).get("auroc_drop")
+            int8 = (d.get("gate") or {}).get("onnx_int8", {})
+            drop, ci = int8.get("auroc_drop"), int8.get("auroc_drop_ci95")
             at = e.get("eval", {}).get("int8") or {}
             miss = at.get("miss_at_threshold")
             # A run over an existing work dir has no first-run time: say so rather than pass a
@@ -266,7 +271,8 @@ def render(r: dict[str, Any]) -> str:
             was = e.get("previous_run")
             note = f" (previous run {was.get('started')}, test data v{was.get('data_version')})" if was else ""
             lines.append(f"| {c} | {teacher}{note} | {secs} | {d.get('gate_passed')} | "
-                         f"{'–' if drop is None else f'{drop:+.2f}'} | "
+                         f"{'–' if drop is None else f'{drop:+.2f}'}"
+                         f"{'' if not ci else f' ({ci[0]:+.2f} to {ci[1]:+.2f})'} | "
                          f"{_f((d.get('distillation') or {}).get('map_pearson'))} | "
                          f"{_f(at.get('frr_at_threshold'))} / {'–' if miss is None else _f(miss)} |")
     lines.append("")

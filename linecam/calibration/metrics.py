@@ -5,7 +5,7 @@ for connected components in :func:`aupro`): used on the workstation and the edge
 Ties are handled exactly (AUROC is the Mann-Whitney U statistic with average ranks),
 so a model that outputs one constant score gets 0.5, never a lucky 1.0.
 
-Image level: :func:`auroc`, :func:`roc_curve`, :func:`rates_at` (F1, false-reject rate on
+Image level: :func:`auroc` (:func:`auroc_difference`: two scorings compared, with an interval), :func:`roc_curve`, :func:`rates_at` (F1, false-reject rate on
 good items, miss rate on defective ones at a threshold; score >= threshold is NG, the
 daemon's rule). Pixel level (MVTec AD conventions): :func:`pixel_auroc` and :func:`aupro`.
 """
@@ -45,6 +45,39 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     r = _ranks(s)
     u = r[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def auroc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, *, z: float = 1.959964) -> tuple[float, float, float]:
+    """``AUROC(a) - AUROC(b)`` of two scorings of the same images, with DeLong's standard error
+    for *paired* AUROCs (DeLong, DeLong & Clarke-Pearson 1988; the fast rank form of Sun & Xu 2014):
+    ``(difference, low, high)``, the interval ``difference ± z·se`` (z = 1.96: 95 %).
+
+    Why: a quantized model's AUROC drop measured on a few dozen images moves by about a point
+    from one equally valid draw of those images to the next; the interval says whether a drop
+    is larger than that noise. All NaN if one class is absent."""
+    y = np.asarray(labels).ravel().astype(bool)
+    m, n = int(y.sum()), int((~y).sum())
+    if m == 0 or n == 0:
+        return float("nan"), float("nan"), float("nan")
+    v10, v01, aucs = [], [], []
+    for s in (a, b):
+        s = np.asarray(s, dtype=np.float64).ravel()
+        if s.shape != y.shape:
+            raise ValueError(f"labels {y.shape} and scores {s.shape} differ in length")
+        r_all, r_pos, r_neg = _ranks(s), _ranks(s[y]), _ranks(s[~y])
+        # Structural components: each defective image's share of good images it outranks, and
+        # each good image's share of defective images that outrank it (ties count one half).
+        v10.append((r_all[y] - r_pos) / n)
+        v01.append(1.0 - (r_all[~y] - r_neg) / m)
+        aucs.append(float(v10[-1].mean()))
+    d = aucs[0] - aucs[1]
+    var = 0.0
+    for v, k in ((v10, m), (v01, n)):
+        if k > 1:
+            c = np.cov(np.vstack(v))
+            var += (c[0, 0] + c[1, 1] - 2 * c[0, 1]) / k
+    se = float(np.sqrt(max(var, 0.0)))
+    return d, d - z * se, d + z * se
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

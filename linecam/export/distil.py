@@ -330,7 +330,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
 
     # distillation quality on held-out images
     t = time.perf_counter()
-    ev = eval_set(hold_set, spec, o.seed, o.eval_good, o.eval_bad, bad_set)
+    ev = eval_set(hold_set, spec, o.seed, o.gate_images or o.eval_good, o.gate_images or o.eval_bad, bad_set)
     t_maps = target(downsample(teacher.maps(ev.x)))  # at the student's resolution, in its unit
     s_maps, s_scores = run_expert(fp32, ev.x, o.threads)
     t_scores = image_score(t_maps, o.score_pool)

@@ -189,8 +189,8 @@ def _write(model: TextExpert, clip: Any, prompts: Any, spec: PreprocessSpec, lab
     files = {"onnx_fp32": file_entry(out, FP32_FILE)}
     gate_dict = calibration = None
     if sources:
-        n_good = o.eval_good if o.eval_good is not None else math.ceil(1.0 / o.target_frr)
-        ev = eval_set(hold_set, spec, o.seed, n_good, o.eval_bad)
+        n_good = o.gate_images or (o.eval_good if o.eval_good is not None else math.ceil(1.0 / o.target_frr))
+        ev = eval_set(hold_set, spec, o.seed, n_good, o.gate_images or o.eval_bad)
         t = time.perf_counter()
         v = quantize_and_gate(fp32, out, spec, train_set, "training images", ev.x, ev.labels, ev.masks,
                               o.gate_settings(seed=o.seed, threads=o.threads))
