@@ -285,3 +285,26 @@ def test_gate_images_sizes_the_gate_set_and_the_gate_reports_its_interval(tmp_pa
     assert gate["n_images"] == 48 and gate["n_defective"] == 24
     lo, hi = gate["candidates"]["onnx_fp16"]["auroc_drop_ci95"]
     assert lo <= gate["candidates"]["onnx_fp16"]["auroc_drop"] <= hi
+
+
+def test_a_moved_work_dir_keeps_its_pool_and_student(tmp_path):
+    """Caches are keyed by what the teacher holds, not where it lies: a work dir moved (or a CI
+    cache restored elsewhere), with the scratch teacher's bundle inside it as distil keeps it,
+    is reused; the content hashes stay in the key."""
+    assert distil_mod.cache_identity({"kind": "x", "source": "/a", "source_sha256": "h", "nested": {
+        "bundle": "/b", "bundle_sha256": "g", "source": "/kept: no hash"}}) == {
+        "kind": "x", "source_sha256": "h", "nested": {"bundle_sha256": "g", "source": "/kept: no hash"}}
+    cat = make_category(tmp_path / "d", seed=6, size=SIZE, n_train=20, n_good_test=1, n_per_defect=1,
+                        defects=("hole",))
+    opts = distil_mod.DistilOptions(steps=30, pool_size=24, quantize=(), threads=1, eval_good=8, eval_bad=8)
+    work = tmp_path / "w1"
+    make_tiny_bundle(work / "teacher", size=SIZE)
+    distil_mod.distil(BundleTeacher(work / "teacher"), cat / "train" / "good", tmp_path / "b1", work_dir=work,
+                      options=opts, progress=False)
+    before = sorted(p.name for p in work.iterdir())
+    moved = tmp_path / "elsewhere" / "w2"
+    moved.parent.mkdir()
+    work.rename(moved)
+    distil_mod.distil(BundleTeacher(moved / "teacher"), cat / "train" / "good", tmp_path / "b2", work_dir=moved,
+                      options=opts, progress=False)
+    assert sorted(p.name for p in moved.iterdir()) == before  # no new pool, no new student

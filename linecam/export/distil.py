@@ -114,6 +114,18 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def cache_identity(describe: dict[str, Any]) -> dict[str, Any]:
+    """A teacher's ``describe()`` as a cache key: without a path ``X`` wherever ``X_sha256`` says
+    what the file holds (``source``, ``bundle``), so a work dir (or a virtualenv holding the
+    weights) moved or restored elsewhere keeps its trained teacher, pool and student."""
+    out = {}
+    for k, v in describe.items():
+        if f"{k}_sha256" in describe:
+            continue
+        out[k] = cache_identity(v) if isinstance(v, dict) else v
+    return out
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -293,13 +305,13 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
 
     # 2. teacher
     t = time.perf_counter()
-    teacher_key = _key(teacher.describe(), data_key)
+    teacher_key = _key(cache_identity(teacher.describe()), data_key)
     teacher.fit(train_set, cache=work / f"teacher-{teacher_key}.pt", progress=progress)
     seconds["teacher_fit"] = time.perf_counter() - t
 
     # 3. pool
     t = time.perf_counter()
-    pool_key = _key(teacher.describe(), data_key, o.pool_size, STRIDE)
+    pool_key = _key(cache_identity(teacher.describe()), data_key, o.pool_size, STRIDE)
     pool = Pool(work / f"pool-{pool_key}", o.pool_size, (h, w))
     sampler = AnomalySampler(train_set, spec, np.random.default_rng(o.seed), anomaly_ratio=0.5)
     build_pool(pool, teacher, sampler, o.seed, progress=progress)
