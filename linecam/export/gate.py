@@ -5,7 +5,7 @@ if it still separates good from defective parts and its anomaly map still agrees
 preprocessed inputs and measures, per candidate:
 
 * image AUROC and its drop in points (``100 * (ref - cand)``), with the drop's 95 % interval
-  (DeLong, paired): on 64 + 64 images it spans about two points, so a failure whose interval
+  (DeLong, paired): on 64 + 64 images it spanned 3-4 points for real-photo students, so a failure whose interval
   reaches below the bound says to measure on more images (``--gate-images``);
 * Pearson correlation of the anomaly maps with the reference's, pooled over every pixel
   of every image (a quantized map that no longer agrees fails even if AUROC holds:
@@ -136,8 +136,10 @@ class GateReport:
                 if c.auroc is None or c.auroc_drop is None:
                     reasons.append("image AUROC not measurable on its scores")
                 elif c.auroc_drop > self.max_auroc_drop:
+                    # Signed like the "-X points" beside it (a change, negative = a loss); gate.json
+                    # keeps the drop's own interval (positive = a loss).
                     ci = "" if c.auroc_drop_ci95 is None else \
-                        f"; 95 % interval on this set {c.auroc_drop_ci95[0]:+.2f} to {c.auroc_drop_ci95[1]:+.2f}"
+                        f"; 95 % interval on this set {-c.auroc_drop_ci95[1]:+.2f} to {-c.auroc_drop_ci95[0]:+.2f}"
                     reasons.append(f"image AUROC {100 * self.reference_auroc:.2f} -> {100 * c.auroc:.2f} "
                                    f"(-{c.auroc_drop:.2f} points > {self.max_auroc_drop:g} allowed{ci})")
             if c.pearson is None:
