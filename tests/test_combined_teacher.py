@@ -59,7 +59,10 @@ def test_fused_map_is_softplus_of_the_mean_standardised_log_maps(brick, tmp_path
     want = np.log1p(np.exp(z))
     got = comb.maps(x_s)
     assert got.shape == (1, *SIZE) and got.min() > 0  # the student's ReLU head can reproduce it
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # On a GPU the two paths' convolutions round differently (TF32: 3e-4 measured on an H200); a wrong
+    # mean/std conversion moves the map by far more (its offset 10 % off: 10 %, tried).
+    tol = 1e-4 if cnn.device.type == "cpu" else 1e-3
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
     # A re-run reads statistics and bank from the cache (fitting on other images changes neither).
     again = CombinedTeacher(CnnTeacher.create("efficientnet-lite0", SIZE), scratch)

@@ -275,8 +275,10 @@ def test_gate_images_sizes_the_gate_set_and_the_gate_reports_its_interval(tmp_pa
     cat = make_category(tmp_path / "d", seed=5, size=SIZE, n_train=20, n_good_test=1, n_per_defect=1,
                         defects=("hole",))
     teacher = BundleTeacher(make_tiny_bundle(tmp_path / "tiny", size=SIZE))
+    # force: this test sizes the gate set; whether a 40-step student's FP16 passes is noise (on a GPU,
+    # whose training differs in rounding, one measured -0.69 points and failed).
     opts = distil_mod.DistilOptions(steps=40, pool_size=32, quantize=("fp16",), threads=1, eval_good=8, eval_bad=8,
-                                    gate_images=24)
+                                    gate_images=24, force=True)
     res = distil_mod.distil(teacher, cat / "train" / "good", tmp_path / "b", work_dir=tmp_path / "w",
                             options=opts, progress=False)
     assert res.distillation["n_eval_good"] == 24 and res.distillation["n_eval_synthetic"] == 24

@@ -117,7 +117,15 @@ def patchcore_reference(data: Path, size: int) -> dict[str, Any]:
 def machine_line() -> str:
     from linecam.bench.machine import cpu_model
 
-    return f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared"
+    line = f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared"
+    try:  # the GPU that --device auto trains on, when torch sees one
+        import torch
+
+        if torch.cuda.is_available():
+            line += f"; GPU {torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    except ImportError:
+        pass
+    return line
 
 
 def distil(teacher: str, data: Path, out: Path, size: int, extra: list[str]) -> dict[str, Any]:

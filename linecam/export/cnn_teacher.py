@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from linecam.errors import BundleError
 from linecam.export.backbones import Backbone, load_backbone
 from linecam.export.teachers import Teacher, build_bank
+from linecam.export.torch_device import pick_device
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
 
@@ -56,7 +57,7 @@ class CnnTeacher(Teacher):
 
     def __init__(self, backbone: Backbone, spec: PreprocessSpec, *, coreset_ratio: float = 0.1,
                  max_bank: int = 16384, batch_size: int = 8, seed: int = 0,
-                 feature_scale: float | None = None) -> None:
+                 feature_scale: float | None = None, device: str = "auto") -> None:
         if not 0 < coreset_ratio <= 1:
             raise BundleError(f"coreset ratio must be in (0, 1], got {coreset_ratio}")
         h, w = spec.input_size
@@ -72,6 +73,10 @@ class CnnTeacher(Teacher):
         if self.feature_scale <= 0:
             raise BundleError(f"feature scale must be positive, got {feature_scale}")
         self.bank: torch.Tensor | None = None
+        # Features, coreset and distances on the GPU when there is one (``device``); the bank is
+        # cached as a CPU tensor and the maps leave as numpy, so nothing downstream sees the device.
+        self.device = pick_device(device)
+        backbone.module.to(self.device)
 
     @classmethod
     def create(cls, backbone: str, input_size: tuple[int, int], checkpoint: str | Path | None = None,
@@ -84,7 +89,7 @@ class CnnTeacher(Teacher):
     @torch.no_grad()
     def features(self, x: np.ndarray) -> torch.Tensor:
         """``[N, 3, H, W]`` -> aggregated patch features ``[N, C, s*H/8, s*W/8]`` (s = feature_scale)."""
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         if self.feature_scale != 1:
             t = F.interpolate(t, scale_factor=self.feature_scale, mode="bilinear", align_corners=False)
         feats = self.backbone.stages(t)
@@ -104,7 +109,7 @@ class CnnTeacher(Teacher):
 
     def fit(self, images: Sequence[Any], *, cache: Path | None = None, progress: bool = True) -> None:
         if cache is not None and cache.is_file():
-            self.bank = torch.load(cache, weights_only=True)
+            self.bank = torch.load(cache, weights_only=True, map_location="cpu").to(self.device)
             logger.info("memory bank loaded from %s (%d features)", cache, self.bank.shape[0])
             return
         self.fit_features(self.good_features(images, progress=progress), cache=cache)
@@ -138,7 +143,7 @@ class CnnTeacher(Teacher):
         f = self.features(x)
         n, c, h, w = f.shape
         flat = f.permute(0, 2, 3, 1).reshape(-1, c)
-        best = torch.full((flat.shape[0],), float("inf"))
+        best = torch.full((flat.shape[0],), float("inf"), device=flat.device)
         for j in range(0, self.bank.shape[0], 4096):  # bounded memory for big banks
             best = torch.minimum(best, torch.cdist(flat, self.bank[j:j + 4096]).amin(dim=1))
         return best.reshape(n, h, w)
@@ -147,7 +152,7 @@ class CnnTeacher(Teacher):
         out = np.empty((x.shape[0], *self.spec.input_size), np.float32)
         for i in range(0, x.shape[0], self.batch_size):
             d = self.patch_distances(x[i:i + self.batch_size])[:, None]
-            up = F.interpolate(d, size=self.spec.input_size, mode="bilinear", align_corners=False)[:, 0].numpy()
+            up = F.interpolate(d, size=self.spec.input_size, mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
             for k in range(up.shape[0]):
                 out[i + k] = cv2.GaussianBlur(up[k], (0, 0), BLUR_SIGMA)
         return out

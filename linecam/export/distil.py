@@ -62,6 +62,7 @@ from linecam.export.scratch import (
 )
 from linecam.export.student import SIZES, STRIDE, STUDENTS, downsample, image_score, input_multiple, make_student, map_size
 from linecam.export.teachers import Teacher
+from linecam.export.torch_device import describe_device, pick_device
 from linecam.export.variants import FP16_FILE, GATE_FILE, INT8_FILE, QuantOptions, quantize_and_gate  # noqa: F401
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
@@ -98,6 +99,8 @@ class DistilOptions(QuantOptions):
     eval_good: int = 64
     eval_bad: int = 64
     threads: int | None = None
+    #: Where the teacher trains and the student learns: auto (the CUDA GPU if torch sees one), cpu, cuda.
+    device: str = "auto"
     name: str | None = None
 
 
@@ -130,15 +133,21 @@ def cache_identity(describe: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key: str, *, steps: int, batch_size: int,
-                  lr: float, seed: int, every: int, progress: bool = True) -> list[float]:
-    """Regress ``target(pool.t)``; resumes from ``ckpt`` when it belongs to the same run (``key``)."""
+                  lr: float, seed: int, every: int, progress: bool = True,
+                  device: torch.device | None = None) -> list[float]:
+    """Regress ``target(pool.t)`` on ``device`` (default: the CPU); resumes from ``ckpt`` when it
+    belongs to the same run (``key``), whichever device wrote it. The model ends on the CPU."""
+    device = device or torch.device("cpu")
+    model.to(device)  # before the optimiser: its state lives beside the parameters
     # A pretrained student's encoder learns at a share of ``lr`` (its ``param_groups``).
     groups = model.param_groups(lr) if hasattr(model, "param_groups") else [{"params": list(model.parameters())}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
     losses: list[float] = []
     start = 0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)  # tensors and plain data only: no code from the file
+        # Tensors and plain data only: no code from the file. map_location: a checkpoint written on a
+        # GPU resumes on a CPU-only machine too (load_state_dict copies onto the model's device).
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")
         if state.get("key") == key:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
@@ -154,8 +163,8 @@ def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr) * g.get("lr_scale", 1.0)
             idx = np.sort(np.random.default_rng([seed, 11, step]).choice(pool.n, batch_size, replace=False))
-            x = torch.from_numpy(pool.x[idx].astype(np.float32))
-            t = torch.from_numpy(target(pool.t[idx]))[:, None]
+            x = torch.from_numpy(pool.x[idx].astype(np.float32)).to(device)
+            t = torch.from_numpy(target(pool.t[idx]))[:, None].to(device)
             # The map before its clamp: targets are >= 0, and a clamped prediction has no gradient
             # where it is negative, so a region that once went negative stayed dead (a gravel
             # student lost one border column of its map for good: loss flat at 1/16 x t^2).
@@ -173,6 +182,7 @@ def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key:
             if step % 10 == 0 or done == steps:
                 bar.update(task, completed=done, loss=float(np.mean(losses[-50:])))
     model.eval()
+    model.to("cpu")  # export and the gate run on the CPU
     return losses
 
 
@@ -289,6 +299,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
         hint = f"; --student s takes multiples of {STRIDE}" if mult > STRIDE else ""
         raise BundleError(f"input size {h}x{w}: student '{o.student}' needs multiples of {mult}, at least "
                           f"{4 * STRIDE} (e.g. 224 or 256){hint}")
+    device = pick_device(o.device)  # before any training: a missing GPU fails in seconds
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
 
@@ -326,8 +337,9 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     # could lose a map column for good) is not resumed as if it were this one's.
     run_key = _key(pool_key, o.student, o.steps, o.batch_size, o.lr, o.score_pool, TRAIN_OBJECTIVE, target.log)
     ckpt = work / f"student-{o.student}-{run_key}.pt"
+    logger.info("training the student on %s", describe_device(device))
     losses = train_student(student, pool, target, ckpt, run_key, steps=o.steps, batch_size=o.batch_size,
-                           lr=o.lr, seed=o.seed, every=max(1, o.checkpoint_every), progress=progress)
+                           lr=o.lr, seed=o.seed, every=max(1, o.checkpoint_every), progress=progress, device=device)
     seconds["train"] = time.perf_counter() - t
 
     # 5. export. A bundle already in --out stops being one first: if this export fails (the gate,

@@ -83,11 +83,11 @@ def greedy_coreset(features: torch.Tensor, n: int, *, seed: int = 0, proj_dim: i
     m = features.shape[0]
     if n >= m:
         return torch.arange(m)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same draws whatever device holds the features
     f = features
     if features.shape[1] > proj_dim:
         proj = torch.randn(features.shape[1], proj_dim, generator=g) / proj_dim**0.5
-        f = features @ proj
+        f = features @ proj.to(features.device)
     chosen = torch.empty(n, dtype=torch.long)
     chosen[0] = int(torch.randint(m, (1,), generator=g))
     # Squared distances as |f|^2 - 2 f.c + |c|^2: one matrix-vector product per step (cdist
@@ -109,11 +109,11 @@ def build_bank(features: torch.Tensor, n: int, *, seed: int, cache: Path | None)
     """The memory bank of a feature-bank teacher: ``n`` greedy-coreset rows of ``features``,
     written atomically to ``cache`` when given (a later fit with the same key loads it)."""
     logger.info("coreset: %d of %d patch features", n, features.shape[0])
-    bank = features[greedy_coreset(features, n, seed=seed)].contiguous()
+    bank = features[greedy_coreset(features, n, seed=seed).to(features.device)].contiguous()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
-        torch.save(bank, tmp)
+        torch.save(bank.cpu(), tmp)  # a CPU tensor: the cache loads on a machine without the GPU too
         tmp.replace(cache)
     return bank
 
@@ -411,7 +411,7 @@ def load_spec(path: str | Path) -> PreprocessSpec:
 
 def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int], *, steps: int, seed: int,
                     holdout: float, base_width: int = 12, threads: int | None = None,
-                    progress: bool = True, encoder: str = "none") -> BundleTeacher:
+                    progress: bool = True, encoder: str = "none", device: str = "auto") -> BundleTeacher:
     """Train the scratch expert (cached in ``work``) and use it as teacher.
 
     It is fitted with the same ``seed`` and ``holdout`` as the distillation, hence on the
@@ -432,5 +432,6 @@ def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int],
         logger.info("scratch teacher reused from %s", folder)
     except BundleError:
         fit_scratch_expert(images, folder, input_size=input_size, steps=steps, seed=seed, holdout=holdout,
-                           base_width=base_width, threads=threads, progress=progress, encoder=encoder)
+                           base_width=base_width, threads=threads, progress=progress, encoder=encoder,
+                           device=device)
     return BundleTeacher(folder, kind="scratch", threads=threads)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from linecam.export.torch_device import Device
 from linecam.export.vlm.dataset import (
     DescriptionRecord,
     DistilError,
@@ -44,7 +45,7 @@ from linecam.export.vlm.dataset import (
     write_records,
 )
 from linecam.export.vlm.evaluate import Vocabulary
-from linecam.export.vlm.hfmodel import Device, DType, HfVlm, Quant
+from linecam.export.vlm.hfmodel import DType, HfVlm, Quant
 from linecam.progress import make_progress
 from linecam.export.vlm.train import Example, merged_model, save_student, seed_everything, train_student
 from linecam.runtime.vlm.prompt import PromptConfig, RegionPromptBuilder

@@ -20,26 +20,17 @@ import numpy as np
 import torch
 
 from linecam.errors import BundleError
+from linecam.export.torch_device import Device, pick_device
 from linecam.export.vlm.export import FAMILIES, MODEL_CLASSES, QWEN_STYLE, _prompt_format, _read_json
 from linecam.runtime.vlm.bundle import PromptSpec
 from linecam.runtime.vlm.engine import Encoded, VlmEngine
 
 logger = logging.getLogger(__name__)
 
-Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 Quant = Literal["none", "4bit", "8bit"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(device: Device = "auto") -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BundleError("--device cuda asked for but torch sees no CUDA GPU: install a CUDA build of torch "
-                          "or use --device cpu")
-    if device in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _dtype(dtype: DType, device: torch.device) -> torch.dtype:
