@@ -65,6 +65,47 @@ def test_cuda_without_a_gpu_is_one_line_before_any_training(category, tmp_path, 
     assert not (tmp_path / "f").exists()
 
 
+def test_gpu_out_of_memory_is_one_line_and_the_rerun_resumes(category, tmp_path, monkeypatch, capsys, caplog):
+    """torch's GPU out-of-memory (raised here on the CPU, where it cannot happen by itself) ends
+    distil with one line that says what to do; the student's last checkpoint survives it."""
+    from linecam.export.cli import main
+
+    args = ["distil", "--teacher", "onnx", "--teacher-model", str(make_tiny_bundle(tmp_path / "tiny", size=SIZE)),
+            "--images", str(category / "train" / "good"), "--out", str(tmp_path / "o"), "--size", str(SIZE),
+            "--student", "s", "--steps", "250", "--pool-size", "32", "--quantize", "none", "--threads", "1",
+            "--device", "cpu", "-q"]
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def oom_at_150(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 150:  # after the step-100 checkpoint
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 7.60 GiB of which 1.2 GiB is free. If reserved but ...")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", oom_at_150)
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: distil: the GPU ran out of memory (CUDA out of memory. "
+                                               "Tried to allocate 2.00 GiB)")
+    assert "--device cpu" in err[0] and "resumes" in err[0]
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    caplog.set_level("INFO", logger="linecam.export.distil")
+    assert main(args) == 0
+    assert "resuming student training at step 100 of 250" in caplog.text
+    assert load_bundle(tmp_path / "o").manifest.provenance.details["options"]["device"] == "cpu"
+
+    # The scratch expert's own training (fit, and distil's scratch teacher) says it the same way.
+    calls["n"] = 0
+    monkeypatch.setattr(torch.optim.AdamW, "step", oom_at_150)
+    assert main(["fit", "--images", str(category / "train" / "good"), "--out", str(tmp_path / "f"), "--size",
+                 str(SIZE), "--encoder", "none", "--steps", "200", "--threads", "1", "--device", "cpu", "-q"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: training the scratch expert: the GPU ran out of memory")
+    assert not (tmp_path / "f" / "manifest.json").exists()
+
+
 def _texture(rng: np.random.Generator) -> np.ndarray:
     base = rng.normal(128, 20, (SIZE // 4, SIZE // 4)).clip(0, 255).astype(np.uint8)
     return np.repeat(np.kron(base, np.ones((4, 4), np.uint8))[..., None], 3, axis=2)

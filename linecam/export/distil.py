@@ -62,7 +62,7 @@ from linecam.export.scratch import (
 )
 from linecam.export.student import SIZES, STRIDE, STUDENTS, downsample, image_score, input_multiple, make_student, map_size
 from linecam.export.teachers import Teacher
-from linecam.export.torch_device import describe_device, pick_device
+from linecam.export.torch_device import describe_device, gpu_memory_errors, pick_device
 from linecam.export.variants import FP16_FILE, GATE_FILE, INT8_FILE, QuantOptions, quantize_and_gate  # noqa: F401
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
@@ -280,7 +280,8 @@ def distil(teacher: Teacher, images: str | Path, out: str | Path, *, work_dir: s
     if o.threads:
         torch.set_num_threads(o.threads)
     try:
-        return _distil(teacher, images, out, work_dir, o, bad_images, calib_images, progress)
+        with gpu_memory_errors("distil", "; a re-run resumes from its work dir (teacher, pool, last checkpoint)"):
+            return _distil(teacher, images, out, work_dir, o, bad_images, calib_images, progress)
     finally:
         torch.set_num_threads(previous)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linecam.progress import make_progress
-from linecam.export.torch_device import describe_device, pick_device
+from linecam.export.torch_device import describe_device, gpu_memory_errors, pick_device
 from linecam.bundle import (
     Manifest,
     OutputsSpec,
@@ -321,8 +321,9 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
     model = build_expert(encoder, spec, base_width=base_width, score_pool=score_pool)
     sampler = AnomalySampler(train_set, spec, rng, anomaly_ratio=anomaly_ratio, recipe_weights=recipe_weights)
     logger.info("training the scratch expert on %s", describe_device(device))
-    result = train(model, sampler, steps=steps, batch_size=batch_size, lr=lr, dice_weight=dice_weight,
-                   progress=progress, device=device)
+    with gpu_memory_errors("training the scratch expert"):
+        result = train(model, sampler, steps=steps, batch_size=batch_size, lr=lr, dice_weight=dice_weight,
+                       progress=progress, device=device)
     logger.info("trained %d steps in %.1f s, final loss %.4f", steps, result.seconds, result.final_loss)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,14 @@ always run on the CPU (ONNX Runtime), whatever the device: the deployed graph is
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 
 from linecam.errors import BundleError
+from linecam.runtime.device import first_line
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -37,3 +40,20 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@contextlib.contextmanager
+def gpu_memory_errors(what: str, kept: str = "") -> Iterator[None]:
+    """A GPU out of memory inside the block becomes one line that says what to do; ``kept`` says
+    what survives for the re-run (a checkpoint, a cached teacher). Only torch's GPU allocator
+    raises :class:`torch.OutOfMemoryError` (the CPU's says ``RuntimeError``), so no device test."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        free = ""
+        if torch.cuda.is_available():
+            got, total = torch.cuda.mem_get_info()
+            free = f"; {got / 2**30:.1f} of {total / 2**30:.1f} GiB free now"
+        said = ". ".join(first_line(e).split(". ")[:2])  # torch's line runs on with allocator advice
+        raise BundleError(f"{what}: the GPU ran out of memory ({said}{free}): free it (another "
+                          f"process may hold it), lower --batch-size, or use --device cpu{kept}") from None
