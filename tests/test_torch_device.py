@@ -94,7 +94,8 @@ def test_gpu_out_of_memory_is_one_line_and_the_rerun_resumes(category, tmp_path,
     caplog.set_level("INFO", logger="linecam.export.distil")
     assert main(args) == 0
     assert "resuming student training at step 100 of 250" in caplog.text
-    assert load_bundle(tmp_path / "o").manifest.provenance.details["options"]["device"] == "cpu"
+    details = load_bundle(tmp_path / "o").manifest.provenance.details
+    assert details["options"]["device"] == "cpu" and details["train_device"].startswith("cpu (")
 
     # The scratch expert's own training (fit, and distil's scratch teacher) says it the same way.
     calls["n"] = 0
@@ -175,6 +176,7 @@ def test_distil_on_the_gpu_writes_a_bundle_the_cpu_runs(category, tmp_path):
     assert r.exit_code == 0, r.output + repr(r.exception)
     m = load_bundle(out).manifest
     assert m.provenance.details["options"]["device"] == "cuda"
+    assert m.provenance.details["train_device"].startswith("cuda (")
     teacher_bundle = next((out.parent / "b.work").glob("teacher-scratch-*"))
     assert load_bundle(teacher_bundle).manifest.provenance.details["train_device"].startswith("cuda")
     report = json.loads((out / "distil.json").read_text())

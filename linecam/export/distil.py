@@ -417,8 +417,8 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     details = {
         "expert": "student",
         "images": str(Path(images).resolve()),
-        "n_train": len(train_set),
-        "n_holdout": len(hold_set),
+        "n_train": len(train_set), "n_holdout": len(hold_set),
+        "train_device": describe_device(device),  # where the student trained (options say what was asked)
         "holdout_files": [s.path.name for s in hold_set],
         "train_sha256": source_hash([s.sha256 for s in train_set]),
         "holdout_sha256": source_hash([s.sha256 for s in hold_set]),
