@@ -87,7 +87,8 @@ def cli(verbose: bool) -> None:
 @click.option("--name", default=None, help="Model name recorded in the bundle (default: the --out folder name).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for training (default: all). Use 1 on a machine busy with other jobs.")
-@device_option()
+@device_option("Where training runs: auto (the CUDA GPU when torch sees one, else the CPU), cpu or cuda. "
+               "Export and thresholds run on the CPU either way.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; warnings and errors only.")
 def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: int, lr: float, base_width: int,
         encoder: str, seed: int, holdout: float, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
