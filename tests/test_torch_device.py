@@ -17,6 +17,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from bundles import make_tiny_bundle  # noqa: E402
 from mvtec_synth import make_category  # noqa: E402
+from test_cnn_teacher import _texture  # noqa: E402  (the same textures as the CPU test of this teacher)
 
 from linecam.bundle import load_bundle  # noqa: E402
 from linecam.calibration.metrics import pearson  # noqa: E402
@@ -105,11 +106,6 @@ def test_gpu_out_of_memory_is_one_line_and_the_rerun_resumes(category, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: training the scratch expert: the GPU ran out of memory")
     assert not (tmp_path / "f" / "manifest.json").exists()
-
-
-def _texture(rng: np.random.Generator) -> np.ndarray:
-    base = rng.normal(128, 20, (SIZE // 4, SIZE // 4)).clip(0, 255).astype(np.uint8)
-    return np.repeat(np.kron(base, np.ones((4, 4), np.uint8))[..., None], 3, axis=2)
 
 
 @cuda

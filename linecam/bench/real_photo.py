@@ -118,14 +118,14 @@ def machine_line() -> str:
     from linecam.bench.machine import cpu_model
 
     line = f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}), shared"
-    try:  # the GPU that --device auto trains on, when torch sees one
+    try:  # the GPU that distil's --device auto trains on, when torch sees one
         import torch
 
-        if torch.cuda.is_available():
-            line += f"; GPU {torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+        from linecam.export.torch_device import describe_device, pick_device
     except ImportError:
-        pass
-    return line
+        return line
+    device = pick_device("auto")
+    return line + (f"; trains on {describe_device(device)}, torch {torch.__version__}" if device.type == "cuda" else "")
 
 
 def distil(teacher: str, data: Path, out: Path, size: int, extra: list[str]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from linecam.export.torch_device import DEVICES
+
 DEVICE_HELP = ("Where training and teacher features run: auto (the CUDA GPU when torch sees one, else the CPU), "
                "cpu or cuda. Export, calibration and the accuracy gate run on the CPU either way.")
 
@@ -28,7 +30,7 @@ def encoder_option(prefix: str = "") -> Any:
 
 def device_option(help_text: str = DEVICE_HELP) -> Any:
     """``--device auto|cpu|cuda``: one choice list for every torch-side command."""
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                         help=help_text)
 
 

@@ -62,7 +62,7 @@ from linecam.export.scratch import (
 )
 from linecam.export.student import SIZES, STRIDE, STUDENTS, downsample, image_score, input_multiple, make_student, map_size
 from linecam.export.teachers import Teacher
-from linecam.export.torch_device import describe_device, gpu_memory_errors, pick_device
+from linecam.export.torch_device import LossLog, describe_device, gpu_memory_errors, pick_device
 from linecam.export.variants import FP16_FILE, GATE_FILE, INT8_FILE, QuantOptions, quantize_and_gate  # noqa: F401
 from linecam.preprocess import PreprocessSpec, Preprocessor
 from linecam.progress import make_progress
@@ -142,7 +142,7 @@ def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key:
     # A pretrained student's encoder learns at a share of ``lr`` (its ``param_groups``).
     groups = model.param_groups(lr) if hasattr(model, "param_groups") else [{"params": list(model.parameters())}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
-    losses: list[float] = []
+    log = LossLog()
     start = 0
     if ckpt.is_file():
         # Tensors and plain data only: no code from the file. map_location: a checkpoint written on a
@@ -151,14 +151,14 @@ def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key:
         if state.get("key") == key:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
-            losses = list(state["losses"])
+            log = LossLog(state["losses"])
             start = int(state["step"])
             logger.info("resuming student training at step %d of %d (%s)", start, steps, ckpt)
     model.train()
     bar = make_progress(progress, "loss {task.fields[loss]:.5f}")
     with bar:
         task = bar.add_task(f"distilling student '{model.size}'", total=steps, completed=start,
-                            loss=float(np.mean(losses[-50:])) if losses else float("nan"))
+                            loss=float(np.mean(log.values()[-50:])) if log.values() else float("nan"))
         for step in range(start, steps):
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr) * g.get("lr_scale", 1.0)
@@ -172,18 +172,18 @@ def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            log.add(loss)
             done = step + 1
             if done % every == 0 or done == steps:
                 tmp = ckpt.with_name(ckpt.name + ".tmp")
                 torch.save({"key": key, "step": done, "model": model.state_dict(), "opt": opt.state_dict(),
-                            "losses": losses}, tmp)
+                            "losses": log.values()}, tmp)
                 tmp.replace(ckpt)
             if step % 10 == 0 or done == steps:
-                bar.update(task, completed=done, loss=float(np.mean(losses[-50:])))
+                bar.update(task, completed=done, loss=float(np.mean(log.values()[-50:])))
     model.eval()
     model.to("cpu")  # export and the gate run on the CPU
-    return losses
+    return log.values()
 
 
 # --------------------------------------------------------------------------- held-out set

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linecam.progress import make_progress
-from linecam.export.torch_device import describe_device, gpu_memory_errors, pick_device
+from linecam.export.torch_device import LossLog, describe_device, gpu_memory_errors, pick_device
 from linecam.bundle import (
     Manifest,
     OutputsSpec,
@@ -179,7 +179,7 @@ def train(model: nn.Module, sampler: AnomalySampler, *, steps: int, batch_size: 
     model.to(device=device, memory_format=torch.channels_last)
     # Trainable parameters only: a frozen pretrained encoder (encoder_expert) is not decayed either.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    losses: list[float] = []
+    log = LossLog()
     t0 = time.perf_counter()
     model.train()
     bar = make_progress(progress, "loss {task.fields[loss]:.4f}")
@@ -197,12 +197,12 @@ def train(model: nn.Module, sampler: AnomalySampler, *, steps: int, batch_size: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            log.add(loss)
             if step % 10 == 0 or step == steps - 1:
-                bar.update(task, completed=step + 1, loss=float(np.mean(losses[-50:])))
+                bar.update(task, completed=step + 1, loss=float(np.mean(log.values()[-50:])))
     model.eval()
     model.to(device="cpu", memory_format=torch.contiguous_format)  # plain layout for export
-    return TrainResult(losses, time.perf_counter() - t0)
+    return TrainResult(log.values(), time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- calibration

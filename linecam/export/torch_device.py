@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal, get_args
 
 from linecam.errors import BundleError
 from linecam.runtime.device import first_line
 
+if TYPE_CHECKING:
+    import torch
+
 Device = Literal["auto", "cpu", "cuda"]
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: The choices of every ``--device`` option. torch is imported inside the functions, so the CLI
+#: modules can take this list and ``export-engine --help`` still starts without torch.
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` / ``cpu`` / ``cuda`` -> the torch device; a one-line error when CUDA is asked for
     and torch has none (a CPU build of torch, no driver, or no GPU)."""
+    import torch
+
     if device not in DEVICES:
         raise BundleError(f"device {device!r}: choose from {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -37,6 +42,8 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def describe_device(device: torch.device) -> str:
     """``cuda (NVIDIA H200)`` / ``cpu (8 threads)``: for the log line that says where training runs."""
+    import torch
+
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
@@ -47,6 +54,8 @@ def gpu_memory_errors(what: str, kept: str = "") -> Iterator[None]:
     """A GPU out of memory inside the block becomes one line that says what to do; ``kept`` says
     what survives for the re-run (a checkpoint, a cached teacher). Only torch's GPU allocator
     raises :class:`torch.OutOfMemoryError` (the CPU's says ``RuntimeError``), so no device test."""
+    import torch
+
     try:
         yield
     except torch.OutOfMemoryError as e:
@@ -57,3 +66,28 @@ def gpu_memory_errors(what: str, kept: str = "") -> Iterator[None]:
         said = ". ".join(first_line(e).split(". ")[:2])  # torch's line runs on with allocator advice
         raise BundleError(f"{what}: the GPU ran out of memory ({said}{free}): free it (another "
                           f"process may hold it), lower --batch-size, or use --device cpu{kept}") from None
+
+
+class LossLog:
+    """A training loop's per-step losses, kept on the device and read back in groups.
+
+    ``float(loss)`` every step would make the CPU wait for the GPU to finish that step before it
+    draws the next batch; kept as tensors until a progress update or a checkpoint (every 10 or
+    100 steps) reads them, the CPU prepares step ``k + 1`` while the GPU computes step ``k``.
+    On the CPU it changes nothing."""
+
+    def __init__(self, values: list[float] | None = None) -> None:
+        self._values = list(values or [])
+        self._pending: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._pending.append(loss.detach())
+
+    def values(self) -> list[float]:
+        """Every loss so far, as floats (waits for the device once for all pending ones)."""
+        if self._pending:
+            import torch
+
+            self._values.extend(torch.stack(self._pending).tolist())
+            self._pending.clear()
+        return self._values
