@@ -553,8 +553,8 @@ def test_real_photo_combined_teacher_has_its_rows_and_a_partial_run_keeps_the_ot
     m = {"overall": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}, "per_kind": {}, "by_strength": {"soft": 0.5, "strong": 0.6}}
     prev = {"started": "2026-01-01T00:00:00Z", "data_version": 2, "categories": {"a": {
         t: {"eval": {"fp32": m, "int8": m}, "distil": {"gate_passed": True}} for t in ("cnn", "scratch", "combined")}}}
-    monkeypatch.setattr(real_photo, "JSON_OUT", tmp_path / "r.json")
-    real_photo.JSON_OUT.write_text(json.dumps(prev))
+    monkeypatch.setattr(real_photo, "RESULTS", tmp_path)
+    real_photo.outputs(0)[0].write_text(json.dumps(prev))
     results = {"categories": {"a": {}}}
     real_photo._keep_previous(results)
     assert set(results["categories"]["a"]) == {"cnn", "scratch", "combined"}
@@ -581,3 +581,43 @@ def test_readme_reproduce_line_drops_the_measuring_machines_folders():
     from linecam.bench.report import reproducible
     cmd = "linecam bench --demo-cache /tmp/a/demo --workdir /tmp/w --out=/tmp/r --workers 2 --mode model"
     assert reproducible(cmd) == "linecam bench --workers 2 --mode model"
+
+
+def test_real_photo_seeds_summary_lists_each_seed_and_refuses_other_settings(tmp_path, monkeypatch):
+    """``--seeds-summary``: each data seed's value per category in seed order, then the mean; rows
+    missing from a seed are left out; a seed measured with other settings is refused."""
+    from linecam.bench import real_photo, real_photo_seeds
+
+    monkeypatch.setattr(real_photo, "RESULTS", tmp_path)
+
+    def m(img: float) -> dict:
+        return {"overall": {"image_auroc": img, "pixel_auroc": img - 0.1, "aupro": 0.5}}
+
+    def run(seed: int, imgs: tuple[float, float], *, settings: str = "s", cnn: bool = True) -> None:
+        cats = {}
+        for c, img in zip(("a", "b"), imgs):
+            cats[c] = {"patchcore": m(0.5), "scratch": {"eval": {"int8": m(img), "fp32": m(img)}, "distil": {}}}
+            if cnn:
+                cats[c]["cnn"] = {"eval": {"int8": m(img), "fp32": m(img)}, "distil": {}}
+        real_photo.outputs(seed)[0].write_text(json.dumps(
+            {"data_seed": seed, "settings": settings, "defaults": {}, "data_version": 2, "crop": 128, "categories": cats}))
+
+    run(0, (0.9, 0.8))
+    run(2, (0.7, 0.6), cnn=False)
+    assert real_photo.outputs(2)[0].name == "real_photo_accuracy_seed2.json"
+    text = real_photo_seeds.write(tmp_path)
+    s = json.loads((tmp_path / "real_photo_seeds.json").read_text())
+    assert s["data_seeds"] == [0, 2]
+    labels = [r["label"] for r in s["rows"]]
+    assert "scratch teacher -> student INT8" in labels and not any(lb.startswith("cnn") for lb in labels)
+    row = next(r for r in s["rows"] if r["label"] == "scratch teacher -> student INT8")
+    assert row["per_category"]["a"]["image_auroc"] == [0.9, 0.7]
+    assert row["category_mean"]["image_auroc"] == pytest.approx([0.85, 0.65])
+    assert row["mean"]["image_auroc"] == pytest.approx(0.75)
+    assert "| scratch teacher -> student INT8 | 0.900 / 0.700 (**0.800**) | 0.800 / 0.600 (**0.700**) | " \
+           "0.850 / 0.650 (**0.750**) |" in text
+    run(1, (0.9, 0.9), settings="other")
+    with pytest.raises(SystemExit, match="data seed 1 was measured with settings 'other'"):
+        real_photo_seeds.write(tmp_path)
+    with pytest.raises(SystemExit):
+        real_photo.main(["--data-seed", "-1"])

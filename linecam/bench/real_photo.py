@@ -11,9 +11,14 @@ scored directly (image score = max of its map), as a user of PatchCore would run
     linecam bench real-photo --out .cache/realphoto          # all of it
     linecam bench real-photo --keep-previous                 # old teacher rows kept, marked, until re-measured
     linecam bench real-photo --render                        # Markdown from the JSON
+    linecam bench real-photo --data-seed 1 --teachers scratch  # an independently drawn test set
 
-Results: ``benchmarks/results/real_photo_accuracy.{json,md}``, written after every step so an
-interrupted run keeps what it measured. Run from the checkout (paths are relative to it).
+Results: ``benchmarks/results/real_photo_accuracy.{json,md}`` (data seed 0, the benchmark's test
+set) or ``real_photo_accuracy_seed<N>.{json,md}``, written after every step so an interrupted run
+keeps what it measured. Each data seed cuts other crops from the same photographs and paints
+other defects: one test set holds 24 good crops from one strip of each photograph, and a few of
+them decide several points of image AUROC, so :mod:`linecam.bench.real_photo_seeds` reports the
+spread over seeds. Run from the checkout (paths are relative to it).
 """
 
 from __future__ import annotations
@@ -31,8 +36,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path("benchmarks") / "results"
-JSON_OUT = RESULTS / "real_photo_accuracy.json"
-MD_OUT = RESULTS / "real_photo_accuracy.md"
+STEM = "real_photo_accuracy"
 TARGET = 0.95
 #: The distilled teachers measured, in table order (``--teachers`` picks among them).
 TEACHERS = ("cnn", "scratch", "combined")
@@ -190,14 +194,31 @@ def settings_line(r: dict[str, Any]) -> str:
     return line
 
 
+def outputs(data_seed: int = 0) -> tuple[Path, Path]:
+    """The results files (JSON, Markdown) of one data seed; seed 0 keeps the benchmark's names."""
+    stem = STEM if data_seed == 0 else f"{STEM}_seed{data_seed}"
+    return RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+
+
 def save(results: dict[str, Any]) -> None:
+    json_out, md_out = outputs(results.get("data_seed", 0))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    JSON_OUT.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    MD_OUT.write_text(render(results))
+    json_out.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    md_out.write_text(render(results))
 
 
 def _f(v: Any) -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+
+#: The tables' rows: (label, entry in a category's results, which of its evaluations).
+ROWS = (("PatchCore reference (effnet-lite0, direct)", "patchcore", None),
+        ("same, scored like the students (max of the pooled map)", "patchcore", "students_rule"),
+        ("cnn teacher -> student FP32", "cnn", "fp32"), ("cnn teacher -> student INT8", "cnn", "int8"),
+        ("scratch teacher (direct, its ONNX)", "scratch", "teacher"),
+        ("scratch teacher -> student FP32", "scratch", "fp32"), ("scratch teacher -> student INT8", "scratch", "int8"),
+        ("combined teacher (cnn + scratch) -> student FP32", "combined", "fp32"),
+        ("combined teacher (cnn + scratch) -> student INT8", "combined", "int8"))
 
 
 def _row(entry: dict[str, Any] | None, prec: str | None) -> dict[str, Any] | None:
@@ -212,16 +233,11 @@ def _row(entry: dict[str, Any] | None, prec: str | None) -> dict[str, Any] | Non
 def render(r: dict[str, Any]) -> str:
     lines = [f"# {r.get('title', 'Real-photo accuracy')}", "",
              f"{r.get('machine', '')}; data: `linecam.realdata` (scikit-image photographs, {r.get('crop')} px crops, "
+             f"data seed {r.get('data_seed', 0)}, "
              "defects painted by code independent of the trainer). Image AUROC / pixel AUROC / AU-PRO@30 % on "
              "each category's test set (24 good, 56 defective: 7 kinds x 8, half soft, half strong).", "",
              settings_line(r), ""]
-    rows = [("PatchCore reference (effnet-lite0, direct)", "patchcore", None),
-            ("same, scored like the students (max of the pooled map)", "patchcore", "students_rule"),
-            ("cnn teacher -> student FP32", "cnn", "fp32"), ("cnn teacher -> student INT8", "cnn", "int8"),
-            ("scratch teacher (direct, its ONNX)", "scratch", "teacher"),
-            ("scratch teacher -> student FP32", "scratch", "fp32"), ("scratch teacher -> student INT8", "scratch", "int8"),
-            ("combined teacher (cnn + scratch) -> student FP32", "combined", "fp32"),
-            ("combined teacher (cnn + scratch) -> student INT8", "combined", "int8")]
+    rows = ROWS
     cats = list(r.get("categories", {}))
     lines.append("| model | " + " | ".join(f"{c} img / pix / pro" for c in cats) + " | mean img | mean pix |")
     lines.append("| --- " * (len(cats) + 3) + "|")
@@ -290,9 +306,10 @@ def render(r: dict[str, Any]) -> str:
 def _keep_previous(results: dict[str, Any]) -> None:
     """Start from the teacher rows of the results file, marked as a previous run's: each is
     replaced when this run measures it, so an interrupted run leaves old rows marked, not gaps."""
-    if not JSON_OUT.is_file():
+    json_out = outputs(results.get("data_seed", 0))[0]
+    if not json_out.is_file():
         return
-    prev = json.loads(JSON_OUT.read_text())
+    prev = json.loads(json_out.read_text())
     stamp = {"started": prev.get("started"), "data_version": prev.get("data_version", 1),
              "settings": prev.get("settings")}
     for c in results["categories"]:
@@ -323,12 +340,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teachers", default=",".join(TEACHERS), help=f"comma list of {', '.join(TEACHERS)}")
     ap.add_argument("--size", type=int, default=128, help="model input size (= the crops' size)")
     ap.add_argument("--extra", default="", help="more distil options, e.g. '--steps 600'")
+    ap.add_argument("--data-seed", type=int, default=0,
+                    help="test set drawn with this seed (0: the benchmark's; others go to real_photo_accuracy_seed<N>.*)")
     ap.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON")
+    ap.add_argument("--seeds-summary", action="store_true",
+                    help="only tabulate the data seeds' results side by side (real_photo_seeds.*)")
     ap.add_argument("--keep-previous", action="store_true",
                     help="start from the existing results' teacher rows, marked as a previous run's until re-measured")
     a = ap.parse_args(argv)
+    if a.data_seed < 0:
+        ap.error(f"--data-seed must be 0 or more, got {a.data_seed}")
+    json_out, md_out = outputs(a.data_seed)
+    if a.seeds_summary:
+        from linecam.bench.real_photo_seeds import write
+
+        print(write())
+        return
     if a.render:
-        MD_OUT.write_text(render(json.loads(JSON_OUT.read_text())))
+        md_out.write_text(render(json.loads(json_out.read_text())))
         return
     from linecam.realdata import build_category
     from linecam.realdata.build import CROP, DATA_VERSION
@@ -337,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     cats = [c for c in a.categories.split(",") if c]
     results: dict[str, Any] = {
         "machine": machine_line(),
-        "crop": CROP, "data_version": DATA_VERSION, "settings": f"export-engine distil --size {a.size} {a.extra}".strip(),
+        "crop": CROP, "data_version": DATA_VERSION, "data_seed": a.data_seed, "settings": f"export-engine distil --size {a.size} {a.extra}".strip(),
         "defaults": distil_defaults(extra),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "categories": {c: {} for c in cats}}
     teachers = [t for t in a.teachers.split(",") if t]
@@ -345,13 +374,15 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown teacher(s) {sorted(set(teachers) - set(TEACHERS))}: choose from {', '.join(TEACHERS)}")
     if a.keep_previous:
         _keep_previous(results)
-    data = {c: build_category(c, a.out / "data").root for c in cats}
+    # Seed 0 keeps the folders it always had, so its cached teachers and students are reused.
+    suffix = "" if a.data_seed == 0 else f"-seed{a.data_seed}"
+    data = {c: build_category(c, a.out / f"data{suffix}", seed=a.data_seed).root for c in cats}
     for c in cats:
         results["categories"][c]["patchcore"] = patchcore_reference(data[c], a.size)
         save(results)
     for teacher in teachers:
         for c in cats:
-            out = a.out / "bundles" / f"{teacher}-{c}"
+            out = a.out / f"bundles{suffix}" / f"{teacher}-{c}"
             entry: dict[str, Any] = {"distil": distil(teacher, data[c], out, a.size, extra), "eval": {}}
             if (out / "manifest.json").is_file():
                 for prec in ("fp32", "int8"):
@@ -365,5 +396,5 @@ def main(argv: list[str] | None = None) -> None:
             save(results)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save(results)
-    print(MD_OUT.read_text())
+    print(md_out.read_text())
 
