@@ -237,11 +237,10 @@ def render(r: dict[str, Any]) -> str:
              "defects painted by code independent of the trainer). Image AUROC / pixel AUROC / AU-PRO@30 % on "
              "each category's test set (24 good, 56 defective: 7 kinds x 8, half soft, half strong).", "",
              settings_line(r), ""]
-    rows = ROWS
     cats = list(r.get("categories", {}))
     lines.append("| model | " + " | ".join(f"{c} img / pix / pro" for c in cats) + " | mean img | mean pix |")
     lines.append("| --- " * (len(cats) + 3) + "|")
-    for label, teacher, prec in rows:
+    for label, teacher, prec in ROWS:
         cells, imgs, pixs = [], [], []
         for c in cats:
             m = _row(r["categories"][c].get(teacher), prec)
@@ -260,7 +259,7 @@ def render(r: dict[str, Any]) -> str:
     kinds = sorted({k for c in cats for k in (r["categories"][c].get("patchcore") or {}).get("per_kind", {})})
     lines.append("| model | " + " | ".join(kinds) + " | soft | strong |")
     lines.append("| --- " * (len(kinds) + 3) + "|")
-    for label, teacher, prec in rows:
+    for label, teacher, prec in ROWS:
         ms = []
         for c in cats:
             m = _row(r["categories"][c].get(teacher), prec)

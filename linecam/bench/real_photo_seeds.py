@@ -65,7 +65,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"data_seeds": [r.get("data_seed", 0) for r in runs], "categories": cats,
             "settings": runs[0].get("settings"), "defaults": runs[0].get("defaults"),
             "machine": runs[0].get("machine"), "runs": [{k: r.get(k) for k in ("data_seed", "started", "finished")}
-                                                        for r in runs], "rows": rows, "target": rp.TARGET}
+                                                        for r in runs], "rows": rows}
 
 
 def render(s: dict[str, Any]) -> str:

@@ -158,7 +158,7 @@ def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key:
     bar = make_progress(progress, "loss {task.fields[loss]:.5f}")
     with bar:
         task = bar.add_task(f"distilling student '{model.size}'", total=steps, completed=start,
-                            loss=float(np.mean(log.values()[-50:])) if log.values() else float("nan"))
+                            loss=log.recent_mean())
         for step in range(start, steps):
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr) * g.get("lr_scale", 1.0)
@@ -180,7 +180,7 @@ def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key:
                             "losses": log.values()}, tmp)
                 tmp.replace(ckpt)
             if step % 10 == 0 or done == steps:
-                bar.update(task, completed=done, loss=float(np.mean(log.values()[-50:])))
+                bar.update(task, completed=done, loss=log.recent_mean())
     model.eval()
     model.to("cpu")  # export and the gate run on the CPU
     return log.values()

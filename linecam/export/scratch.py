@@ -199,7 +199,7 @@ def train(model: nn.Module, sampler: AnomalySampler, *, steps: int, batch_size: 
             opt.step()
             log.add(loss)
             if step % 10 == 0 or step == steps - 1:
-                bar.update(task, completed=step + 1, loss=float(np.mean(log.values()[-50:])))
+                bar.update(task, completed=step + 1, loss=log.recent_mean())
     model.eval()
     model.to(device="cpu", memory_format=torch.contiguous_format)  # plain layout for export
     return TrainResult(log.values(), time.perf_counter() - t0)

@@ -91,3 +91,8 @@ class LossLog:
             self._values.extend(torch.stack(self._pending).tolist())
             self._pending.clear()
         return self._values
+
+    def recent_mean(self, n: int = 50) -> float:
+        """Mean of the last ``n`` losses (the progress bar's figure); NaN before the first."""
+        v = self.values()[-n:]
+        return sum(v) / len(v) if v else float("nan")
