@@ -88,13 +88,47 @@ def test_all_int8_fails_and_the_search_keeps_the_bad_conv_float(setup: dict) -> 
                                quant_kwargs={"tool": "ort"}, max_float=2)
     assert res.passed, res.tried
     first = convs[0]  # conv a, the one with the huge weight, is first in graph order
-    assert min(res.sensitivity, key=res.sensitivity.get) == first
+    assert max(res.sensitivity, key=res.sensitivity.get) == first  # quantized alone, it errs most
     assert res.tried[-1]["float"] == [first] and len(res.tried) == 1
     assert first in res.result.kept_float
     # the file left in place is the passing one
     rep = gate.compare(fp32, {"int8": dst}, setup["x"], setup["labels"])
     assert rep.evaluate(**BOUNDS)
     assert res.to_dict()["kept_float"] == list(res.result.kept_float)
+
+
+class TwoBadNet(Net):
+    """Two convolutions (a and c) that quantize badly, b between them well: the error has two sources."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.b.weight[0] = 0.0
+            self.b.bias[0] = -1.0  # b's channel 0 is dead after the ReLU ...
+            self.c.weight[:, 0] = 0.0
+            self.c.weight[:, 0, 1, 1] = 60.0  # ... and c weighs it hugely, as a weighs the zero input
+
+
+def test_sensitivity_is_each_conv_quantized_alone_and_the_default_ceiling_keeps_both(setup: dict) -> None:
+    """Sensitivity is the error of the model with only that convolution quantized (one in, as
+    layer-wise sensitivity analysis does; one out missed the real students' spread error), and
+    with no ceiling given the search may keep several: both bad convolutions end up float."""
+    from linecam.export.int8_search import _error, default_max_float
+
+    tmp, calib, x, labels = setup["tmp"], setup["calib"], setup["x"], setup["labels"]
+    fp32 = export_onnx(TwoBadNet().eval(), tmp / "two.onnx", (SIZE, SIZE))
+    dst = tmp / "two_int8.onnx"
+    Q.to_int8(fp32, dst, calib, tool="ort")
+    a, b, c = quantized_convs(dst)
+    res = keep_sensitive_float(fp32, dst, calib, x, labels, None, bounds=BOUNDS, quant_kwargs={"tool": "ort"})
+    alone = tmp / "alone.onnx"
+    Q.to_int8(fp32, alone, calib, tool="ort", nodes_to_exclude=[a, c])
+    assert res.sensitivity[b] == pytest.approx(_error(gate.compare(fp32, {"q": alone}, x, labels).candidates["q"]),
+                                               abs=1e-5)
+    assert min(res.sensitivity[a], res.sensitivity[c]) > 5 * res.sensitivity[b], res.sensitivity
+    assert res.passed, res.tried
+    assert sorted(res.float_convs) == sorted([a, c]) and len(res.tried) == 2, res.tried
+    assert default_max_float(3) == 3 and default_max_float(7) == 3 and default_max_float(37) == 10
 
 
 def test_no_search_when_max_float_is_zero(setup: dict) -> None:

@@ -33,9 +33,10 @@ def quant_options(quantize_help: str) -> Callable[[F], F]:
         click.option("--max-score-diff", type=click.FloatRange(min=0, min_open=True), default=0.1,
                      show_default=True, help="Accuracy gate: largest |score - FP32 score| as a share of the FP32 "
                                              "map's range (thresholds are fitted on FP32)."),
-        click.option("--int8-max-float", type=click.IntRange(min=0), default=3, show_default=True,
+        click.option("--int8-max-float", type=click.IntRange(min=0), default=None,
                      help="When INT8 fails the accuracy gate, keep up to this many of its most sensitive "
-                          "convolutions in float until it passes (0: fail as is)."),
+                          "convolutions in float until it passes (0: fail as is; default: a quarter of the "
+                          "model's quantized convolutions, at least 3)."),
         click.option("--gate-images", type=click.IntRange(min=8), default=None,
                      help="Good and synthetic-defect images, each, that the gate and the thresholds are measured "
                           "on (held-out images, jittered copies, anomalies painted on them; default: distil 64, "

@@ -18,7 +18,7 @@ import numpy as np
 
 from linecam.bundle import FileEntry, file_entry
 from linecam.export.gate import MAX_AUROC_DROP, MAX_SCORE_DIFF, MIN_PEARSON
-from linecam.export.int8_search import DEFAULT_MAX_FLOAT, SearchResult, keep_sensitive_float
+from linecam.export.int8_search import SearchResult, keep_sensitive_float
 from linecam.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,9 @@ class QuantOptions:
     int8_method: str | None = None
     int8_tool: str = "auto"
     #: When INT8 fails the gate, keep up to this many of its most sensitive convolutions in
-    #: float until it passes (:mod:`linecam.export.int8_search`); 0: fail as is.
-    int8_max_float: int = DEFAULT_MAX_FLOAT
+    #: float until it passes (:mod:`linecam.export.int8_search`); 0: fail as is; None: a quarter
+    #: of the model's quantized convolutions, at least 3.
+    int8_max_float: int | None = None
     #: Good and synthetic-defect images each in the gate set (held-out images, jittered copies,
     #: anomalies painted on them); None: the command's own default. More make the gate's AUROC
     #: drop steadier (its 95 % interval narrows as 1/sqrt(n)) and give the thresholds more good images.
@@ -98,10 +99,10 @@ def quantize_and_gate(fp32: Path, out: Path, spec: PreprocessSpec, calib_src: Se
               "max_score_diff": s.max_score_diff}
     report.evaluate(**bounds)
     search: SearchResult | None = None
-    if calibration is not None and s.int8_max_float > 0 and \
+    if calibration is not None and s.int8_max_float != 0 and \
             any(v.name == "onnx_int8" and not v.passed for v in report.verdicts()):
-        logger.info("INT8 fails the accuracy gate: measuring which convolutions to keep in float (at most %d)",
-                    s.int8_max_float)
+        logger.info("INT8 fails the accuracy gate: measuring which convolutions to keep in float (at most %s)",
+                    "a quarter of them" if s.int8_max_float is None else s.int8_max_float)
         search = keep_sensitive_float(fp32, candidates["onnx_int8"], calib, x, labels, masks, bounds=bounds,
                                       quant_kwargs=kwargs, max_float=s.int8_max_float, threads=s.threads)
         if search.passed and search.result is not None:
