@@ -129,6 +129,9 @@ def test_sensitivity_is_each_conv_quantized_alone_and_the_default_ceiling_keeps_
     assert res.passed, res.tried
     assert sorted(res.float_convs) == sorted([a, c]) and len(res.tried) == 2, res.tried
     assert default_max_float(3) == 3 and default_max_float(7) == 3 and default_max_float(37) == 10
+    # gate.json says what the numbers mean and the ceiling the search ran under
+    rec = res.to_dict()
+    assert rec["max_float"] == default_max_float(3) and "quantized" in rec["sensitivity_measure"]
 
 
 def test_no_search_when_max_float_is_zero(setup: dict) -> None:

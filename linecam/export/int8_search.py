@@ -18,7 +18,7 @@ them in float barely changes the total, and the largest-score-difference term, a
 images, then ranks by chance: on the seed-2 grass student every leave-one-out error lay within
 0.29-0.52 (all INT8: 0.32), the three convolutions it kept held one of the nine, and INT8
 failed its gate. Quantized alone, the nine rank first (0.026-0.163; every other one 0.025 or
-less, stem and first-block convolutions first); with six of them in float INT8 passed (AUROC
+less; block 0's depthwise convolution and the stem first); with six of them in float INT8 passed (AUROC
 drop 0.12 points on 256 + 256 gate images, score difference 6 % of the map range, map Pearson
 0.999), with all nine the score difference was 3 %.
 
@@ -48,6 +48,10 @@ MIN_DEFAULT_MAX_FLOAT = 3
 DEFAULT_FLOAT_SHARE = 0.25
 
 
+#: What ``SearchResult.sensitivity`` holds (recorded beside it in gate.json).
+SENSITIVITY_MEASURE = "error with only this convolution quantized (higher: kept in float first)"
+
+
 def default_max_float(n_convs: int) -> int:
     """The ceiling when none is given: a quarter of the quantized convolutions, at least 3."""
     return max(MIN_DEFAULT_MAX_FLOAT, math.ceil(DEFAULT_FLOAT_SHARE * n_convs))
@@ -63,6 +67,8 @@ class SearchResult:
     sensitivity: dict[str, float] = field(default_factory=dict)
     #: One entry per tried set: the layers kept float, whether it passed, why not.
     tried: list[dict[str, Any]] = field(default_factory=list)
+    #: The most convolutions the search could keep in float (the ceiling it ran under).
+    max_float: int = 0
 
     @property
     def float_convs(self) -> list[str]:
@@ -71,7 +77,10 @@ class SearchResult:
         return list(self.tried[-1]["float"]) if self.tried else []
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "sensitivity": self.sensitivity, "tried": self.tried,
+        # "sensitivity_measure": gate.json files written before 5cf476c hold leave-one-out
+        # errors under the same key, where lower meant more sensitive.
+        return {"passed": self.passed, "sensitivity": self.sensitivity, "sensitivity_measure": SENSITIVITY_MEASURE,
+                "max_float": self.max_float, "tried": self.tried,
                 "float_convs": self.float_convs,
                 "kept_float": list(self.result.kept_float) if self.result else None}
 
@@ -104,9 +113,11 @@ def keep_sensitive_float(fp32: Path, dst: Path, calib: CalibrationSet, x: np.nda
     say = progress or (lambda msg: logger.info("%s", msg))
     convs = quantized_convs(dst)
     out = SearchResult(result=None, passed=False)
-    ceiling = default_max_float(len(convs)) if max_float is None else max_float
-    if ceiling <= 0 or not convs:
+    out.max_float = default_max_float(len(convs)) if max_float is None else max_float
+    if out.max_float <= 0 or not convs:
         return out
+    logger.info("INT8 fails the accuracy gate: measuring which of its %d convolutions to keep in float (at most %d)",
+                len(convs), out.max_float)
     tmp = dst.with_name(dst.stem + ".search.onnx")
     try:
         for i, name in enumerate(convs):
@@ -118,7 +129,7 @@ def keep_sensitive_float(fp32: Path, dst: Path, calib: CalibrationSet, x: np.nda
         tmp.unlink(missing_ok=True)
     # Most sensitive first; ties keep graph order (sorted is stable).
     order = sorted(convs, key=lambda n: -out.sensitivity[n])
-    for k in range(1, min(ceiling, len(order)) + 1):
+    for k in range(1, min(out.max_float, len(order)) + 1):
         keep = order[:k]
         say(f"INT8 with {k} convolution(s) in float: {', '.join(keep)}")
         res = quantize.to_int8(fp32, dst, calib, nodes_to_exclude=keep, **quant_kwargs)

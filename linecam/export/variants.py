@@ -101,8 +101,6 @@ def quantize_and_gate(fp32: Path, out: Path, spec: PreprocessSpec, calib_src: Se
     search: SearchResult | None = None
     if calibration is not None and s.int8_max_float != 0 and \
             any(v.name == "onnx_int8" and not v.passed for v in report.verdicts()):
-        logger.info("INT8 fails the accuracy gate: measuring which convolutions to keep in float (at most %s)",
-                    "a quarter of them" if s.int8_max_float is None else s.int8_max_float)
         search = keep_sensitive_float(fp32, candidates["onnx_int8"], calib, x, labels, masks, bounds=bounds,
                                       quant_kwargs=kwargs, max_float=s.int8_max_float, threads=s.threads)
         if search.passed and search.result is not None:
