@@ -544,6 +544,18 @@ def test_teacher_steps_bench_trains_scores_and_reuses(tmp_path, monkeypatch):
     assert manifest["extra"]["encoder"] == "efficientnet-lite0"
     assert r["title"] == "encoder and training steps" and "| 0 | efficientnet-lite0 | 3 | " in \
         (tmp_path / "results" / "e.md").read_text()
+    # --encoder-lr-scales: the frozen encoder's bundle is reused, the fine-tuned one is a new fit.
+    ts.main(args[:-1] + ["f", "--seeds", "0", "--encoders", "efficientnet-lite0", "--encoder-lr-scales", "0,0.1"])
+    r = json.loads((tmp_path / "results" / "f.json").read_text())
+    assert [(row["encoder"], row["encoder_lr_scale"]) for row in r["rows"]] == [
+        ("efficientnet-lite0", 0.0), ("efficientnet-lite0", 0.1)]
+    frozen, tuned = (row["per_category"]["brick"] for row in r["rows"])
+    assert frozen["fit_seconds"] is None and tuned["fit_seconds"] > 0
+    manifest = json.loads((tmp_path / "w" / "seed0-brick-3-efficientnet-lite0-ft0.1" / "manifest.json").read_text())
+    assert manifest["provenance"]["details"]["encoder_lr_scale"] == 0.1
+    assert "| 0 | efficientnet-lite0 (fine-tuned, 0.1x lr) | 3 | " in (tmp_path / "results" / "f.md").read_text()
+    with pytest.raises(SystemExit):
+        ts.main(args + ["--encoder-lr-scales", "-1"])
 
 
 def test_real_photo_combined_teacher_has_its_rows_and_a_partial_run_keeps_the_others(tmp_path, monkeypatch):

@@ -72,6 +72,30 @@ def test_training_moves_the_decoder_only(tmp_path):
     assert not model.encoder.training and model.up2.training
 
 
+def test_a_fine_tuned_encoder_learns_at_its_share_of_the_rate_and_keeps_imagenet_bn_statistics(tmp_path):
+    spec = PreprocessSpec(input_size=(SIZE, SIZE))
+    model = EncoderExpert("efficientnet-lite0", mean=tuple(spec.mean), std=tuple(spec.std), encoder_lr_scale=0.1)
+    groups = model.param_groups(1e-2)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.encoder.parameters()}
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    images = list_images(_write_good(tmp_path / "good"))
+    res = train(model, AnomalySampler(images, spec, np.random.default_rng(0)), steps=4, batch_size=2, lr=1e-2,
+                progress=False)
+    assert np.isfinite(res.losses).all()
+    after = model.encoder.state_dict()
+    moved = [k for k in before if k.endswith("weight") and not torch.equal(after[k], before[k])]
+    assert len(moved) > 10  # the encoder's weights learnt...
+    for k in before:  # ...its batch-norm statistics stayed ImageNet's
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.equal(after[k], before[k]), k
+    with pytest.raises(ValueError, match="encoder_lr_scale"):
+        EncoderExpert("efficientnet-lite0", encoder_lr_scale=-1)
+    from linecam.export import cli_teacher, encoder_expert
+
+    assert cli_teacher.ENCODER_LR_SCALE == encoder_expert.ENCODER_LR_SCALE  # the CLI's literal default
+
+
 def test_fit_records_the_encoder_and_the_teacher_cache_is_keyed_by_it(tmp_path):
     good = _write_good(tmp_path / "good")
     work = tmp_path / "work"
@@ -97,6 +121,24 @@ def test_fit_records_the_encoder_and_the_teacher_cache_is_keyed_by_it(tmp_path):
     assert len(sorted(work.glob("teacher-scratch-*"))) == 2
     assert (by_encoder["efficientnet-lite0"] / "model.onnx").stat().st_mtime_ns == mtime
     json.loads((by_encoder["efficientnet-lite0"] / "training.json").read_text())
+
+
+def test_a_fine_tuned_teacher_is_cached_apart_and_says_so(tmp_path):
+    good = _write_good(tmp_path / "good")
+    work = tmp_path / "work"
+    kw = dict(steps=2, seed=0, holdout=0.2, progress=False, encoder="efficientnet-lite0")
+    teachers.scratch_teacher(good, work, (SIZE, SIZE), **kw)
+    teachers.scratch_teacher(good, work, (SIZE, SIZE), encoder_lr_scale=0.1, **kw)
+    folders = sorted(work.glob("teacher-scratch-*"))
+    assert len(folders) == 2  # the frozen teacher is not reused for the fine-tuned one
+    arch = {load_bundle(f).manifest.extra["architecture"] for f in folders}
+    assert arch == {"efficientnet-lite0 encoder (frozen) + u-net decoder",
+                    "efficientnet-lite0 encoder (fine-tuned at 0.1x lr) + u-net decoder"}
+    scales = {load_bundle(f).manifest.provenance.details["encoder_lr_scale"] for f in folders}
+    assert scales == {0.0, 0.1}
+    with pytest.raises(BundleError, match="encoder_lr_scale must be >= 0"):
+        fit_scratch_expert(good, tmp_path / "b", input_size=(SIZE, SIZE), steps=1, encoder="efficientnet-lite0",
+                           encoder_lr_scale=-0.5, progress=False)
 
 
 def test_an_unknown_encoder_is_a_one_line_error(tmp_path):

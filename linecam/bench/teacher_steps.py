@@ -10,6 +10,8 @@ split) and its own ONNX is scored with ``linecam evaluate``'s function.
 
     linecam bench teacher-steps --steps 1000,3000 --seeds 0,1 --out .cache/teachersteps
     linecam bench teacher-steps --steps 3000 --encoders none,efficientnet-lite0 --results scratch_teacher_encoder
+    linecam bench teacher-steps --steps 3000 --encoders efficientnet-lite0 --encoder-lr-scales 0,0.1 \
+        --results scratch_teacher_finetune
 
 Results: ``benchmarks/results/<--results>.{json,md}``, written after every fit (a re-run reuses
 the trained bundles in ``--out``). Run from the checkout.
@@ -31,7 +33,7 @@ DEFAULT_RESULTS = "scratch_teacher_steps"
 
 
 def fit_and_score(data: Path, out: Path, size: int, steps: int, threads: int | None,
-                  encoder: str = "none") -> dict[str, Any]:
+                  encoder: str = "none", encoder_lr_scale: float = 0.0) -> dict[str, Any]:
     """Train (or reuse) the scratch expert on ``data``'s training crops; score it on its test set."""
     from linecam.export.scratch import fit_scratch_expert
 
@@ -39,7 +41,7 @@ def fit_and_score(data: Path, out: Path, size: int, steps: int, threads: int | N
     if not (out / "manifest.json").is_file():
         t = time.perf_counter()
         fit_scratch_expert(data / "train" / "good", out, input_size=(size, size), steps=steps, threads=threads,
-                           progress=False, encoder=encoder)
+                           progress=False, encoder=encoder, encoder_lr_scale=encoder_lr_scale)
         seconds = time.perf_counter() - t
     return {**evaluate_bundle(out, data, "fp32"), "fit_seconds": seconds}
 
@@ -64,7 +66,9 @@ def render(r: dict[str, Any]) -> str:
             pixs.append(o["pixel_auroc"])
             cells.append(f"{_f(o['image_auroc'])} / {_f(o['pixel_auroc'])}")
         whole = len(imgs) == len(r["categories"])
-        lines.append(f"| {row['seed']} | {row.get('encoder', 'none')} | {row['steps']} | " + " | ".join(cells) +
+        enc = row.get("encoder", "none") + (f" (fine-tuned, {row['encoder_lr_scale']:g}x lr)"
+                                            if row.get("encoder_lr_scale") else "")
+        lines.append(f"| {row['seed']} | {enc} | {row['steps']} | " + " | ".join(cells) +
                      f" | {_f(float(np.mean(imgs))) if whole else '–'} | {_f(float(np.mean(pixs))) if whole else '–'} |")
     lines.append("")
     return "\n".join(lines)
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", default="1000,3000", help="comma list of training step counts")
     ap.add_argument("--seeds", default="0,1", help="comma list of data seeds (0: the real-photo benchmark's)")
     ap.add_argument("--encoders", default="none", help="comma list of scratch-expert encoders (none, efficientnet-lite0)")
+    ap.add_argument("--encoder-lr-scales", default="0",
+                    help="comma list of encoder learning-rate shares for pretrained encoders (0: frozen)")
     ap.add_argument("--results", default=DEFAULT_RESULTS, help="results file stem in benchmarks/results")
     ap.add_argument("--categories", default="brick,grass,gravel")
     ap.add_argument("--size", type=int, default=128, help="model input size (= the crops' size)")
@@ -108,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     encoders = [e for e in a.encoders.split(",") if e]
     if not encoders or set(encoders) - set(ENCODERS):
         ap.error(f"--encoders {a.encoders!r}: choose from {', '.join(ENCODERS)}")
+    try:
+        scales = [float(v) for v in a.encoder_lr_scales.split(",") if v.strip()]
+    except ValueError:
+        scales = []
+    if not scales or min(scales) < 0:
+        ap.error(f"--encoder-lr-scales {a.encoder_lr_scales!r}: give a comma list of numbers >= 0, e.g. 0,0.1")
     if not a.results.replace("_", "").replace("-", "").isalnum():
         ap.error(f"--results {a.results!r}: give a file stem of letters, digits, - and _")
     cats = [c for c in a.categories.split(",") if c]
@@ -119,14 +131,17 @@ def main(argv: list[str] | None = None) -> None:
                          "rows": []}
     for seed in seeds:
         data = {c: build_category(c, a.out / f"data-seed{seed}", seed=seed).root for c in cats}
-        for enc in encoders:
+        for enc, scale in [(e, s) for e in encoders for s in ([0.0] if e == "none" else scales)]:
             for n in steps:
-                row: dict[str, Any] = {"seed": seed, "encoder": enc, "steps": n, "per_category": {}}
+                row: dict[str, Any] = {"seed": seed, "encoder": enc, "encoder_lr_scale": scale, "steps": n,
+                                       "per_category": {}}
                 r["rows"].append(row)
                 for c in cats:
-                    # From-scratch bundles keep their old folder name: an earlier run's are reused.
-                    out = a.out / (f"seed{seed}-{c}-{n}" + ("" if enc == "none" else f"-{enc}"))
-                    row["per_category"][c] = fit_and_score(data[c], out, a.size, n, a.threads, enc)
+                    # From-scratch and frozen-encoder bundles keep their old folder names: an earlier
+                    # run's are reused.
+                    out = a.out / (f"seed{seed}-{c}-{n}" + ("" if enc == "none" else f"-{enc}")
+                                   + (f"-ft{scale:g}" if scale else ""))
+                    row["per_category"][c] = fit_and_score(data[c], out, a.size, n, a.threads, enc, scale)
                     save(r, a.results)
     r["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(save(r, a.results).read_text())

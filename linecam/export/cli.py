@@ -91,8 +91,8 @@ def cli(verbose: bool) -> None:
                "Export and thresholds run on the CPU either way.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; warnings and errors only.")
 def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: int, lr: float, base_width: int,
-        encoder: str, seed: int, holdout: float, target_frr: float, sensitivity: float, name: str | None, threads: int | None,
-        device: str, quiet: bool) -> None:
+        encoder: str, encoder_lr_scale: float, seed: int, holdout: float, target_frr: float, sensitivity: float,
+        name: str | None, threads: int | None, device: str, quiet: bool) -> None:
     """Train a scratch region expert on good images and write a bundle to --out."""
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
@@ -101,7 +101,7 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
     path = fit_scratch_expert(images, out, input_size=size, steps=steps, batch_size=batch_size, lr=lr,
                               base_width=base_width, seed=seed, holdout=holdout, target_frr=target_frr,
                               sensitivity=sensitivity, name=name, progress=not quiet, threads=threads,
-                              encoder=encoder, device=device)
+                              encoder=encoder, encoder_lr_scale=encoder_lr_scale, device=device)
     if not quiet:
         click.echo(f"bundle written: {path}")
 
@@ -169,7 +169,8 @@ def fit(images: Path, out: Path, size: tuple[int, int], steps: int, batch_size: 
 @device_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
 def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher_preprocess: Path | None,
-           teacher_output: str | None, teacher_steps: int, encoder: str, coreset_ratio: float, feature_scale: float | None,
+           teacher_output: str | None, teacher_steps: int, encoder: str, encoder_lr_scale: float, coreset_ratio: float,
+           feature_scale: float | None,
            images: Path, out: Path,
            work_dir: Path | None, size: tuple[int, int], student: str, steps: int, batch_size: int, lr: float,
            pool_size: int, seed: int, holdout: float, bad_images: Path | None, calib_images: Path | None,
@@ -183,7 +184,8 @@ def distil(teacher_kind: str, teacher_model: Path | None, backbone: str, teacher
     work = work_dir or out.with_name(out.name + ".work")
     teacher = make_teacher(teacher_kind, teacher_model=teacher_model, backbone=backbone,
                            teacher_preprocess=teacher_preprocess, teacher_output=teacher_output,
-                           teacher_steps=teacher_steps, encoder=encoder, coreset_ratio=coreset_ratio,
+                           teacher_steps=teacher_steps, encoder=encoder, encoder_lr_scale=encoder_lr_scale,
+                           coreset_ratio=coreset_ratio,
                            feature_scale=feature_scale, images=images, work=work, size=size, seed=seed,
                            holdout=holdout, threads=threads, quiet=quiet, device=device)
     options = DistilOptions(student=student, steps=steps, batch_size=batch_size, lr=lr, pool_size=pool_size,

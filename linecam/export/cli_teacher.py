@@ -18,7 +18,26 @@ DEVICE_HELP = ("Where training and teacher features run: auto (the CUDA GPU when
 
 
 def encoder_option(prefix: str = "") -> Any:
-    """``--encoder`` of the scratch expert, shared by ``fit`` and ``distil``."""
+    """``--encoder`` and ``--encoder-lr-scale`` of the scratch expert, shared by ``fit`` and ``distil``."""
+    def both(f: Any) -> Any:
+        return _encoder(prefix)(_encoder_lr_scale(prefix)(f))
+
+    return both
+
+
+#: ``encoder_expert.ENCODER_LR_SCALE``, written out: the CLI must load without torch (a test keeps them equal).
+ENCODER_LR_SCALE = 0.0
+
+
+def _encoder_lr_scale(prefix: str) -> Any:
+    return click.option(
+        "--encoder-lr-scale", type=click.FloatRange(min=0), default=ENCODER_LR_SCALE, show_default=True,
+        help=prefix + "with --encoder efficientnet-lite0: the encoder's learning rate as a share of --lr "
+        "(0: frozen at its ImageNet weights; e.g. 0.1 fine-tunes it, about 2x the training time; its batch-norm "
+        "statistics stay ImageNet's either way).")
+
+
+def _encoder(prefix: str) -> Any:
     return click.option(
         "--encoder", type=click.Choice(["efficientnet-lite0", "none"]), default="efficientnet-lite0",
         show_default=True,
@@ -35,7 +54,8 @@ def device_option(help_text: str = DEVICE_HELP) -> Any:
 
 
 def make_teacher(kind: str, *, teacher_model: Path | None, backbone: str, teacher_preprocess: Path | None,
-                 teacher_output: str | None, teacher_steps: int, encoder: str, coreset_ratio: float,
+                 teacher_output: str | None, teacher_steps: int, encoder: str, encoder_lr_scale: float,
+                 coreset_ratio: float,
                  feature_scale: float | None, images: Path, work: Path, size: tuple[int, int], seed: int,
                  holdout: float, threads: int | None, quiet: bool, device: str) -> Any:
     """The unfitted :class:`~linecam.export.teachers.Teacher` of ``--teacher kind`` (a scratch
@@ -49,7 +69,8 @@ def make_teacher(kind: str, *, teacher_model: Path | None, backbone: str, teache
 
     def scratch() -> teachers.BundleTeacher:
         return teachers.scratch_teacher(images, work, size, steps=teacher_steps, seed=seed, holdout=holdout,
-                                        threads=threads, progress=not quiet, encoder=encoder, device=device)
+                                        threads=threads, progress=not quiet, encoder=encoder,
+                                        encoder_lr_scale=encoder_lr_scale, device=device)
 
     if kind in ("cnn", "combined"):
         from linecam.export.cnn_teacher import CnnTeacher

@@ -115,14 +115,22 @@ class ScratchExpert(nn.Module):
         return amap, self.score(amap)
 
 
-def build_expert(encoder: str, spec: PreprocessSpec, *, base_width: int, score_pool: int) -> nn.Module:
-    """The net to train: the from-scratch U-Net (``encoder="none"``) or a decoder on a frozen
-    pretrained encoder; both map a normalised image to ``(anomaly map, score)``."""
+def build_expert(encoder: str, spec: PreprocessSpec, *, base_width: int, score_pool: int,
+                 encoder_lr_scale: float = 0.0) -> nn.Module:
+    """The net to train: the from-scratch U-Net (``encoder="none"``) or a decoder on a pretrained
+    encoder (frozen, or fine-tuned at ``encoder_lr_scale``); both map a normalised image to
+    ``(anomaly map, score)``."""
     if encoder == "none":
         return ScratchExpert(base_width=base_width, score_pool=score_pool)
     from linecam.export.encoder_expert import EncoderExpert
 
-    return EncoderExpert(encoder, mean=tuple(spec.mean), std=tuple(spec.std), score_pool=score_pool)
+    return EncoderExpert(encoder, mean=tuple(spec.mean), std=tuple(spec.std), score_pool=score_pool,
+                         encoder_lr_scale=encoder_lr_scale)
+
+
+def _encoder_training(model: nn.Module) -> str:
+    scale = getattr(model, "encoder_lr_scale", 0.0)
+    return f"fine-tuned at {scale:g}x lr" if scale else "frozen"
 
 
 def expert_map(logits: torch.Tensor) -> torch.Tensor:
@@ -177,8 +185,11 @@ def train(model: nn.Module, sampler: AnomalySampler, *, steps: int, batch_size: 
     device = device or torch.device("cpu")
     # channels_last: oneDNN's fast convolution layout on CPU (~1.6x faster training here); cuDNN's too.
     model.to(device=device, memory_format=torch.channels_last)
-    # Trainable parameters only: a frozen pretrained encoder (encoder_expert) is not decayed either.
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    # Trainable parameters only: a frozen pretrained encoder (encoder_expert) is not decayed either;
+    # a fine-tuned one learns at its own share of ``lr`` (its param_groups' "lr_scale").
+    groups = (model.param_groups(lr) if hasattr(model, "param_groups")
+              else [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}])
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     log = LossLog()
     t0 = time.perf_counter()
     model.train()
@@ -187,7 +198,7 @@ def train(model: nn.Module, sampler: AnomalySampler, *, steps: int, batch_size: 
         task = bar.add_task("training scratch expert", total=steps, loss=float("nan"))
         for step in range(steps):
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr)
+                g["lr"] = _lr_at(step, steps, lr) * g["lr_scale"]
             x, y = sampler.batch(batch_size)
             x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
             logits = model.logits(x)
@@ -254,6 +265,7 @@ def fit_scratch_expert(
     dice_weight: float = 0.5,
     threads: int | None = None,
     encoder: str = "none",
+    encoder_lr_scale: float = 0.0,
     device: str = "auto",
 ) -> Path:
     """Train a scratch expert on the good images in ``images`` and write a bundle to ``out``.
@@ -266,9 +278,10 @@ def fit_scratch_expert(
     call (default: theirs); on a CPU shared with other jobs, 1 is often several times
     faster than oversubscribed threads spinning against each other. ``encoder``: ``"none"``
     trains the whole U-Net from scratch; ``"efficientnet-lite0"`` trains a decoder on that
-    frozen ImageNet encoder (:mod:`linecam.export.encoder_expert`; ``base_width`` is then
-    unused). ``device`` (auto / cpu / cuda, :func:`~linecam.export.torch_device.pick_device`) is
-    where it trains; export and thresholds run on the CPU. Returns the bundle folder.
+    ImageNet encoder (:mod:`linecam.export.encoder_expert`; ``base_width`` is then unused), frozen,
+    or fine-tuned at ``encoder_lr_scale`` x ``lr`` when that is above 0. ``device`` (auto / cpu /
+    cuda, :func:`~linecam.export.torch_device.pick_device`) is where it trains; export and
+    thresholds run on the CPU. Returns the bundle folder.
     """
     if threads is not None and threads < 1:
         raise BundleError(f"threads must be >= 1, got {threads}")
@@ -280,7 +293,8 @@ def fit_scratch_expert(
                     base_width=base_width, seed=seed, holdout=holdout, target_frr=target_frr,
                     sensitivity=sensitivity, name=name, progress=progress, preprocess=preprocess,
                     anomaly_ratio=anomaly_ratio, recipe_weights=recipe_weights, score_pool=score_pool,
-                    dice_weight=dice_weight, threads=threads, encoder=encoder, device=pick_device(device))
+                    dice_weight=dice_weight, threads=threads, encoder=encoder,
+                    encoder_lr_scale=encoder_lr_scale, device=pick_device(device))
     finally:
         torch.set_num_threads(previous)  # the caller's process setting, restored
 
@@ -289,7 +303,7 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
          lr: float, base_width: int, seed: int, holdout: float, target_frr: float, sensitivity: float,
          name: str | None, progress: bool, preprocess: PreprocessSpec | None, anomaly_ratio: float,
          recipe_weights: dict[str, float] | None, score_pool: int, dice_weight: float,
-         threads: int | None, encoder: str, device: torch.device) -> Path:
+         threads: int | None, encoder: str, encoder_lr_scale: float, device: torch.device) -> Path:
     t_start = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -318,7 +332,10 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build_expert(encoder, spec, base_width=base_width, score_pool=score_pool)
+    if encoder_lr_scale < 0:
+        raise BundleError(f"encoder_lr_scale must be >= 0, got {encoder_lr_scale}")
+    model = build_expert(encoder, spec, base_width=base_width, score_pool=score_pool,
+                         encoder_lr_scale=encoder_lr_scale if encoder != "none" else 0.0)
     sampler = AnomalySampler(train_set, spec, rng, anomaly_ratio=anomaly_ratio, recipe_weights=recipe_weights)
     logger.info("training the scratch expert on %s", describe_device(device))
     with gpu_memory_errors("training the scratch expert"):
@@ -362,6 +379,7 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
         "base_width": base_width,
         "encoder": encoder,
         "encoder_sha256": getattr(model, "encoder_sha256", None),
+        "encoder_lr_scale": getattr(model, "encoder_lr_scale", None),
         "anomaly_ratio": anomaly_ratio,
         "recipe_weights": recipe_weights or {k: v for k, (_, v) in RECIPES.items()},
         "final_loss": result.final_loss,
@@ -389,7 +407,7 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
         ),
         extra={
             "expert": "scratch",
-            "architecture": "unet-lite" if encoder == "none" else f"{encoder} encoder (frozen) + u-net decoder",
+            "architecture": "unet-lite" if encoder == "none" else f"{encoder} encoder ({_encoder_training(model)}) + u-net decoder",
             "encoder": encoder,
             "base_width": base_width,
             "score_pool": score_pool,

@@ -411,7 +411,8 @@ def load_spec(path: str | Path) -> PreprocessSpec:
 
 def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int], *, steps: int, seed: int,
                     holdout: float, base_width: int = 12, threads: int | None = None,
-                    progress: bool = True, encoder: str = "none", device: str = "auto") -> BundleTeacher:
+                    progress: bool = True, encoder: str = "none", encoder_lr_scale: float = 0.0,
+                    device: str = "auto") -> BundleTeacher:
     """Train the scratch expert (cached in ``work``) and use it as teacher.
 
     It is fitted with the same ``seed`` and ``holdout`` as the distillation, hence on the
@@ -421,11 +422,12 @@ def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int],
 
     # Keyed by the images' content, not the folder's name: edited images must retrain the teacher;
     # and by the map scale: a cached teacher from before issue 21 (saturating maps) is not reused;
-    # and by a pretrained encoder (left out for none, so from-scratch caches keep their key).
+    # and by a pretrained encoder (left out for none, so from-scratch caches keep their key), and
+    # its learning-rate share when it is fine-tuned (left out when frozen, so those keep theirs).
     content = source_hash([s.sha256 for s in list_images(images)])
+    enc: list = [] if encoder == "none" else [encoder] + ([encoder_lr_scale] if encoder_lr_scale else [])
     key = hashlib.sha256(json.dumps([content, list(input_size), steps, seed, holdout,
-                                     base_width, MAP_SCALE] + ([encoder] if encoder != "none" else [])
-                                    ).encode()).hexdigest()[:12]
+                                     base_width, MAP_SCALE] + enc).encode()).hexdigest()[:12]
     folder = work / f"teacher-scratch-{key}"
     try:
         load_bundle(folder)
@@ -433,5 +435,5 @@ def scratch_teacher(images: str | Path, work: Path, input_size: tuple[int, int],
     except BundleError:
         fit_scratch_expert(images, folder, input_size=input_size, steps=steps, seed=seed, holdout=holdout,
                            base_width=base_width, threads=threads, progress=progress, encoder=encoder,
-                           device=device)
+                           encoder_lr_scale=encoder_lr_scale, device=device)
     return BundleTeacher(folder, kind="scratch", threads=threads)
