@@ -33,8 +33,8 @@ def _encoder_lr_scale(prefix: str) -> Any:
     return click.option(
         "--encoder-lr-scale", type=click.FloatRange(min=0), default=ENCODER_LR_SCALE, show_default=True,
         help=prefix + "with --encoder efficientnet-lite0: the encoder's learning rate as a share of --lr "
-        "(0: frozen at its ImageNet weights; e.g. 0.1 fine-tunes it, about 2x the training time; its batch-norm "
-        "statistics stay ImageNet's either way).")
+        "(0: frozen at its ImageNet weights; e.g. 0.1 fine-tunes it, each training step taking about twice as "
+        "long; its batch-norm statistics stay ImageNet's either way).")
 
 
 def _encoder(prefix: str) -> Any:

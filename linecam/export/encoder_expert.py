@@ -13,9 +13,10 @@ By default the encoder is frozen and kept in eval mode: its batch-norm statistic
 (a few dozen images would only make them worse), and no gradient flows through it, so training
 costs about one extra forward pass per sample. ``encoder_lr_scale`` > 0 (``--encoder-lr-scale``)
 fine-tunes its weights at that share of the decoder's learning rate, as the lite0 student does
-(:mod:`linecam.export.student_lite`); its batch-norm statistics stay ImageNet's all the same. Inputs arrive normalised with the bundle's
-:class:`~linecam.preprocess.PreprocessSpec` (ImageNet mean/std by default) and are converted to
-the encoder's own normalisation inside the graph (exact: both are affine), so the bundle keeps
+(:mod:`linecam.export.student_lite`); its batch-norm statistics stay ImageNet's all the same.
+
+Inputs arrive normalised with the bundle's :class:`~linecam.preprocess.PreprocessSpec` (ImageNet
+mean/std by default) and are converted to the encoder's own normalisation inside the graph (exact: both are affine), so the bundle keeps
 one preprocessing definition.
 """
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linecam.export.layers import cbr, input_affine
+from linecam.export.layers import cbr, input_affine, scaled_param_groups
 
 #: ``--encoder`` values: ``none`` is the original from-scratch U-Net.
 ENCODERS = ("efficientnet-lite0", "none")
@@ -80,13 +81,7 @@ class EncoderExpert(nn.Module):
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer groups: the encoder at ``encoder_lr_scale`` x ``lr`` (when it trains), the rest at ``lr``."""
-        enc = [p for p in self.encoder.parameters() if p.requires_grad]
-        ids = {id(p) for p in enc}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"params": rest, "lr": lr, "lr_scale": 1.0}]
-        if enc:
-            groups.insert(0, {"params": enc, "lr": lr * self.encoder_lr_scale, "lr_scale": self.encoder_lr_scale})
-        return groups
+        return scaled_param_groups(self, list(self.encoder.parameters()), lr, self.encoder_lr_scale)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # Frozen: no activations kept for a backward pass through it.

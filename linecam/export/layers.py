@@ -25,3 +25,14 @@ def input_affine(module: nn.Module, mean: tuple[float, ...], std: tuple[float, .
     me, se = torch.tensor(to_mean), torch.tensor(to_std)
     module.register_buffer("in_a", (ss / se).view(1, 3, 1, 1), persistent=False)
     module.register_buffer("in_b", ((ms - me) / se).view(1, 3, 1, 1), persistent=False)
+
+
+def scaled_param_groups(module: nn.Module, encoder: list[nn.Parameter], lr: float, scale: float) -> list[dict]:
+    """AdamW groups for a net on a pretrained encoder: ``encoder``'s trainable parameters at
+    ``scale`` x ``lr`` (no group when none trains), every other trainable one at ``lr``. Each group
+    carries its ``lr_scale`` so a schedule can set ``lr`` per step and keep the ratio."""
+    enc = [p for p in encoder if p.requires_grad]
+    ids = {id(p) for p in enc}
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
+    head = [{"params": enc, "lr": lr * scale, "lr_scale": scale}] if enc else []
+    return head + [{"params": rest, "lr": lr, "lr_scale": 1.0}]

@@ -188,7 +188,7 @@ def train(model: nn.Module, sampler: AnomalySampler, *, steps: int, batch_size: 
     # Trainable parameters only: a frozen pretrained encoder (encoder_expert) is not decayed either;
     # a fine-tuned one learns at its own share of ``lr`` (its param_groups' "lr_scale").
     groups = (model.param_groups(lr) if hasattr(model, "param_groups")
-              else [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}])
+              else [{"params": [p for p in model.parameters() if p.requires_grad]}])
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     log = LossLog()
     t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def train(model: nn.Module, sampler: AnomalySampler, *, steps: int, batch_size: 
         task = bar.add_task("training scratch expert", total=steps, loss=float("nan"))
         for step in range(steps):
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr) * g["lr_scale"]
+                g["lr"] = _lr_at(step, steps, lr) * g.get("lr_scale", 1.0)
             x, y = sampler.batch(batch_size)
             x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
             logits = model.logits(x)

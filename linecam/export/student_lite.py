@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linecam.export.backbones import IMAGENET_MEAN, IMAGENET_STD, lite0_taps, load_backbone
-from linecam.export.layers import cbr, input_affine
+from linecam.export.layers import cbr, input_affine, scaled_param_groups
 
 #: Block indices ending strides 8 (40 channels) and 16 (112 channels) in EfficientNet-Lite0.
 TAPS = (4, 10)
@@ -78,10 +78,7 @@ class Lite0Student(nn.Module):
 
     def param_groups(self, lr: float) -> list[dict]:
         enc = [p for mod in (self.stem, self.blocks) for p in mod.parameters()]
-        ids = {id(p) for p in enc}
-        rest = [p for p in self.parameters() if id(p) not in ids]
-        return [{"params": enc, "lr": lr * ENCODER_LR_SCALE, "lr_scale": ENCODER_LR_SCALE},
-                {"params": rest, "lr": lr, "lr_scale": 1.0}]
+        return scaled_param_groups(self, enc, lr, ENCODER_LR_SCALE)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         f8, f16 = self._features(x)
