@@ -28,8 +28,9 @@ from rich.table import Table
 from linecam import __version__
 from linecam.errors import LinecamError
 
-#: Settings of the demo expert; part of the cache key.
-DEMO_FIT = {"n_good": 160, "part_size": 320, "input_size": [256, 256], "seed": 0}
+#: Settings of the demo expert; part of the cache key ("thresholds" 2: fitted on held-out images and
+#: jittered copies of them, as distil fits its own; a bundle cached before is refitted).
+DEMO_FIT = {"n_good": 160, "part_size": 320, "input_size": [256, 256], "seed": 0, "thresholds": 2}
 DEMO_LINE = {"width": 320, "height": 320, "defect_rate": 0.25, "seed": 7}
 
 

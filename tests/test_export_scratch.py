@@ -76,6 +76,23 @@ def _scores(bundle_dir: Path, images: list[np.ndarray]) -> np.ndarray:
                      for im in images])
 
 
+def _threshold_inputs(images: Path, m: object) -> np.ndarray:
+    """The preprocessed good images ``fit`` fitted the bundle's thresholds on (eval_set)."""
+    from linecam.export.eval_set import EVAL_GOOD, eval_set
+    from linecam.export.images import list_images
+
+    d = m.provenance.details  # type: ignore[attr-defined]
+    hold = [s for s in list_images(images) if s.path.name in d["holdout_files"]]
+    return eval_set(hold, m.preprocess, d["seed"], EVAL_GOOD, 0).x  # type: ignore[attr-defined]
+
+
+def _scores_x(bundle_dir: Path, x: np.ndarray) -> np.ndarray:
+    b = load_bundle(bundle_dir)
+    sess = ort.InferenceSession(str(b.path("onnx_fp32")), providers=["CPUExecutionProvider"])
+    name, score = b.manifest.input.name, b.manifest.outputs.image_score.name
+    return np.array([float(sess.run([score], {name: x[i:i + 1]})[0][0]) for i in range(len(x))])
+
+
 @pytest.mark.slow
 def test_fitted_expert_finds_painted_defects(fitted: tuple[Path, Path]) -> None:
     images, out = fitted
@@ -119,13 +136,21 @@ def test_manifest_is_consistent(fitted: tuple[Path, Path]) -> None:
     assert d["seed"] == 0 and d["steps"] == 300 and np.isfinite(d["final_loss"])
     assert {"torch", "onnx", "onnxruntime"} <= set(m.provenance.tool_versions)
 
-    # Thresholds were fitted on the held-out good images run through the *exported* model:
-    # recompute them from onnxruntime scores (10 < 1/0.01 images: lowest + 3 x (max - lowest)).
+    # Thresholds were fitted on the 10 held-out good images and 54 jittered copies of them, run
+    # through the *exported* model: recompute them from onnxruntime scores (64 < 1/0.01 images:
+    # lowest + 3 x (max - lowest), or the isolated-score rule).
+    from linecam.calibration.thresholds import fit_image_threshold
+
     th = m.thresholds
-    assert th.n_good == 10 and th.target_frr == 0.01 and th.method == "good_max_margin"
-    s = _scores(out, [read_image(images / f)[0] for f in d["holdout_files"]])
-    assert th.image == pytest.approx(max(s.min() + 3 * (s.max() - s.min()), s.max()), rel=1e-5, abs=1e-7)
-    assert th.details["image"]["frr_upper_bound"] == pytest.approx(1 - 0.05 ** (1 / 10))
+    assert th.n_good == 64 and th.target_frr == 0.01 and th.method == "good_max_margin"
+    s = _scores_x(out, _threshold_inputs(images, m))
+    held = _scores(out, [read_image(images / f)[0] for f in d["holdout_files"]])
+    np.testing.assert_allclose(s[:10], held, rtol=1e-5, atol=1e-6)  # the originals come first
+    assert th.image == pytest.approx(fit_image_threshold(s).value, rel=1e-5, abs=1e-7) and th.image > s.max()
+    # ... and it says loudly that 10 distinct images cannot show 1 %: the bound over those alone.
+    w = th.details["warning"]
+    assert "10 held out + 54 augmented" in w and "299 good images" in w
+    assert f"{1 - 0.05 ** (1 / 10):.1%} (95% confidence, over the 10 distinct images" in w
     assert th.image <= th.pixel <= 0.5  # pixel maxima >= pooled maxima; capped at the net's 0.5
     train = json.loads((out / "training.json").read_text())
     assert len(train["losses"]) == 300 and sorted(train["holdout_scores"]) == sorted(d["holdout_files"])
@@ -284,8 +309,7 @@ def test_a_sigmoid_bundle_from_before_issue_21_still_loads_and_gives_the_same_ve
 
     from linecam.bundle import file_entry, write_manifest
     from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
-    from linecam.export.scratch import score_onnx
-    from linecam.export.images import list_images
+    from linecam.export.gate import run_expert
 
     images, out = fitted
     old = tmp_path / "old"
@@ -299,8 +323,8 @@ def test_a_sigmoid_bundle_from_before_issue_21_still_loads_and_gives_the_same_ve
     add.input.append(sig)
     onnx.save(model, str(old / "model.onnx"))
     m = load_bundle(out).manifest
-    hold = [s for s in list_images(images) if s.path.name in m.provenance.details["holdout_files"]]
-    scores, maps = score_onnx(old / "model.onnx", hold, m.preprocess)  # the old fit, on the old map
+    maps, scores = run_expert(old / "model.onnx", _threshold_inputs(images, m))  # the old fit, on the old map
+    maps = list(maps)
     assert float(np.max(maps)) <= 1.0
     th = to_thresholds(fit_image_threshold(scores), fit_pixel_threshold(maps))
     th = th.model_copy(update={"pixel": min(th.pixel, 0.5)})
@@ -369,3 +393,20 @@ def test_augmented_good_copies_never_clip_highlights():
     assert max(float((o == 255).mean()) for o in outs) <= 0.02
     assert max(float(o.mean()) for o in outs) > img.mean() + 1  # brighter copies still happen
     assert min(float(o.mean()) for o in outs) < img.mean() - 5  # and darker ones
+
+
+def test_fit_warns_when_the_size_stretches_the_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Images 96 wide and 64 high, model input 64x64: every frame would be squeezed 1.5x; `fit`
+    says so and suggests a size with the images' shape (48x80: about 64x64's pixel count)."""
+    from linecam.export.scratch import fit_scratch_expert
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    with caplog.at_level("WARNING", logger="linecam.export.scratch"):
+        fit_scratch_expert(folder, tmp_path / "b", input_size=(64, 64), steps=1, base_width=4, progress=False,
+                           threads=1)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SIZE:")]
+    assert "96x64" in line and "--size 48x80" in line

@@ -201,3 +201,19 @@ def test_good_images_needed_and_the_loud_warning_when_the_evidence_is_short():
     assert msg is not None and "299 good images" in msg and "12 good images" in msg
     assert evidence_warning(fit_image_threshold(np.linspace(0, 1, 298), target_frr=0.01)) is not None
     assert evidence_warning(fit_image_threshold(np.linspace(0, 1, 299), target_frr=0.01)) is None
+
+
+def test_evidence_warning_bounds_over_distinct_images_not_jittered_copies() -> None:
+    """64 good scores, 10 of them distinct parts: the stated bound is the one 10 images give
+    (25.9 %), not 64's (4.6 %); copies of one part are not independent trials."""
+    from linecam.calibration.thresholds import evidence_warning, frr_upper_bound, threshold_warning
+
+    fit = fit_image_threshold(np.linspace(0.1, 0.2, 64))
+    plain = evidence_warning(fit, "good images")
+    assert f"{frr_upper_bound(0, 64):.1%}" in plain and "distinct" not in plain
+    w = threshold_warning(fit, "good images (10 held out + 54 augmented copies of them)", independent=10)
+    assert f"bounded by {frr_upper_bound(0, 10):.1%} (95% confidence, over the 10 distinct images" in w and "299 good images" in w
+    assert frr_upper_bound(0, 10) > 5 * frr_upper_bound(0, 64)  # the difference the wording carries
+    # Enough distinct images: no warning, whatever the copies.
+    big = fit_image_threshold(np.linspace(0.1, 0.2, 400))
+    assert evidence_warning(big, independent=300) is None and evidence_warning(big, independent=100) is not None

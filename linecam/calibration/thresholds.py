@@ -97,15 +97,23 @@ def good_images_needed(target_frr: float, confidence: float = CONFIDENCE) -> int
     return int(math.ceil(math.log(1.0 - confidence) / math.log1p(-target_frr)))
 
 
-def evidence_warning(fit: ThresholdFit, what: str = "good images") -> str | None:
+def evidence_warning(fit: ThresholdFit, what: str = "good images", independent: int | None = None) -> str | None:
     """One loud line when ``fit`` rests on fewer good images than it takes to show its target
-    rate even with none of them rejected (:func:`good_images_needed`)."""
-    if fit.target_frr is None or fit.n_good >= good_images_needed(fit.target_frr):
+    rate even with none of them rejected (:func:`good_images_needed`). ``independent``: how many
+    of ``fit.n_good`` are distinct parts (the rest jittered copies of them, which show a margin
+    but no new part): the stated bound is then over those alone, since copies of one image are
+    not independent trials."""
+    needed = good_images_needed(fit.target_frr) if fit.target_frr is not None else 0
+    n = fit.n_good if independent is None else min(independent, fit.n_good)
+    if fit.target_frr is None or n >= needed:
         return None
-    bound = float(fit.details.get("frr_upper_bound", 1.0))
+    exceeding = int(fit.details.get("good_exceeding", 0))
+    bound = (float(fit.details.get("frr_upper_bound", 1.0)) if n == fit.n_good
+             else frr_upper_bound(min(exceeding, n), n))  # every exceeding one may be an original
+    over = "" if n == fit.n_good else f", over the {n} distinct images: a copy is not a new part"
     return (f"the threshold rests on {fit.n_good} {what}: the false-reject rate on new good parts is only "
-            f"bounded by {bound:.1%} ({CONFIDENCE:.0%} confidence), not the {fit.target_frr:.1%} target; showing "
-            f"{fit.target_frr:.1%} needs {good_images_needed(fit.target_frr)} good images none of which is "
+            f"bounded by {bound:.1%} ({CONFIDENCE:.0%} confidence{over}), not the {fit.target_frr:.1%} target; "
+            f"showing {fit.target_frr:.1%} needs {needed} good images none of which is "
             f"rejected: give more good images, or check the false rejects on the line before trusting it")
 
 
@@ -119,10 +127,13 @@ def isolated_warning(fit: ThresholdFit, what: str = "good image") -> str | None:
             "good (a defect in the good folder makes the line blind to it)")
 
 
-def threshold_warning(fit: ThresholdFit, what: str = "good images") -> str | None:
+def threshold_warning(fit: ThresholdFit, what: str = "good images", isolated: str = "good image",
+                      independent: int | None = None) -> str | None:
     """The warnings an exporter logs and stores with its thresholds: too little evidence for the
-    target rate, and an isolated good score; ``None`` when there is nothing to say."""
-    lines = [w for w in (evidence_warning(fit, what), isolated_warning(fit)) if w]
+    target rate (``what`` the fit rests on, ``independent`` of them distinct parts), and an
+    isolated good score (``isolated``: which image, where the exporter knows); ``None`` when
+    there is nothing to say."""
+    lines = [w for w in (evidence_warning(fit, what, independent), isolated_warning(fit, isolated)) if w]
     return "; ".join(lines) or None
 
 

@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,13 +48,14 @@ from linecam.bundle import (
 from linecam.calibration.metrics import auroc, pearson
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
 from linecam.errors import BundleError
+from linecam.export.eval_set import EVAL_GOOD, eval_set, good_image
 from linecam.export.gate import run_expert
+from linecam.export.images import aspect_warning
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
 from linecam.export.pool import SCALE_QUANTILE, Pool, Target, build_pool, map_scale, student_target  # noqa: F401
 from linecam.export.sampler import AnomalySampler
 from linecam.export.scratch import (
-    SourceImage,
     _lr_at,
     _versions,
     list_images,
@@ -96,7 +97,7 @@ class DistilOptions(QuantOptions):
     #: Share of calibration images given a synthetic anomaly (see quantize.CALIBRATION_ANOMALY_RATIO).
     calib_anomaly_ratio: float = CALIBRATION_ANOMALY_RATIO
     checkpoint_every: int = 100
-    eval_good: int = 64
+    eval_good: int = EVAL_GOOD
     eval_bad: int = 64
     threads: int | None = None
     #: Where the teacher trains and the student learns: auto (the CUDA GPU if torch sees one), cpu, cuda.
@@ -186,49 +187,6 @@ def train_student(model: nn.Module, pool: Pool, target: Target, ckpt: Path, key:
     return log.values()
 
 
-# --------------------------------------------------------------------------- held-out set
-
-
-@dataclass
-class EvalSet:
-    x: np.ndarray  # [N, 3, H, W]
-    labels: np.ndarray  # [N] 1 = defective
-    masks: np.ndarray  # [N, H, W] (zeros for good and for real bad images without masks)
-    kinds: list[str]  # "good", "synthetic", "bad"
-
-
-def eval_set(hold: Sequence[SourceImage], spec: PreprocessSpec, seed: int, n_good: int, n_bad: int,
-             bad_images: Sequence[SourceImage] = ()) -> EvalSet:
-    """Held-out good images (as they are, then jittered copies up to ``n_good``), ``n_bad``
-    synthetic anomalies on them, and any real defective images."""
-    pre = Preprocessor(spec)
-    h, w = spec.input_size
-    xs, ys, ms, kinds = [], [], [], []
-    for s in hold:
-        xs.append(pre(s.image, s.bit_depth, copy=True)[0])
-        ys.append(0)
-        ms.append(np.zeros((h, w), np.float32))
-        kinds.append("good")
-    good_sampler = AnomalySampler(hold, spec, np.random.default_rng([seed, 13]), anomaly_ratio=0.0)
-    bad_sampler = AnomalySampler(hold, spec, np.random.default_rng([seed, 17]), anomaly_ratio=1.0)
-    for sampler, n, label, kind in ((good_sampler, n_good - len(hold), 0, "good"),
-                                    (bad_sampler, n_bad, 1, "synthetic")):
-        for _ in range(max(0, n)):
-            x = np.empty((3, h, w), np.float32)
-            y = np.empty((1, h, w), np.float32)
-            sampler.sample(x, y)
-            xs.append(x)
-            ys.append(label)
-            ms.append((y[0] >= 0.5).astype(np.float32))
-            kinds.append(kind)
-    for s in bad_images:
-        xs.append(pre(s.image, s.bit_depth, copy=True)[0])
-        ys.append(1)
-        ms.append(np.zeros((h, w), np.float32))
-        kinds.append("bad")
-    return EvalSet(np.stack(xs), np.asarray(ys), np.stack(ms), kinds)
-
-
 def student_manifest(name: str, spec: PreprocessSpec, student: str, score_pool: int, thresholds: Any,
                      files: dict[str, Any], provenance: Any, **extra: Any) -> Manifest:
     """The manifest of a student bundle (the ONNX contract every student shares); ``extra`` adds
@@ -307,6 +265,8 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     sources = list_images(images)
     if spec.crop is not None:
         Preprocessor(spec).crop(sources[0].image)
+    if odd := aspect_warning(spec, sources[0].image):
+        logger.warning("SIZE: %s", odd)
     train_idx, hold_idx = split_holdout(len(sources), o.holdout, o.seed)
     train_set = [sources[i] for i in train_idx]
     hold_set = [sources[i] for i in hold_idx]
@@ -409,7 +369,8 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
                                fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity),
                                pooled_score=True)
     warning = threshold_warning(image_fit, f"good images ({n_hold} held out + {int(good_sel.sum()) - n_hold} "
-                                          "augmented copies of them)")
+                                          "augmented copies of them)", good_image(hold_set, int(np.argmax(scores))),
+                                independent=n_hold)
     if warning:
         logger.warning("THRESHOLD: %s", warning)
         thresholds.details["warning"] = warning

@@ -5,6 +5,7 @@ held out deterministically. Shared by the scratch expert, distillation and calib
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +13,14 @@ import numpy as np
 
 from linecam.bundle import sha256_file
 from linecam.errors import BundleError
-from linecam.preprocess import read_image
+from linecam.preprocess import PreprocessSpec, Preprocessor, read_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
 MIN_IMAGES = 10
+#: Aspect ratios (images' against the model input's) further apart than this get a warning.
+ASPECT_TOLERANCE = 1.1
 
 
 
@@ -61,3 +64,18 @@ def split_holdout(n: int, holdout: float, seed: int) -> tuple[list[int], list[in
     k = min(n - 1, max(1, round(n * holdout)))
     perm = np.random.default_rng(seed).permutation(n)
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+
+def aspect_warning(spec: PreprocessSpec, image: np.ndarray) -> str | None:
+    """One line when the model input's aspect ratio is not the images' (after the spec's crop):
+    every frame is then stretched, on the line as in training, and a thin defect along the
+    squeezed axis loses pixels. Suggests a ``--size`` with the images' aspect and about the same
+    pixel count (multiples of 16), i.e. about the same inference cost."""
+    ih, iw = Preprocessor(spec).crop(image).shape[:2]
+    h, w = spec.input_size
+    if abs(math.log((iw / ih) / (w / h))) <= math.log(ASPECT_TOLERANCE):
+        return None
+    sh, sw = (max(32, 16 * round(math.sqrt(h * w * a) / 16)) for a in (ih / iw, iw / ih))
+    return (f"the images are {iw}x{ih} (width/height {iw / ih:.2f}) but the model input is {w}x{h} "
+            f"({w / h:.2f}): every frame is stretched to it, and thin defects across the squeezed axis "
+            f"lose pixels; --size {sh}x{sw} keeps the images' shape at about the same cost")

@@ -42,7 +42,8 @@ from linecam.bundle import (
 )
 from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
 from linecam.errors import BundleError
-from linecam.export.distil import FP32_FILE, eval_set
+from linecam.export.distil import FP32_FILE
+from linecam.export.eval_set import eval_set, good_image
 from linecam.export.gate import run_expert
 from linecam.export.images import list_images, split_holdout
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
@@ -203,7 +204,9 @@ def _write(model: TextExpert, clip: Any, prompts: Any, spec: PreprocessSpec, lab
         thresholds = to_thresholds(image_fit, fit_pixel_threshold(list(maps[good]), target_frr=o.target_frr,
                                                                   sensitivity=o.sensitivity))
         warning = threshold_warning(image_fit, f"good images ({len(hold_set)} held out + "
-                                              f"{int(good.sum()) - len(hold_set)} augmented copies of them)")
+                                              f"{int(good.sum()) - len(hold_set)} augmented copies of them)",
+                                    good_image(hold_set, int(np.argmax(scores[good]))),
+                                    independent=len(hold_set))
         if warning:
             logger.warning("THRESHOLD: %s", warning)
             thresholds.details["warning"] = warning
