@@ -46,9 +46,9 @@ from linecam.bundle import (
     write_manifest,
 )
 from linecam.calibration.metrics import auroc, pearson
-from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
-from linecam.export.eval_set import EVAL_GOOD, eval_set, good_image
+from linecam.export.eval_set import EVAL_GOOD, eval_set, note_threshold_warning
 from linecam.export.gate import run_expert
 from linecam.export.images import aspect_warning
 from linecam.export.quantize import CALIBRATION_ANOMALY_RATIO
@@ -368,12 +368,7 @@ def _distil(teacher: Teacher, images: str | Path, out: str | Path, work_dir: str
     thresholds = to_thresholds(image_fit,
                                fit_pixel_threshold(maps, target_frr=o.target_frr, sensitivity=o.sensitivity),
                                pooled_score=True)
-    warning = threshold_warning(image_fit, f"good images ({n_hold} held out + {int(good_sel.sum()) - n_hold} "
-                                          "augmented copies of them)", good_image(hold_set, int(np.argmax(scores))),
-                                independent=n_hold)
-    if warning:
-        logger.warning("THRESHOLD: %s", warning)
-        thresholds.details["warning"] = warning
+    note_threshold_warning(thresholds, image_fit, hold_set, scores)
 
     details = {
         "expert": "student",

@@ -11,14 +11,19 @@ margin the held-out originals alone cannot.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from linecam.bundle import Thresholds
+from linecam.calibration.thresholds import ThresholdFit, threshold_warning
 from linecam.export.images import SourceImage
 from linecam.export.sampler import AnomalySampler
 from linecam.preprocess import PreprocessSpec, Preprocessor
+
+logger = logging.getLogger(__name__)
 
 #: Good images (held-out ones, then jittered copies) that thresholds and the gate rest on by default.
 EVAL_GOOD = 64
@@ -64,9 +69,24 @@ def eval_set(hold: Sequence[SourceImage], spec: PreprocessSpec, seed: int, n_goo
     return EvalSet(np.stack(xs), np.asarray(ys), np.stack(ms), kinds)
 
 
-def good_image(hold: Sequence[SourceImage], index: int) -> str:
+
+def _good_image(hold: Sequence[SourceImage], index: int) -> str:
     """What the ``index``-th good image of an :func:`eval_set` is, for a warning that asks the
     user to look at it (the held-out images come first, then their jittered copies)."""
     if index < len(hold):
         return f"good image ({hold[index].path.name})"
     return f"good image (a jittered copy of one of the {len(hold)} held-out images)"
+
+
+def note_threshold_warning(thresholds: Thresholds, fit: ThresholdFit, hold: Sequence[SourceImage],
+                           good_scores: np.ndarray) -> None:
+    """Log the loud ``THRESHOLD:`` line of a fit on an :func:`eval_set`'s good images
+    (``good_scores``, held-out originals first) and store it in ``thresholds.details["warning"]``,
+    if there is anything to say: too few distinct images for the target rate, or one isolated
+    good score (named)."""
+    n = len(hold)
+    warning = threshold_warning(fit, f"good images ({n} held out + {len(good_scores) - n} augmented copies of them)",
+                                _good_image(hold, int(np.argmax(good_scores))), independent=n)
+    if warning:
+        logger.warning("THRESHOLD: %s", warning)
+        thresholds.details["warning"] = warning

@@ -44,10 +44,10 @@ from linecam.bundle import (
     source_hash,
     write_manifest,
 )
-from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.anomalies import RECIPES
-from linecam.export.eval_set import EVAL_GOOD, eval_set, good_image
+from linecam.export.eval_set import EVAL_GOOD, eval_set, note_threshold_warning
 from linecam.export.gate import run_expert
 from linecam.export.layers import cbr
 from linecam.export.images import (  # noqa: F401
@@ -366,12 +366,7 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
         thresholds = thresholds.model_copy(update={
             "pixel": PIXEL_THRESHOLD_CAP, "details": {**thresholds.details, "pixel": details_px}})
 
-    warning = threshold_warning(image_fit, f"good images ({n_hold} held out + {len(scores) - n_hold} "
-                                          "augmented copies of them)", good_image(hold_set, int(np.argmax(scores))),
-                                independent=n_hold)
-    if warning:
-        logger.warning("THRESHOLD: %s", warning)
-        thresholds.details["warning"] = warning
+    note_threshold_warning(thresholds, image_fit, hold_set, scores)
 
     train_scores, _ = score_onnx(model_path, train_set, spec, threads=threads)
     folder = Path(images)

@@ -40,10 +40,10 @@ from linecam.bundle import (
     source_hash,
     write_manifest,
 )
-from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, threshold_warning, to_thresholds
+from linecam.calibration.thresholds import fit_image_threshold, fit_pixel_threshold, to_thresholds
 from linecam.errors import BundleError
 from linecam.export.distil import FP32_FILE
-from linecam.export.eval_set import eval_set, good_image
+from linecam.export.eval_set import eval_set, note_threshold_warning
 from linecam.export.gate import run_expert
 from linecam.export.images import list_images, split_holdout
 from linecam.export.onnx_export import INPUT_NAME, MAP_NAME, SCORE_NAME, export_onnx
@@ -203,13 +203,7 @@ def _write(model: TextExpert, clip: Any, prompts: Any, spec: PreprocessSpec, lab
         image_fit = fit_image_threshold(scores[good], target_frr=o.target_frr, sensitivity=o.sensitivity)
         thresholds = to_thresholds(image_fit, fit_pixel_threshold(list(maps[good]), target_frr=o.target_frr,
                                                                   sensitivity=o.sensitivity))
-        warning = threshold_warning(image_fit, f"good images ({len(hold_set)} held out + "
-                                              f"{int(good.sum()) - len(hold_set)} augmented copies of them)",
-                                    good_image(hold_set, int(np.argmax(scores[good]))),
-                                    independent=len(hold_set))
-        if warning:
-            logger.warning("THRESHOLD: %s", warning)
-            thresholds.details["warning"] = warning
+        note_threshold_warning(thresholds, image_fit, hold_set, scores[good])
     else:
         thresholds = Thresholds(image=ZERO_SHOT_THRESHOLD, pixel=ZERO_SHOT_THRESHOLD, method="zero-shot: "
                                 "p(abnormal) = 0.5 (no good images given; refit with --images for a target FRR)")
