@@ -9,6 +9,7 @@ tested for parity, is how linecam avoids it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,6 +78,25 @@ class Geometry:
     def scale_for(self, map_h: int, map_w: int) -> tuple[float, float]:
         """Source pixels per anomaly-map pixel (x, y)."""
         return self.width / map_w, self.height / map_h
+
+
+#: Aspect ratios (frames' against the model input's) further apart than this get a warning.
+ASPECT_TOLERANCE = 1.1
+
+
+def aspect_size(spec: PreprocessSpec, height: int, width: int) -> tuple[int, int] | None:
+    """When frames of ``height`` x ``width`` (after the spec's crop) are stretched to the model
+    input by more than :data:`ASPECT_TOLERANCE` in aspect ratio, an input size (H, W) with their
+    shape and about the same pixel count (multiples of 16, so about the same inference cost);
+    ``None`` when they fit. Stretching is legal, but a thin defect across the squeezed axis loses
+    pixels, and a bundle evaluated on frames of another shape is usually the wrong bundle."""
+    if spec.crop is not None:
+        height, width = spec.crop.height, spec.crop.width
+    h, w = spec.input_size
+    if abs(math.log((width / height) / (w / h))) <= math.log(ASPECT_TOLERANCE):
+        return None
+    sh, sw = (max(32, 16 * round(math.sqrt(h * w * a) / 16)) for a in (height / width, width / height))
+    return sh, sw
 
 
 class Preprocessor:

@@ -380,3 +380,27 @@ def test_daemon_publishes_the_same_raw_scores(cropped, data, broker, tmp_path):
     diffs = [abs(float(sess.run(["score_out"], {"image": no_crop(*read_image(data / r.path))})[0][0]) - r.score_raw)
              for r in rep.images]
     assert max(diffs) > 1e-3
+
+
+def test_images_of_another_shape_than_the_bundle_get_a_size_warning(bundle, data, tmp_path, caplog):
+    """Test images twice as wide as high on a square bundle are stretched 2x: evaluate still
+    measures them (it is legal) but asks whether this is the bundle's dataset; square ones: silent."""
+    rng = np.random.default_rng(5)
+    wide = tmp_path / "wide"
+    for i in range(3):
+        _write_rgb(wide / "test" / "good" / f"{i:03d}.png", _texture(rng, SIZE, 2 * SIZE))
+    img = _texture(rng, SIZE, 2 * SIZE)
+    mask = np.zeros((SIZE, 2 * SIZE), np.uint8)
+    mask[10:20, 30:50] = 255
+    img[mask > 0] = (38, 34, 30)
+    _write_rgb(wide / "test" / "dark" / "000.png", img)
+    (wide / "ground_truth" / "dark").mkdir(parents=True)
+    assert cv2.imwrite(str(wide / "ground_truth" / "dark" / "000_mask.png"), mask)
+    with caplog.at_level("WARNING", logger="linecam.evaluate"):
+        rep = evaluate_bundle(bundle, wide, progress=False)
+        square = len(caplog.records)
+        evaluate_bundle(bundle, data, progress=False)
+    assert rep.metrics.n_images == 4
+    (line,) = [r.getMessage() for r in caplog.records[:square] if r.getMessage().startswith("SIZE:")]
+    assert f"{2 * SIZE}x{SIZE}" in line and f"input is {SIZE}x{SIZE}" in line and "made for" in line
+    assert not [r for r in caplog.records[square:] if r.getMessage().startswith("SIZE:")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from linecam.export.images import aspect_warning
-from linecam.preprocess import CropSpec, PreprocessSpec
+from linecam.preprocess import CropSpec, PreprocessSpec, aspect_size
 
 
 def test_aspect_warning_suggests_a_size_with_the_images_shape() -> None:
@@ -22,3 +22,12 @@ def test_aspect_warning_suggests_a_size_with_the_images_shape() -> None:
     assert "--size 304x224" in aspect_warning(PreprocessSpec(input_size=(256, 256)), frame.transpose(1, 0, 2))
     square = PreprocessSpec(input_size=(256, 256), crop=CropSpec(left=40, top=0, width=220, height=220))
     assert aspect_warning(square, frame) is None
+
+
+def test_aspect_size_is_about_the_crop_and_keeps_the_pixel_count() -> None:
+    spec = PreprocessSpec(input_size=(256, 256))
+    assert aspect_size(spec, 1200, 1920) == (208, 320)  # 1.6:1 at ~65k pixels, multiples of 16
+    assert aspect_size(spec, 256, 270) is None  # 5 % off: left alone
+    # With a crop the frame's own shape does not matter: the model sees the crop.
+    cropped = PreprocessSpec(input_size=(256, 256), crop=CropSpec(left=0, top=0, width=500, height=500))
+    assert aspect_size(cropped, 1200, 1920) is None

@@ -12,6 +12,7 @@ import numpy as np
 from linecam.bundle import Bundle, load_bundle
 from linecam.calibration.metrics import MAX_EXACT_PIXELS
 from linecam.errors import BundleError, LinecamError
+from linecam.preprocess import aspect_size
 from linecam.progress import make_progress
 from linecam.runtime.inspector import Inspector, Thresholds
 from linecam.evaluate.dataset import GOOD, DatasetError, mask_to_map, read_frame, read_mask, scan_dataset
@@ -75,6 +76,13 @@ def evaluate_bundle(bundle_dir: str | Path, dataset_dir: str | Path, out_dir: st
                 hw = (int(image.shape[0]), int(image.shape[1]))
                 if first is None:
                     first = (s.rel, hw)
+                    # (With a crop the model sees the crop, whose shape the export already checked.)
+                    if man.preprocess.crop is None and (size := aspect_size(man.preprocess, *hw)):
+                        in_h, in_w = man.preprocess.input_size
+                        logger.warning("SIZE: the test images are %dx%d but the bundle's input is %dx%d: they "
+                                       "are stretched to it (a bundle for images of this shape would take about "
+                                       "%dx%d); is this the dataset the bundle was made for?",
+                                       hw[1], hw[0], in_w, in_h, size[1], size[0])
                 elif hw != first[1]:
                     raise DatasetError(f"image {s.rel} is {hw[1]}x{hw[0]} but {first[0]} is "
                                        f"{first[1][1]}x{first[1][0]}: the line has one frame size, so must the "

@@ -5,7 +5,6 @@ held out deterministically. Shared by the scratch expert, distillation and calib
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,14 +12,12 @@ import numpy as np
 
 from linecam.bundle import sha256_file
 from linecam.errors import BundleError
-from linecam.preprocess import PreprocessSpec, Preprocessor, read_image
+from linecam.preprocess import PreprocessSpec, Preprocessor, aspect_size, read_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
 MIN_IMAGES = 10
-#: Aspect ratios (images' against the model input's) further apart than this get a warning.
-ASPECT_TOLERANCE = 1.1
 
 
 
@@ -66,16 +63,16 @@ def split_holdout(n: int, holdout: float, seed: int) -> tuple[list[int], list[in
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 
+
 def aspect_warning(spec: PreprocessSpec, image: np.ndarray) -> str | None:
-    """One line when the model input's aspect ratio is not the images' (after the spec's crop):
-    every frame is then stretched, on the line as in training, and a thin defect along the
-    squeezed axis loses pixels. Suggests a ``--size`` with the images' aspect and about the same
-    pixel count (multiples of 16), i.e. about the same inference cost."""
+    """One line when ``image``'s shape (after the spec's crop) is stretched to the model input
+    (:func:`~linecam.preprocess.aspect_size`), with a ``--size`` that keeps it. Raises ``ValueError``
+    when the crop does not fit the image."""
     ih, iw = Preprocessor(spec).crop(image).shape[:2]
-    h, w = spec.input_size
-    if abs(math.log((iw / ih) / (w / h))) <= math.log(ASPECT_TOLERANCE):
+    size = aspect_size(spec, ih, iw)
+    if size is None:
         return None
-    sh, sw = (max(32, 16 * round(math.sqrt(h * w * a) / 16)) for a in (ih / iw, iw / ih))
+    h, w = spec.input_size
     return (f"the images are {iw}x{ih} (width/height {iw / ih:.2f}) but the model input is {w}x{h} "
             f"({w / h:.2f}): every frame is stretched to it, and thin defects across the squeezed axis "
-            f"lose pixels; --size {sh}x{sw} keeps the images' shape at about the same cost")
+            f"lose pixels; --size {size[0]}x{size[1]} keeps the images' shape at about the same cost")
