@@ -5,7 +5,7 @@ real defective images. One definition, shared by ``fit``, ``distil`` and ``text-
 Why jittered copies: a 20 % split of a typical folder is a dozen images, which miss the good
 tail: a threshold fitted on 12 held-out images rejected 13 % of new good parts for a 1 % target
 (issue 13). The copies (shifts, flips, light, from :class:`AnomalySampler`) are no substitute for
-more good images, and the exporters say so (``thresholds.threshold_warning``), but they show the
+more good images, and the exporters say so (:func:`note_threshold_warning`), but they show the
 margin the held-out originals alone cannot.
 """
 
@@ -67,7 +67,6 @@ def eval_set(hold: Sequence[SourceImage], spec: PreprocessSpec, seed: int, n_goo
         ms.append(np.zeros((h, w), np.float32))
         kinds.append("bad")
     return EvalSet(np.stack(xs), np.asarray(ys), np.stack(ms), kinds)
-
 
 
 def _good_image(hold: Sequence[SourceImage], index: int) -> str:

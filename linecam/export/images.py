@@ -63,7 +63,6 @@ def split_holdout(n: int, holdout: float, seed: int) -> tuple[list[int], list[in
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 
-
 def aspect_warning(spec: PreprocessSpec, image: np.ndarray) -> str | None:
     """One line when ``image``'s shape (after the spec's crop) is stretched to the model input
     (:func:`~linecam.preprocess.aspect_size`), with a ``--size`` that keeps it. Raises ``ValueError``

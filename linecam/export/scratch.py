@@ -10,7 +10,7 @@ Why this design:
   TensorRT builds without plugins, and runs at camera rate on small edge GPUs;
 * the image score is computed *inside* the graph (max of a k x k mean-pooled map), so
   every backend agrees on it, and a single noisy pixel cannot reject a part;
-* thresholds come from held-out good images run through onnxruntime, i.e. from the
+* thresholds come from held-out good images (and jittered copies) run through onnxruntime, i.e. from the
   model that is deployed, not the torch model it was exported from;
 * synthetic anomalies are painted on the source image, which then goes through the
   same :class:`linecam.preprocess.Preprocessor` (recorded in the bundle) as at
@@ -272,7 +272,7 @@ def fit_scratch_expert(
     """Train a scratch expert on the good images in ``images`` and write a bundle to ``out``.
 
     ``holdout`` of the images (deterministic given ``seed``) are kept out of training
-    and run through the exported ONNX model to fit the thresholds (``target_frr`` is
+    and run, with jittered copies of them, through the exported ONNX model to fit the thresholds (``target_frr`` is
     the wanted false-reject rate on good parts). ``preprocess`` overrides the default
     :class:`PreprocessSpec` (e.g. to add a crop); its ``input_size`` must equal
     ``input_size``. ``threads`` caps torch's and onnxruntime's CPU threads for this
@@ -354,8 +354,7 @@ def _fit(images: str | Path, out: str | Path, *, input_size: tuple[int, int], st
     # distil and text-expert fit theirs; and loudly when that cannot show the target rate.
     n_hold = len(hold_set)
     ev = eval_set(hold_set, spec, seed, max(EVAL_GOOD, n_hold), 0)
-    maps_arr, scores = run_expert(model_path, ev.x, threads)
-    maps = list(maps_arr)
+    maps, scores = run_expert(model_path, ev.x, threads)
     image_fit = fit_image_threshold(scores, target_frr=target_frr, sensitivity=sensitivity)
     thresholds = to_thresholds(image_fit, fit_pixel_threshold(maps, target_frr=target_frr, sensitivity=sensitivity),
                                pooled_score=True)
